@@ -1,0 +1,41 @@
+# fastlora: the two quick-start commands are `make demo` and `make test`.
+# Both create .venv when it is missing and install the package (editable) with
+# the test and demo extras. Override the torch requirement with e.g.
+#   make test TORCH=torch==2.14.1
+# (the default pin is the CPU build that this project's machines carry).
+
+PYTHON3 ?= python3
+VENV    ?= .venv
+TORCH   ?= torch==2.13.0
+EXTRAS  ?= test,demo
+PY      := $(VENV)/bin/python
+STAMP   := $(VENV)/.fastlora-installed
+WANT    := $(TORCH) [$(EXTRAS)] $(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+
+.PHONY: install demo test test-fast bench gpu-check clean
+
+install:
+	@test -x $(PY) || $(PYTHON3) -m venv $(VENV)
+	@if [ "$$(cat $(STAMP) 2>/dev/null)" != "$(WANT)" ]; then \
+	  echo "installing fastlora into $(VENV) ($(TORCH), extras: $(EXTRAS))"; \
+	  $(PY) -m pip install -q --upgrade pip && \
+	  $(PY) -m pip install -q "$(TORCH)" && \
+	  $(PY) -m pip install -q -e ".[$(EXTRAS)]" "$(TORCH)" && \
+	  echo "$(WANT)" > $(STAMP); \
+	fi
+
+demo: install
+	$(PY) -m fastlora demo $(ARGS)
+
+test: install
+	$(PY) -m pytest -q $(ARGS)
+
+# The reference path and modules only (skips interpreter and AOT tiers).
+test-fast: install
+	$(PY) -m pytest -q -m "not interpreter and not aot and not slow" $(ARGS)
+
+bench: install
+	$(PY) -m pytest bench -q --benchmark-columns=median,iqr,ops --benchmark-sort=name $(ARGS)
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .benchmarks

@@ -1,0 +1,19 @@
+"""fastlora: fused LoRA / QLoRA linear layers (Triton kernels + a PyTorch reference path)."""
+
+from ._backend import get_backend, set_backend
+from .functional import lora_linear
+from .model import LoRAConfig, apply_lora, count_parameters, merge_lora
+from .modules import LoRALinear
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LoRAConfig",
+    "LoRALinear",
+    "apply_lora",
+    "count_parameters",
+    "get_backend",
+    "lora_linear",
+    "merge_lora",
+    "set_backend",
+]

@@ -1,0 +1,154 @@
+"""Autograd-enabled LoRA ops: :func:`lora_linear` and its ``autograd.Function``.
+
+The Function dispatches each call to the Triton kernels (``fastlora.kernels``)
+or to the reference path (``fastlora.reference``); both expose the same
+``lora_forward`` / ``lora_backward`` pair, so the autograd logic lives here once.
+"""
+
+from __future__ import annotations
+
+import math
+from types import ModuleType
+
+import torch
+from torch import Tensor
+
+from . import reference
+from ._backend import resolve_backend
+
+
+def _ops(backend: str) -> ModuleType:
+    if backend == "triton":
+        from .kernels import lora as triton_lora  # imported on first use only
+
+        return triton_lora
+    return reference
+
+
+class LoRALinearFunction(torch.autograd.Function):
+    """``y = x W^T + scaling * dropout(x) A^T B^T + bias`` on 2-D x [M, K].
+
+    Saved for backward: x (the caller's tensor), S = dropout(x) A^T [M, r] and the
+    integer dropout seed; the frozen weight and the adapters are parameters, not
+    activations. Gradients (D = the dropout, linear and self-adjoint):
+      dS = scaling * dY B;  dB = scaling * dY^T S;  dA = dS^T D(x);
+      dx = dY W + D(dS A);  dW = dY^T x (only if weight requires grad);  dbias = sum dY.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, lora_A, lora_B, bias, scaling, dropout_p, seed, backend):  # type: ignore[override]
+        y, s = _ops(backend).lora_forward(x, weight, lora_A, lora_B, scaling, bias, dropout_p, seed)
+        ctx.save_for_backward(x, weight, lora_A, lora_B, s)
+        ctx.scaling = scaling
+        ctx.dropout_p = dropout_p
+        ctx.seed = seed
+        ctx.backend = backend
+        ctx.has_bias = bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):  # type: ignore[override]
+        x, weight, lora_A, lora_B, s = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        needs = (need[0], need[1], need[2], need[3], ctx.has_bias and need[4])
+        dx, dw, da, db, dbias = _ops(ctx.backend).lora_backward(
+            dy,
+            x,
+            weight,
+            lora_A,
+            lora_B,
+            s,
+            ctx.scaling,
+            ctx.dropout_p,
+            ctx.seed,
+            needs,
+        )
+        return dx, dw, da, db, dbias, None, None, None, None
+
+
+def _check_args(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, bias: Tensor | None, scaling, dropout) -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"x must be a floating-point tensor, got dtype={x.dtype}")
+    if x.dim() < 1:
+        raise ValueError("x must have at least one dimension [..., in_features], got a 0-d tensor")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D [out_features, in_features], got shape {tuple(weight.shape)}")
+    n, k = weight.shape
+    if x.shape[-1] != k:
+        raise ValueError(
+            f"x's last dimension must equal weight's in_features: x has shape {tuple(x.shape)}, "
+            f"weight has shape {tuple(weight.shape)} (expected x of shape [..., {k}])"
+        )
+    if lora_A.dim() != 2 or lora_A.shape[1] != k:
+        raise ValueError(f"lora_A must have shape [r, {k}] (r, in_features), got {tuple(lora_A.shape)}")
+    r = lora_A.shape[0]
+    if r < 1:
+        raise ValueError(f"LoRA rank r must be >= 1, got lora_A of shape {tuple(lora_A.shape)}")
+    if lora_B.dim() != 2 or tuple(lora_B.shape) != (n, r):
+        raise ValueError(f"lora_B must have shape [{n}, {r}] (out_features, r), got {tuple(lora_B.shape)}")
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != n):
+        raise ValueError(f"bias must have shape [{n}] (out_features), got {tuple(bias.shape)}")
+    if isinstance(scaling, Tensor) or not isinstance(scaling, (int, float)) or not math.isfinite(scaling):
+        raise TypeError(f"scaling must be a finite Python number, got {scaling!r}")
+    if not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be a probability in [0, 1), got {dropout!r}")
+    named = [("x", x), ("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B)]
+    if bias is not None:
+        named.append(("bias", bias))
+    for name, t in named[1:]:
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}; all tensors must share a device")
+        if t.dtype != x.dtype:
+            raise TypeError(
+                f"{name} has dtype {t.dtype} but x has dtype {x.dtype}; all tensors must share a dtype "
+                "(or run under torch.autocast, which casts them as nn.Linear does)"
+            )
+
+
+def new_dropout_seed() -> int:
+    """A fresh dropout seed from PyTorch's default CPU generator (so
+    ``torch.manual_seed`` makes dropout reproducible; no device sync)."""
+    return int(torch.randint(0, 2**62, (1,), dtype=torch.int64).item())
+
+
+def lora_linear(
+    x: Tensor,
+    weight: Tensor,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    scaling: float,
+    bias: Tensor | None = None,
+    *,
+    dropout: float = 0.0,
+    training: bool = True,
+) -> Tensor:
+    """LoRA linear layer: ``x W^T + scaling * (dropout(x) A^T) B^T + bias``.
+
+    Args:
+      x: [..., K] (any leading dims, zero rows allowed, any strides).
+      weight: [N, K], the frozen base weight. If it requires grad, dW is computed.
+      lora_A: [r, K]; lora_B: [N, r]; bias: [N] or None.
+      scaling: the LoRA scale (``alpha / r``, or ``alpha / sqrt(r)`` for rsLoRA).
+      dropout: probability on the LoRA branch's input, applied only when
+        ``training`` (PEFT's semantics).
+    Returns: [..., N] in x's dtype. Under ``torch.autocast`` every tensor is cast
+    to the autocast dtype first, exactly as ``nn.Linear`` does.
+    """
+    device_type = x.device.type if isinstance(x, Tensor) else "cpu"
+    if isinstance(x, Tensor) and x.is_floating_point() and torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        x, weight, lora_A, lora_B = (t.to(dtype) for t in (x, weight, lora_A, lora_B))
+        bias = bias.to(dtype) if bias is not None else None
+        with torch.autocast(device_type, enabled=False):
+            return lora_linear(x, weight, lora_A, lora_B, scaling, bias, dropout=dropout, training=training)
+    _check_args(x, weight, lora_A, lora_B, bias, scaling, dropout)
+    scaling = float(scaling)
+    p = float(dropout) if training else 0.0
+    seed = new_dropout_seed() if p > 0.0 else 0
+    lead, k = x.shape[:-1], x.shape[-1]
+    x2d = x.reshape(-1, k)
+    backend = resolve_backend(x.device)
+    y = LoRALinearFunction.apply(x2d, weight, lora_A, lora_B, bias, scaling, p, seed, backend)
+    return y.view(*lead, weight.shape[0])

@@ -1,0 +1,185 @@
+"""Model surgery: :class:`LoRAConfig`, :func:`apply_lora`, :func:`merge_lora`,
+:func:`count_parameters`.
+
+``target_modules`` is spelled as in PEFT: a list of module-name suffixes
+(``["q_proj", "v_proj"]`` matches ``model.layers.0.self_attn.q_proj``), a
+regular expression string matched against the full module name, or
+``"all-linear"`` (every nn.Linear except the output layer). ``None`` targets
+every nn.Linear.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from .modules import INITS, LoRALinear, _check_rank
+
+
+@dataclass
+class LoRAConfig:
+    """What :func:`apply_lora` does; field names follow PEFT's ``LoraConfig``.
+
+    r, alpha, dropout, use_rslora, init: as for :class:`LoRALinear`.
+    target_modules: see the module docstring.
+    modules_to_save: names (suffixes) of modules left trainable in full.
+    rank_pattern / alpha_pattern: ``{name regex: value}`` overrides per module
+    (PEFT's semantics: the key matches the end of the module name).
+    use_dora, quantize: reserved for the DoRA and QLoRA variants.
+    """
+
+    r: int = 8
+    alpha: float = 8.0
+    dropout: float = 0.0
+    target_modules: list[str] | str | None = None
+    use_rslora: bool = False
+    use_dora: bool = False
+    quantize: str | None = None
+    init: str = "default"
+    modules_to_save: list[str] | None = None
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _check_rank(self.r, self.alpha, self.dropout)
+        if self.init not in INITS:
+            raise ValueError(f"LoRAConfig.init must be one of {INITS}, got {self.init!r}")
+        if self.use_dora:
+            raise NotImplementedError("LoRAConfig(use_dora=True): DoRA is not implemented in this version of fastlora")
+        if self.quantize is not None:
+            raise NotImplementedError(
+                f"LoRAConfig(quantize={self.quantize!r}): 4-bit base weights are not implemented in this version"
+            )
+        tm = self.target_modules
+        if tm is not None and not isinstance(tm, str):
+            if not all(isinstance(t, str) for t in tm):
+                raise TypeError(f"target_modules must be a string or a list of strings, got {tm!r}")
+            self.target_modules = list(tm)
+
+
+def _matches_suffix(name: str, key: str) -> bool:
+    return name == key or name.endswith("." + key)
+
+
+def _pattern_value(name: str, pattern: dict, default):
+    """PEFT's rank_pattern/alpha_pattern lookup: the first key that matches the
+    end of the module name (as a regex) wins."""
+    for key, value in pattern.items():
+        if re.match(rf"(.*\.)?{key}$", name):
+            return value
+    return default
+
+
+def _output_layer_names(model: nn.Module) -> set[str]:
+    names = set()
+    get_out = getattr(model, "get_output_embeddings", None)
+    if callable(get_out):
+        try:
+            out = get_out()
+        except (NotImplementedError, AttributeError):
+            out = None
+        if out is not None:
+            names.update(n for n, m in model.named_modules() if m is out)
+    names.update(n for n, _ in model.named_modules() if n.split(".")[-1] == "lm_head")
+    return names
+
+
+def target_linear_names(model: nn.Module, target_modules) -> list[str]:
+    """Names of the nn.Linear modules (not yet LoRA) that ``target_modules`` selects."""
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and not isinstance(m, LoRALinear) and n]
+    if target_modules is None:
+        return linears
+    if target_modules == "all-linear":
+        skip = _output_layer_names(model)
+        return [n for n in linears if n not in skip]
+    if isinstance(target_modules, str):
+        try:
+            regex = re.compile(target_modules)
+        except re.error as exc:
+            raise ValueError(f"target_modules {target_modules!r} is not a valid regular expression: {exc}") from exc
+        return [n for n in linears if regex.fullmatch(n)]
+    return [n for n in linears if any(_matches_suffix(n, key) for key in target_modules)]
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def apply_lora(model: nn.Module, config: LoRAConfig | None = None, **overrides) -> nn.Module:
+    """Replace the targeted nn.Linear modules of ``model`` by :class:`LoRALinear`
+    in place, freeze every parameter that is not a LoRA adapter (except
+    ``modules_to_save``), and return ``model``.
+
+    ``overrides`` replace fields of ``config``: ``apply_lora(model, r=16, alpha=32)``.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if isinstance(model, nn.Linear):
+        raise TypeError("apply_lora works on a model containing nn.Linear modules; wrap a bare layer with LoRALinear.from_linear")
+    config = config if config is not None else LoRAConfig()
+    if overrides:
+        unknown = set(overrides) - {f.name for f in dataclasses.fields(LoRAConfig)}
+        if unknown:
+            raise TypeError(f"apply_lora got unknown LoRAConfig fields: {sorted(unknown)}")
+        config = dataclasses.replace(config, **overrides)
+    names = target_linear_names(model, config.target_modules)
+    if not names:
+        available = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and not isinstance(m, LoRALinear)]
+        raise ValueError(
+            f"target_modules={config.target_modules!r} matched no nn.Linear module; the model's nn.Linear modules are {available}"
+        )
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name in names:
+        linear = model.get_submodule(name)
+        r = _pattern_value(name, config.rank_pattern, config.r)
+        alpha = _pattern_value(name, config.alpha_pattern, config.alpha)
+        _set_submodule(
+            model,
+            name,
+            LoRALinear.from_linear(
+                linear, r=r, alpha=alpha, dropout=config.dropout, use_rslora=config.use_rslora, init=config.init
+            ),
+        )
+    for key in config.modules_to_save or []:
+        hits = [m for n, m in model.named_modules() if n and _matches_suffix(n, key)]
+        if not hits:
+            raise ValueError(f"modules_to_save entry {key!r} matches no module of the model")
+        for m in hits:
+            for p in m.parameters():
+                p.requires_grad_(True)
+    return model
+
+
+def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
+    """The model's LoRA layers by module name."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Replace every :class:`LoRALinear` by a plain ``nn.Linear`` with the update
+    merged in (in place); returns ``model`` (a bare LoRALinear becomes an nn.Linear)."""
+    if isinstance(model, LoRALinear):
+        return model.to_linear()
+    for name, layer in lora_layers(model).items():
+        _set_submodule(model, name, layer.to_linear())
+    return model
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """``(trainable, total)`` parameter counts; shared parameters count once."""
+    seen: set[int] = set()
+    trainable = total = 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel()
+        if p.requires_grad:
+            trainable += p.numel()
+    return trainable, total

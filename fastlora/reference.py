@@ -1,0 +1,160 @@
+"""The specification of fastlora's ops in plain PyTorch, and the CPU path.
+
+Everything here is the readable twin of a Triton kernel in ``fastlora.kernels``:
+the kernels are tested against these functions, and these functions are tested
+against float64 math and PEFT. They are also what runs on CPU (and on CUDA
+without Triton), so they are written to be fast as well as clear:
+
+* the forward writes the [M, N] output once (``addmm`` into it) and keeps no
+  other [M, N] temporary;
+* the dropout mask is never stored: it is regenerated from an integer seed in
+  backward (:func:`dropout_keep_mask`);
+* what backward needs is X (the caller's tensor, not a copy) and
+  ``S = dropout(X) A^T`` of shape [M, r].
+
+Shapes (2-D; the autograd layer flattens leading dims):
+  x [M, K], weight [N, K], lora_A [r, K], lora_B [N, r], bias [N], s [M, r].
+  ``y = x W^T + scaling * dropout(x) A^T B^T + bias``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+# NOTE: dropout draws 16 random bits per element. Drawing them as int64 words
+# and reinterpreting is ~5x cheaper on CPU than ``bernoulli_`` (which is what
+# makes a regenerated mask affordable). The keep probability is therefore
+# rounded to a multiple of 2**-16 (|error| <= 7.7e-6) and the kept values are
+# scaled by 1 / (that rounded probability), so dropout stays exactly unbiased.
+_DROPOUT_BITS = 16
+_DROPOUT_LEVELS = 1 << _DROPOUT_BITS
+
+
+def dropout_keep_threshold(p: float) -> tuple[int, float]:
+    """Return ``(threshold, keep)``: an element is kept when its signed 16-bit
+    random value is ``< threshold``; ``keep`` is the exact keep probability."""
+    if not 0.0 < p < 1.0:
+        raise ValueError(f"dropout probability must be in (0, 1), got {p}")
+    kept_levels = round((1.0 - p) * _DROPOUT_LEVELS)
+    kept_levels = min(max(kept_levels, 1), _DROPOUT_LEVELS - 1)
+    return kept_levels - _DROPOUT_LEVELS // 2, kept_levels / _DROPOUT_LEVELS
+
+
+def dropout_keep_mask(seed: int, shape: tuple[int, int], p: float, device: torch.device) -> tuple[Tensor, float]:
+    """The dropout keep-mask for ``seed`` (bool, ``shape``) and the keep probability.
+
+    Deterministic in ``(seed, shape, p, device type)``: forward and backward call
+    it with the same arguments and get the same mask.
+    """
+    threshold, keep = dropout_keep_threshold(p)
+    numel = shape[0] * shape[1]
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+    words = (numel + 3) // 4  # four 16-bit draws per int64 word
+    bits = torch.randint(
+        -(2**63), 2**63 - 1, (words,), dtype=torch.int64, device=device, generator=gen
+    ).view(torch.int16)[:numel]
+    return (bits < threshold).view(shape), keep
+
+
+def lora_forward(
+    x: Tensor,
+    weight: Tensor,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    scaling: float,
+    bias: Tensor | None = None,
+    dropout_p: float = 0.0,
+    seed: int = 0,
+) -> tuple[Tensor, Tensor]:
+    """``y = x W^T + scaling * (dropout(x) A^T) B^T + bias``; returns ``(y, s)``.
+
+    x [M, K], weight [N, K], lora_A [r, K], lora_B [N, r], bias [N] -> y [M, N],
+    s = dropout(x) A^T [M, r] (what backward needs, besides x).
+    """
+    if dropout_p > 0.0:
+        mask, keep = dropout_keep_mask(seed, (x.shape[0], x.shape[1]), dropout_p, x.device)
+        # The masked copy of x is a temporary of the forward, never saved.
+        s = torch.addmm(x.new_empty(x.shape[0], lora_A.shape[0]), x * mask, lora_A.t(), beta=0, alpha=1.0 / keep)
+    else:
+        s = torch.mm(x, lora_A.t())
+    if bias is not None:
+        y = torch.addmm(bias, x, weight.t())
+    else:
+        y = torch.mm(x, weight.t())
+    y.addmm_(s, lora_B.t(), alpha=scaling)
+    return y, s
+
+
+def lora_backward(
+    dy: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    s: Tensor,
+    scaling: float,
+    dropout_p: float = 0.0,
+    seed: int = 0,
+    needs: tuple[bool, bool, bool, bool, bool] = (True, False, True, True, False),
+) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
+    """Gradients ``(dx, dweight, dA, dB, dbias)`` of :func:`lora_forward`.
+
+    With D = dropout (a fixed mask m scaled by 1/keep) and dS = scaling * dY B [M, r]:
+      dB = scaling * dY^T S                  [N, r]
+      dA = dS^T D(x)                         [r, K]
+      dx = dY W + D(dS A)  (D is linear and self-adjoint: m * (dS A) / keep)
+      dW = dY^T x ; dbias = sum_m dY
+    ``needs`` selects which of the five are computed (others are None).
+    Nothing saved is written to.
+    """
+    need_x, need_w, need_a, need_b, need_bias = needs
+    dx = dw = da = db = dbias = None
+    ds = None
+    if need_x or need_a:
+        ds = torch.addmm(dy.new_empty(dy.shape[0], lora_B.shape[1]), dy, lora_B, beta=0, alpha=scaling)
+    if need_b:
+        db = torch.addmm(dy.new_empty(lora_B.shape), dy.t(), s, beta=0, alpha=scaling)
+    if dropout_p > 0.0 and (need_x or need_a):
+        mask, keep = dropout_keep_mask(seed, (x.shape[0], x.shape[1]), dropout_p, x.device)
+        if need_a:
+            da = torch.addmm(dy.new_empty(lora_A.shape), ds.t(), x * mask, beta=0, alpha=1.0 / keep)
+        if need_x:
+            dx = torch.mm(dy, weight)
+            lora_dx = torch.mm(ds, lora_A)
+            lora_dx.mul_(mask)
+            dx.add_(lora_dx, alpha=1.0 / keep)
+    else:
+        if need_a:
+            da = torch.mm(ds.t(), x)
+        if need_x:
+            dx = torch.mm(dy, weight)
+            dx.addmm_(ds, lora_A)
+    if need_w:
+        dw = torch.mm(dy.t(), x)
+    if need_bias:
+        dbias = dy.sum(0)
+    return dx, dw, da, db, dbias
+
+
+def lora_linear_float64(
+    x: Tensor,
+    weight: Tensor,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    scaling: float,
+    bias: Tensor | None = None,
+    keep_mask: Tensor | None = None,
+    keep: float = 1.0,
+) -> Tensor:
+    """The textbook formula in float64 autograd, the oracle of the tests.
+
+    ``keep_mask`` [.., K] (bool) and ``keep`` describe a fixed dropout.
+    """
+    x64 = x.double()
+    xd = x64 if keep_mask is None else x64 * keep_mask.double() / keep
+    y = x64 @ weight.double().t() + scaling * (xd @ lora_A.double().t()) @ lora_B.double().t()
+    if bias is not None:
+        y = y + bias.double()
+    return y
