@@ -12,6 +12,9 @@ PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.fastlora-installed
 WANT    := $(TORCH) [$(EXTRAS)] $(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
+# pytest runs through its console script, never `python -m pytest`: the latter puts
+# the repo root on sys.path, where the top-level kernels/ folder (installed as
+# fastlora.kernels) would shadow the unrelated PyPI package `kernels`.
 .PHONY: install demo test test-fast bench gpu-check clean
 
 install:
@@ -28,14 +31,14 @@ demo: install
 	$(PY) -m fastlora demo $(ARGS)
 
 test: install
-	$(PY) -m pytest -q $(ARGS)
+	$(VENV)/bin/pytest -q $(ARGS)
 
 # The reference path and modules only (skips interpreter and AOT tiers).
 test-fast: install
-	$(PY) -m pytest -q -m "not interpreter and not aot and not slow" $(ARGS)
+	$(VENV)/bin/pytest -q -m "not interpreter and not aot and not slow" $(ARGS)
 
 bench: install
-	$(PY) -m pytest bench -q --benchmark-columns=median,iqr,ops --benchmark-sort=name $(ARGS)
+	$(VENV)/bin/pytest bench -q --benchmark-columns=median,iqr,ops --benchmark-sort=name $(ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .benchmarks
