@@ -25,7 +25,9 @@ class LoRAConfig:
 
     r, alpha, dropout, use_rslora, init: as for :class:`LoRALinear`.
     target_modules: see the module docstring.
-    modules_to_save: names (suffixes) of modules left trainable in full.
+    modules_to_save: names (suffixes) of modules left trainable in full (never
+    given an adapter).
+    exclude_modules: names (suffixes, or one regex) never given an adapter.
     rank_pattern / alpha_pattern: ``{name regex: value}`` overrides per module
     (PEFT's semantics: the key matches the end of the module name).
     use_dora, quantize: reserved for the DoRA and QLoRA variants.
@@ -40,6 +42,7 @@ class LoRAConfig:
     quantize: str | None = None
     init: str = "default"
     modules_to_save: list[str] | None = None
+    exclude_modules: list[str] | str | None = None
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
 
@@ -68,7 +71,7 @@ def _pattern_value(name: str, pattern: dict, default):
     """PEFT's rank_pattern/alpha_pattern lookup: the first key that matches the
     end of the module name (as a regex) wins."""
     for key, value in pattern.items():
-        if re.match(rf"(.*\.)?{key}$", name):
+        if re.match(rf"(.*\.)?({key})$", name):
             return value
     return default
 
@@ -87,21 +90,39 @@ def _output_layer_names(model: nn.Module) -> set[str]:
     return names
 
 
-def target_linear_names(model: nn.Module, target_modules) -> list[str]:
-    """Names of the nn.Linear modules (not yet LoRA) that ``target_modules`` selects."""
-    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and not isinstance(m, LoRALinear) and n]
-    if target_modules is None:
-        return linears
+def _selected(name: str, spec, *, default: bool) -> bool:
+    """PEFT's name matching: ``spec`` is a regex string (full match) or a list of
+    module-name suffixes."""
+    if spec is None:
+        return default
+    if isinstance(spec, str):
+        try:
+            return re.fullmatch(spec, name) is not None
+        except re.error as exc:
+            raise ValueError(f"target_modules/exclude_modules {spec!r} is not a valid regular expression: {exc}") from exc
+    return any(_matches_suffix(name, key) for key in spec)
+
+
+def target_linear_names(
+    model: nn.Module, target_modules, *, exclude_modules=None, modules_to_save=None, include_lora: bool = False
+) -> list[str]:
+    """Names of the nn.Linear modules that ``target_modules`` selects (PEFT's rules),
+    minus ``exclude_modules`` and ``modules_to_save``. Existing LoRA layers are
+    skipped unless ``include_lora``."""
+    linears = [
+        n for n, m in model.named_modules()
+        if n and isinstance(m, nn.Linear) and (include_lora or not isinstance(m, LoRALinear))
+    ]
     if target_modules == "all-linear":
         skip = _output_layer_names(model)
-        return [n for n in linears if n not in skip]
-    if isinstance(target_modules, str):
-        try:
-            regex = re.compile(target_modules)
-        except re.error as exc:
-            raise ValueError(f"target_modules {target_modules!r} is not a valid regular expression: {exc}") from exc
-        return [n for n in linears if regex.fullmatch(n)]
-    return [n for n in linears if any(_matches_suffix(n, key) for key in target_modules)]
+        chosen = [n for n in linears if n not in skip]
+    else:
+        chosen = [n for n in linears if _selected(n, target_modules, default=True)]
+    saved = [re.compile(rf"(^|.*\.){key}($|\..*)") for key in modules_to_save or []]
+    return [
+        n for n in chosen
+        if not _selected(n, exclude_modules, default=False) and not any(p.match(n) for p in saved)
+    ]
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -127,7 +148,9 @@ def apply_lora(model: nn.Module, config: LoRAConfig | None = None, **overrides) 
         if unknown:
             raise TypeError(f"apply_lora got unknown LoRAConfig fields: {sorted(unknown)}")
         config = dataclasses.replace(config, **overrides)
-    names = target_linear_names(model, config.target_modules)
+    names = target_linear_names(
+        model, config.target_modules, exclude_modules=config.exclude_modules, modules_to_save=config.modules_to_save
+    )
     if not names:
         available = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and not isinstance(m, LoRALinear)]
         raise ValueError(
