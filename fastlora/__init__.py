@@ -4,7 +4,7 @@ from ._backend import get_backend, set_backend
 from .functional import lora_linear
 from .model import LoRAConfig, apply_lora, count_parameters, merge_lora
 from .modules import LoRALinear
-from .peft_io import load_adapter, save_adapter
+from .peft_io import from_peft, load_adapter, save_adapter
 
 __version__ = "0.1.0"
 
@@ -13,6 +13,7 @@ __all__ = [
     "LoRALinear",
     "apply_lora",
     "count_parameters",
+    "from_peft",
     "get_backend",
     "load_adapter",
     "lora_linear",

@@ -311,3 +311,80 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
             param.copy_(tensor)
             param.requires_grad_(True)
     return model
+
+
+def _peft_layer_problem(layer) -> str | None:
+    """Why fastlora cannot run this PEFT LoRA layer (None when it can)."""
+    import peft.tuners.lora as peft_lora
+
+    if type(layer) is not peft_lora.Linear:
+        return f"layer type {type(layer).__name__} (fastlora runs peft.tuners.lora.Linear on an nn.Linear base)"
+    if type(layer.get_base_layer()) is not nn.Linear:
+        return f"base layer type {type(layer.get_base_layer()).__name__}"
+    active = list(layer.active_adapters)
+    if len(active) != 1:
+        return f"{len(active)} active adapters {active} (fastlora fuses exactly one)"
+    name = active[0]
+    if layer.use_dora.get(name, False):
+        return "DoRA adapter"
+    if getattr(layer, "lora_bias", {}).get(name, False):
+        return "lora_bias=True"
+    if getattr(layer, "fan_in_fan_out", False):
+        return "fan_in_fan_out=True"
+    if getattr(layer, "cast_input_dtype_enabled", True) is False:
+        return "cast_input_dtype disabled"
+    if not isinstance(layer.lora_dropout[name], (nn.Dropout, nn.Identity)):
+        return f"dropout module {type(layer.lora_dropout[name]).__name__}"
+    return None
+
+
+def _fused_forward(layer, adapter: str, original):
+    """A forward for one PEFT LoRA layer that runs fastlora's fused op, falling
+    back to PEFT's own forward whenever the layer's state no longer fits."""
+    from .functional import lora_linear
+
+    def forward(x, *args, **kwargs):
+        if args or kwargs or layer.disable_adapters or layer.merged or list(layer.active_adapters) != [adapter]:
+            return original(x, *args, **kwargs)
+        base = layer.get_base_layer()
+        lora_A, lora_B = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
+        if lora_A.dtype != base.weight.dtype:  # e.g. fp32 adapters on a bf16 base
+            lora_A, lora_B = lora_A.to(base.weight.dtype), lora_B.to(base.weight.dtype)
+        drop = layer.lora_dropout[adapter]
+        p = drop.p if isinstance(drop, nn.Dropout) else 0.0
+        return lora_linear(
+            x, base.weight, lora_A, lora_B, layer.scaling[adapter], base.bias, dropout=p, training=layer.training
+        )
+
+    return forward
+
+
+def from_peft(peft_model: nn.Module) -> dict[str, list]:
+    """Run the LoRA layers of a ``peft.PeftModel`` on fastlora's fused op, in place.
+
+    The PeftModel stays a PeftModel: parameters, ``save_pretrained``,
+    ``merge_and_unload``, ``generate`` and adapter switching work as before (a
+    layer whose state stops fitting, e.g. merged or with another adapter
+    active, falls back to PEFT's own forward on the spot). Layers fastlora
+    cannot run (DoRA, several active adapters, non-Linear bases, ...) are left
+    on PEFT's path and listed with the reason.
+
+    Returns ``{"accelerated": [module names], "skipped": [(name, reason)]}``.
+    """
+    try:
+        import peft.tuners.lora as peft_lora
+    except ImportError as exc:  # pragma: no cover - only without peft
+        raise ImportError("from_peft needs peft installed") from exc
+    report: dict[str, list] = {"accelerated": [], "skipped": []}
+    for name, module in peft_model.named_modules():
+        if not isinstance(module, peft_lora.LoraLayer):
+            continue
+        problem = _peft_layer_problem(module)
+        if problem is not None:
+            report["skipped"].append((name, problem))
+            continue
+        if getattr(module, "_fastlora_original_forward", None) is None:
+            module._fastlora_original_forward = module.forward
+        module.forward = _fused_forward(module, list(module.active_adapters)[0], module._fastlora_original_forward)
+        report["accelerated"].append(name)
+    return report
