@@ -25,6 +25,48 @@ def _ops(backend: str) -> ModuleType:
     return reference
 
 
+# torch.compile: the two halves of the op are registered as custom ops with fake
+# (shape-only) implementations, so the compiler traces *around* them (the Triton
+# launchers and the reference math run opaque, exactly as in eager). Eager calls
+# skip the dispatcher and call the backend directly. Under compile the dropout
+# seed is a 1-element int64 tensor drawn in the graph (a Python int would need
+# ``.item()``, a graph break); in eager it is a Python int, so nothing but x and
+# S is saved for backward.
+
+def _seed_of(seed: int, seed_t: Tensor | None) -> int:
+    return int(seed_t.item()) if seed_t is not None else seed
+
+
+@torch.library.custom_op("fastlora::lora_fwd", mutates_args=())
+def _lora_fwd_op(
+    x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, bias: Tensor | None,
+    scaling: float, dropout_p: float, seed_t: Tensor | None, backend: str,
+) -> tuple[Tensor, Tensor]:
+    y, s = _ops(backend).lora_forward(x, weight, lora_A, lora_B, scaling, bias, dropout_p, _seed_of(0, seed_t))
+    return y, s
+
+
+@_lora_fwd_op.register_fake
+def _(x, weight, lora_A, lora_B, bias, scaling, dropout_p, seed_t, backend):
+    return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(x.shape[0], lora_A.shape[0])
+
+
+@torch.library.custom_op("fastlora::lora_bwd", mutates_args=())
+def _lora_bwd_op(
+    dy: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, s: Tensor,
+    scaling: float, dropout_p: float, seed_t: Tensor | None, backend: str, needs: list[bool],
+) -> list[Tensor]:
+    grads = _ops(backend).lora_backward(dy, x, weight, lora_A, lora_B, s, scaling, dropout_p, _seed_of(0, seed_t), tuple(needs))
+    # Custom ops cannot return None: an unrequested gradient is an empty tensor.
+    return [g if g is not None else dy.new_empty(0) for g in grads]
+
+
+@_lora_bwd_op.register_fake
+def _(dy, x, weight, lora_A, lora_B, s, scaling, dropout_p, seed_t, backend, needs):
+    shapes = [x.shape, weight.shape, lora_A.shape, lora_B.shape, (dy.shape[1],)]
+    return [dy.new_empty(shape if need else (0,)) for shape, need in zip(shapes, needs)]
+
+
 class LoRALinearFunction(torch.autograd.Function):
     """``y = x W^T + scaling * dropout(x) A^T B^T + bias`` on 2-D x [M, K].
 
@@ -37,8 +79,15 @@ class LoRALinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, lora_A, lora_B, bias, scaling, dropout_p, seed, backend):  # type: ignore[override]
-        y, s = _ops(backend).lora_forward(x, weight, lora_A, lora_B, scaling, bias, dropout_p, seed)
-        ctx.save_for_backward(x, weight, lora_A, lora_B, s)
+        if isinstance(seed, Tensor) or torch.compiler.is_compiling():
+            seed_t = seed if isinstance(seed, Tensor) else None
+            y, s = _lora_fwd_op(x, weight, lora_A, lora_B, bias, scaling, dropout_p, seed_t, backend)
+            ctx.save_for_backward(x, weight, lora_A, lora_B, s, seed_t)
+            ctx.compiled = True
+        else:
+            y, s = _ops(backend).lora_forward(x, weight, lora_A, lora_B, scaling, bias, dropout_p, seed)
+            ctx.save_for_backward(x, weight, lora_A, lora_B, s)
+            ctx.compiled = False
         ctx.scaling = scaling
         ctx.dropout_p = dropout_p
         ctx.seed = seed
@@ -48,9 +97,13 @@ class LoRALinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):  # type: ignore[override]
-        x, weight, lora_A, lora_B, s = ctx.saved_tensors
+        x, weight, lora_A, lora_B, s, *seed_t = ctx.saved_tensors
         need = ctx.needs_input_grad
         needs = (need[0], need[1], need[2], need[3], ctx.has_bias and need[4])
+        if ctx.compiled:  # see _lora_fwd_op
+            grads = _lora_bwd_op(dy, x, weight, lora_A, lora_B, s, ctx.scaling, ctx.dropout_p, seed_t[0], ctx.backend, list(needs))
+            dx, dw, da, db, dbias = (g if n else None for g, n in zip(grads, needs))
+            return dx, dw, da, db, dbias, None, None, None, None
         dx, dw, da, db, dbias = _ops(ctx.backend).lora_backward(
             dy,
             x,
@@ -146,7 +199,10 @@ def lora_linear(
     _check_args(x, weight, lora_A, lora_B, bias, scaling, dropout)
     scaling = float(scaling)
     p = float(dropout) if training else 0.0
-    seed = new_dropout_seed() if p > 0.0 else 0
+    if torch.compiler.is_compiling():
+        seed = torch.randint(0, 2**62, (1,), dtype=torch.int64) if p > 0.0 else None
+    else:
+        seed = new_dropout_seed() if p > 0.0 else 0
     lead, k = x.shape[:-1], x.shape[-1]
     x2d = x.reshape(-1, k)
     backend = resolve_backend(x.device)
