@@ -147,17 +147,21 @@ def _check_args(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, bias:
         raise TypeError(f"scaling must be a finite Python number, got {scaling!r}")
     if not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be a probability in [0, 1), got {dropout!r}")
-    named = [("x", x), ("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B)]
-    if bias is not None:
-        named.append(("bias", bias))
-    for name, t in named[1:]:
+    named = [("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B)] + ([("bias", bias)] if bias is not None else [])
+    for name, t in named:
         if t.device != x.device:
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}; all tensors must share a device")
-        if t.dtype != x.dtype:
+    for name, t in named:
+        if name in ("weight", "bias") and t.dtype != x.dtype:
             raise TypeError(
-                f"{name} has dtype {t.dtype} but x has dtype {x.dtype}; all tensors must share a dtype "
+                f"{name} has dtype {t.dtype} but x has dtype {x.dtype}; x, weight and bias must share a dtype "
                 "(or run under torch.autocast, which casts them as nn.Linear does)"
             )
+    if lora_B.dtype != lora_A.dtype or lora_A.dtype not in (x.dtype, torch.float32):
+        raise TypeError(
+            f"lora_A/lora_B have dtypes {lora_A.dtype}/{lora_B.dtype}; expected both {x.dtype} (x's dtype) "
+            "or both torch.float32 (mixed precision: the LoRA branch in fp32)"
+        )
 
 
 def new_dropout_seed() -> int:
@@ -182,7 +186,9 @@ def lora_linear(
     Args:
       x: [..., K] (any leading dims, zero rows allowed, any strides).
       weight: [N, K], the frozen base weight. If it requires grad, dW is computed.
-      lora_A: [r, K]; lora_B: [N, r]; bias: [N] or None.
+      lora_A: [r, K]; lora_B: [N, r]; bias: [N] or None. x, weight and bias share a
+        dtype; the adapters share it too, or are float32 (PEFT's mixed precision:
+        the LoRA branch and the adapter gradients in fp32).
       scaling: the LoRA scale (``alpha / r``, or ``alpha / sqrt(r)`` for rsLoRA).
       dropout: probability on the LoRA branch's input, applied only when
         ``training`` (PEFT's semantics).
@@ -206,5 +212,9 @@ def lora_linear(
     lead, k = x.shape[:-1], x.shape[-1]
     x2d = x.reshape(-1, k)
     backend = resolve_backend(x.device)
+    if backend == "triton" and lora_A.dtype != x.dtype:
+        # NOTE: the kernels read the adapters in the activation dtype (fp32
+        # accumulation throughout); fp32 adapters are cast, autograd-tracked.
+        lora_A, lora_B = lora_A.to(x.dtype), lora_B.to(x.dtype)
     y = LoRALinearFunction.apply(x2d, weight, lora_A, lora_B, bias, scaling, p, seed, backend)
     return y.view(*lead, weight.shape[0])

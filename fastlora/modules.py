@@ -37,9 +37,8 @@ class LoRALinear(nn.Linear):
     ``lora_B`` require grad. Initialised as PEFT does (A kaiming-uniform with
     a=sqrt(5), B zeros), so a fresh layer computes exactly its base layer.
 
-    When the adapters' dtype differs from the base weight's (e.g. fp32
-    adapters on a bf16 base), they are cast to the base dtype for the product
-    (autograd-tracked, so their gradients stay in their own dtype).
+    Adapters may be float32 on a bf16/fp16 base (PEFT's mixed precision): the
+    LoRA branch and the adapter gradients are then computed in float32.
     """
 
     def __init__(
@@ -123,11 +122,8 @@ class LoRALinear(nn.Linear):
     def forward(self, x: Tensor) -> Tensor:
         if self.merged:
             return F.linear(x, self.weight, self.bias)
-        lora_A, lora_B = self.lora_A, self.lora_B
-        if lora_A.dtype != self.weight.dtype:
-            lora_A, lora_B = lora_A.to(self.weight.dtype), lora_B.to(self.weight.dtype)
         return lora_linear(
-            x, self.weight, lora_A, lora_B, self.scaling, self.bias, dropout=self.dropout, training=self.training
+            x, self.weight, self.lora_A, self.lora_B, self.scaling, self.bias, dropout=self.dropout, training=self.training
         )
 
     @torch.no_grad()

@@ -348,7 +348,7 @@ def _fused_forward(layer, adapter: str, original):
             return original(x, *args, **kwargs)
         base = layer.get_base_layer()
         lora_A, lora_B = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
-        if lora_A.dtype != base.weight.dtype:  # e.g. fp32 adapters on a bf16 base
+        if lora_A.dtype not in (base.weight.dtype, torch.float32):  # fp32 adapters on bf16 run mixed
             lora_A, lora_B = lora_A.to(base.weight.dtype), lora_B.to(base.weight.dtype)
         drop = layer.lora_dropout[adapter]
         p = drop.p if isinstance(drop, nn.Dropout) else 0.0

@@ -14,6 +14,8 @@ without Triton), so they are written to be fast as well as clear:
 
 Shapes (2-D; the autograd layer flattens leading dims):
   x [M, K], weight [N, K], lora_A [r, K], lora_B [N, r], bias [N], s [M, r].
+Dtypes: x, weight, bias share one; the adapters share x's or are float32 (then
+the LoRA branch, S and the adapter gradients are float32, as in PEFT).
   ``y = x W^T + scaling * dropout(x) A^T B^T + bias``.
 """
 
@@ -73,17 +75,24 @@ def lora_forward(
     x [M, K], weight [N, K], lora_A [r, K], lora_B [N, r], bias [N] -> y [M, N],
     s = dropout(x) A^T [M, r] (what backward needs, besides x).
     """
+    # The LoRA branch runs in the adapters' dtype: float32 adapters on a bf16/fp16
+    # base give PEFT's mixed precision (branch in fp32, one rounding of the sum).
+    mixed = lora_A.dtype != x.dtype
+    xl = x.to(lora_A.dtype) if mixed else x
     if dropout_p > 0.0:
         mask, keep = dropout_keep_mask(seed, (x.shape[0], x.shape[1]), dropout_p, x.device)
         # The masked copy of x is a temporary of the forward, never saved.
-        s = torch.addmm(x.new_empty(x.shape[0], lora_A.shape[0]), x * mask, lora_A.t(), beta=0, alpha=1.0 / keep)
+        s = torch.addmm(xl.new_empty(x.shape[0], lora_A.shape[0]), xl * mask, lora_A.t(), beta=0, alpha=1.0 / keep)
     else:
-        s = torch.mm(x, lora_A.t())
+        s = torch.mm(xl, lora_A.t())
     if bias is not None:
         y = torch.addmm(bias, x, weight.t())
     else:
         y = torch.mm(x, weight.t())
-    y.addmm_(s, lora_B.t(), alpha=scaling)
+    if mixed:
+        y = torch.addmm(y.to(lora_A.dtype), s, lora_B.t(), alpha=scaling).to(x.dtype)
+    else:
+        y.addmm_(s, lora_B.t(), alpha=scaling)
     return y, s
 
 
@@ -112,14 +121,17 @@ def lora_backward(
     need_x, need_w, need_a, need_b, need_bias = needs
     dx = dw = da = db = dbias = None
     ds = None
+    mixed = lora_A.dtype != x.dtype  # the LoRA branch in the adapters' dtype
+    dyl = dy.to(lora_A.dtype) if mixed else dy
     if need_x or need_a:
-        ds = torch.addmm(dy.new_empty(dy.shape[0], lora_B.shape[1]), dy, lora_B, beta=0, alpha=scaling)
+        ds = torch.addmm(dyl.new_empty(dy.shape[0], lora_B.shape[1]), dyl, lora_B, beta=0, alpha=scaling)
     if need_b:
-        db = torch.addmm(dy.new_empty(lora_B.shape), dy.t(), s, beta=0, alpha=scaling)
+        db = torch.addmm(dyl.new_empty(lora_B.shape), dyl.t(), s, beta=0, alpha=scaling)
     if dropout_p > 0.0 and (need_x or need_a):
         mask, keep = dropout_keep_mask(seed, (x.shape[0], x.shape[1]), dropout_p, x.device)
         if need_a:
-            da = torch.addmm(dy.new_empty(lora_A.shape), ds.t(), x * mask, beta=0, alpha=1.0 / keep)
+            xl = x.to(lora_A.dtype) if mixed else x
+            da = torch.addmm(dyl.new_empty(lora_A.shape), ds.t(), xl * mask, beta=0, alpha=1.0 / keep)
         if need_x:
             dx = torch.mm(dy, weight)
             lora_dx = torch.mm(ds, lora_A)
@@ -127,10 +139,13 @@ def lora_backward(
             dx.add_(lora_dx, alpha=1.0 / keep)
     else:
         if need_a:
-            da = torch.mm(ds.t(), x)
+            da = torch.mm(ds.t(), x.to(lora_A.dtype) if mixed else x)
         if need_x:
             dx = torch.mm(dy, weight)
-            dx.addmm_(ds, lora_A)
+            if mixed:
+                dx.add_(torch.mm(ds, lora_A))
+            else:
+                dx.addmm_(ds, lora_A)
     if need_w:
         dw = torch.mm(dy.t(), x)
     if need_bias:
