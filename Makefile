@@ -40,5 +40,9 @@ test-fast: install
 bench: install
 	$(VENV)/bin/pytest bench -q --benchmark-columns=median,iqr,ops --benchmark-sort=name $(ARGS)
 
+# On a CUDA machine: the GPU test tier and the benchmarks, results under OUT.
+gpu-check:
+	bash bench/gpu_check.sh $(or $(OUT),bench/results/gpu)
+
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .benchmarks

@@ -81,8 +81,10 @@ def lora_forward(
     xl = x.to(lora_A.dtype) if mixed else x
     if dropout_p > 0.0:
         mask, keep = dropout_keep_mask(seed, (x.shape[0], x.shape[1]), dropout_p, x.device)
-        # The masked copy of x is a temporary of the forward, never saved.
-        s = torch.addmm(xl.new_empty(x.shape[0], lora_A.shape[0]), xl * mask, lora_A.t(), beta=0, alpha=1.0 / keep)
+        # One float copy of the mask becomes dropout(x) in place (a temporary of
+        # the forward, never saved); 1/keep is folded into the GEMM's alpha.
+        xd = mask.to(xl.dtype).mul_(xl)
+        s = torch.addmm(xl.new_empty(x.shape[0], lora_A.shape[0]), xd, lora_A.t(), beta=0, alpha=1.0 / keep)
     else:
         s = torch.mm(xl, lora_A.t())
     if bias is not None:
@@ -129,14 +131,17 @@ def lora_backward(
         db = torch.addmm(dyl.new_empty(lora_B.shape), dyl.t(), s, beta=0, alpha=scaling)
     if dropout_p > 0.0 and (need_x or need_a):
         mask, keep = dropout_keep_mask(seed, (x.shape[0], x.shape[1]), dropout_p, x.device)
-        if need_a:
-            xl = x.to(lora_A.dtype) if mixed else x
-            da = torch.addmm(dyl.new_empty(lora_A.shape), ds.t(), xl * mask, beta=0, alpha=1.0 / keep)
+        m = mask.to(lora_A.dtype)  # one float copy, used by dx and then turned into dropout(x) for dA
         if need_x:
             dx = torch.mm(dy, weight)
             lora_dx = torch.mm(ds, lora_A)
-            lora_dx.mul_(mask)
-            dx.add_(lora_dx, alpha=1.0 / keep)
+            if mixed:
+                dx.add_(lora_dx.mul_(m), alpha=1.0 / keep)
+            else:
+                dx.addcmul_(lora_dx, m, value=1.0 / keep)
+        if need_a:
+            xd = m.mul_(x.to(lora_A.dtype) if mixed else x)
+            da = torch.addmm(dyl.new_empty(lora_A.shape), ds.t(), xd, beta=0, alpha=1.0 / keep)
     else:
         if need_a:
             da = torch.mm(ds.t(), x.to(lora_A.dtype) if mixed else x)
