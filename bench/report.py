@@ -24,7 +24,6 @@ The layer builders here are shared with ``bench/test_bench_lora.py``.
 from __future__ import annotations
 
 import argparse
-import copy
 import csv
 import datetime as _dt
 import gc
@@ -395,6 +394,9 @@ def _loadavg() -> str:
         return "n/a"
 
 
+loadavg = _loadavg  # public name, for bench/report_qlora.py
+
+
 def device_name(device: str) -> str:
     if device == "cuda":
         return torch.cuda.get_device_name(0)
@@ -655,7 +657,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.profile:
         for shape in shapes:
             for p in dropouts:
-                profile_cpu(shape, p, device, reps=min(reps, 5))
+                profile_cpu(shape, p, device, reps=min(args.reps or 5, 5))
         return 0
 
     if not have_peft():

@@ -5,12 +5,15 @@ from .functional import lora_linear
 from .model import LoRAConfig, apply_lora, count_parameters, merge_lora
 from .modules import LoRALinear
 from .peft_io import from_peft, load_adapter, save_adapter
+from .qlora import QLoRALinear, qlora_linear
+from . import quant
 
 __version__ = "0.1.0"
 
 __all__ = [
     "LoRAConfig",
     "LoRALinear",
+    "QLoRALinear",
     "apply_lora",
     "count_parameters",
     "from_peft",
@@ -18,6 +21,8 @@ __all__ = [
     "load_adapter",
     "lora_linear",
     "merge_lora",
+    "qlora_linear",
+    "quant",
     "save_adapter",
     "set_backend",
 ]

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from functools import lru_cache
-
 import torch
 
 BACKENDS = ("auto", "triton", "reference")
@@ -24,10 +22,15 @@ BACKENDS = ("auto", "triton", "reference")
 _forced: str | None = None
 
 
-@lru_cache(maxsize=None)
+_triton_found: bool | None = None
+
+
 def has_triton() -> bool:
     """True when the ``triton`` package can be imported (it is not imported here)."""
-    return importlib.util.find_spec("triton") is not None
+    global _triton_found
+    if _triton_found is None:  # a plain cache: torch.compile traces this function
+        _triton_found = importlib.util.find_spec("triton") is not None
+    return _triton_found
 
 
 def interpreting() -> bool:

@@ -217,4 +217,7 @@ def lora_linear(
         # accumulation throughout); fp32 adapters are cast, autograd-tracked.
         lora_A, lora_B = lora_A.to(x.dtype), lora_B.to(x.dtype)
     y = LoRALinearFunction.apply(x2d, weight, lora_A, lora_B, bias, scaling, p, seed, backend)
-    return y.view(*lead, weight.shape[0])
+    # NOTE: _unsafe_view (what torch.matmul uses) rather than view: the result is
+    # not a view, so in-place ops on it and FSDP2's pre-backward hook work, as
+    # with nn.Linear.
+    return y if x.dim() == 2 else torch.ops.aten._unsafe_view(y, (*lead, weight.shape[0]))

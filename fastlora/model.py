@@ -17,6 +17,9 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from .modules import INITS, LoRALinear, _check_rank
+from .qlora import QLoRALinear
+
+QUANT_TYPES = ("nf4", "fp4")
 
 
 @dataclass
@@ -30,7 +33,11 @@ class LoRAConfig:
     exclude_modules: names (suffixes, or one regex) never given an adapter.
     rank_pattern / alpha_pattern: ``{name regex: value}`` overrides per module
     (PEFT's semantics: the key matches the end of the module name).
-    use_dora, quantize: reserved for the DoRA and QLoRA variants.
+    quantize: ``"nf4"`` or ``"fp4"`` quantizes every targeted layer's base weight to
+    4 bits (bitsandbytes' format, blocksize ``quant_blocksize``, double
+    quantization ``quant_double``) and makes it a :class:`QLoRALinear`. Layers that
+    already are bitsandbytes ``Linear4bit`` always become QLoRALinear.
+    use_dora: reserved for the DoRA variant.
     """
 
     r: int = 8
@@ -40,6 +47,8 @@ class LoRAConfig:
     use_rslora: bool = False
     use_dora: bool = False
     quantize: str | None = None
+    quant_blocksize: int = 64
+    quant_double: bool = True
     init: str = "default"
     modules_to_save: list[str] | None = None
     exclude_modules: list[str] | str | None = None
@@ -52,10 +61,8 @@ class LoRAConfig:
             raise ValueError(f"LoRAConfig.init must be one of {INITS}, got {self.init!r}")
         if self.use_dora:
             raise NotImplementedError("LoRAConfig(use_dora=True): DoRA is not implemented in this version of fastlora")
-        if self.quantize is not None:
-            raise NotImplementedError(
-                f"LoRAConfig(quantize={self.quantize!r}): 4-bit base weights are not implemented in this version"
-            )
+        if self.quantize not in (None, *QUANT_TYPES):
+            raise ValueError(f"LoRAConfig.quantize must be None, 'nf4' or 'fp4', got {self.quantize!r}")
         tm = self.target_modules
         if tm is not None and not isinstance(tm, str):
             if not all(isinstance(t, str) for t in tm):
@@ -111,7 +118,10 @@ def target_linear_names(
     skipped unless ``include_lora``."""
     linears = [
         n for n, m in model.named_modules()
-        if n and isinstance(m, nn.Linear) and (include_lora or not isinstance(m, LoRALinear))
+        if n and (
+            (isinstance(m, nn.Linear) and (include_lora or not isinstance(m, LoRALinear)))
+            or (include_lora and isinstance(m, QLoRALinear))
+        )
     ]
     if target_modules == "all-linear":
         skip = _output_layer_names(model)
@@ -160,15 +170,23 @@ def apply_lora(model: nn.Module, config: LoRAConfig | None = None, **overrides) 
         p.requires_grad_(False)
     for name in names:
         linear = model.get_submodule(name)
-        r = _pattern_value(name, config.rank_pattern, config.r)
-        alpha = _pattern_value(name, config.alpha_pattern, config.alpha)
-        _set_submodule(
-            model,
-            name,
-            LoRALinear.from_linear(
-                linear, r=r, alpha=alpha, dropout=config.dropout, use_rslora=config.use_rslora, init=config.init
-            ),
+        kwargs = dict(
+            r=_pattern_value(name, config.rank_pattern, config.r),
+            alpha=_pattern_value(name, config.alpha_pattern, config.alpha),
+            dropout=config.dropout,
+            use_rslora=config.use_rslora,
+            init=config.init,
         )
+        if _is_bnb_4bit(linear):  # a model loaded in 4 bits by bitsandbytes
+            layer = QLoRALinear.from_bnb(linear, **kwargs)
+        elif config.quantize is not None:
+            layer = QLoRALinear.from_linear(
+                linear, quant_type=config.quantize, blocksize=config.quant_blocksize, double_quant=config.quant_double,
+                **kwargs,
+            )
+        else:
+            layer = LoRALinear.from_linear(linear, **kwargs)
+        _set_submodule(model, name, layer)
     for key in config.modules_to_save or []:
         hits = [m for n, m in model.named_modules() if n and _matches_suffix(n, key)]
         if not hits:
@@ -179,15 +197,19 @@ def apply_lora(model: nn.Module, config: LoRAConfig | None = None, **overrides) 
     return model
 
 
-def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
-    """The model's LoRA layers by module name."""
-    return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+def _is_bnb_4bit(module: nn.Module) -> bool:
+    return type(module).__name__ == "Linear4bit" and type(module).__module__.startswith("bitsandbytes")
+
+
+def lora_layers(model: nn.Module) -> dict[str, LoRALinear | QLoRALinear]:
+    """The model's LoRA layers (LoRALinear and QLoRALinear) by module name."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, (LoRALinear, QLoRALinear))}
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
     """Replace every :class:`LoRALinear` by a plain ``nn.Linear`` with the update
     merged in (in place); returns ``model`` (a bare LoRALinear becomes an nn.Linear)."""
-    if isinstance(model, LoRALinear):
+    if isinstance(model, (LoRALinear, QLoRALinear)):
         return model.to_linear()
     for name, layer in lora_layers(model).items():
         _set_submodule(model, name, layer.to_linear())

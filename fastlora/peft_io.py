@@ -22,6 +22,7 @@ from torch import nn
 
 from .model import _pattern_value, _selected, _set_submodule, lora_layers, target_linear_names
 from .modules import LoRALinear
+from .qlora import QLoRALinear
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -259,11 +260,16 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         if set(pair) != {"lora_A", "lora_B"}:
             raise AdapterFormatError(f"{path}: module {name!r} has {sorted(pair)}; both lora_A and lora_B are required")
         module = model.get_submodule(name)
-        if isinstance(module, LoRALinear) and module.merged:
+        if isinstance(module, (LoRALinear, QLoRALinear)) and module.merged:
             raise AdapterFormatError(f"{path}: the model's layer {name!r} is merged; unmerge() it before loading")
         a, b = pair["lora_A"], pair["lora_B"]
         r = _pattern_value(name, config.get("rank_pattern") or {}, r_default)
         alpha = _pattern_value(name, config.get("alpha_pattern") or {}, alpha_default)
+        if isinstance(module, QLoRALinear) and module.r != r:
+            raise AdapterFormatError(
+                f"{path}: {name} is a QLoRALinear of rank {module.r}; the adapter has rank {r} (rebuild the layer "
+                "with that rank, or load into the unquantized model)"
+            )
         want_a, want_b = (r, module.in_features), (module.out_features, r)
         if tuple(a.shape) != want_a or tuple(b.shape) != want_b:
             raise AdapterFormatError(
@@ -294,7 +300,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         p.requires_grad_(False)
     for name, module, a, b, r, alpha in plan:
         dropout, rslora = float(config.get("lora_dropout", 0.0)), bool(config.get("use_rslora", False))
-        if isinstance(module, LoRALinear) and module.r == r:
+        if isinstance(module, (LoRALinear, QLoRALinear)) and module.r == r:
             layer = module
             layer.alpha, layer.dropout, layer.use_rslora = float(alpha), dropout, rslora
             layer.scaling = (alpha / math.sqrt(r)) if rslora else alpha / r
@@ -313,14 +319,28 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     return model
 
 
+def _peft_4bit_class():
+    try:
+        import peft.tuners.lora.bnb as peft_bnb
+
+        return getattr(peft_bnb, "Linear4bit", None)
+    except ImportError:  # bitsandbytes absent
+        return None
+
+
 def _peft_layer_problem(layer) -> str | None:
     """Why fastlora cannot run this PEFT LoRA layer (None when it can)."""
     import peft.tuners.lora as peft_lora
 
-    if type(layer) is not peft_lora.Linear:
-        return f"layer type {type(layer).__name__} (fastlora runs peft.tuners.lora.Linear on an nn.Linear base)"
-    if type(layer.get_base_layer()) is not nn.Linear:
-        return f"base layer type {type(layer.get_base_layer()).__name__}"
+    from .model import _is_bnb_4bit
+
+    # PEFT wraps a bitsandbytes Linear4bit in its bnb.Linear4bit layer where
+    # bitsandbytes reports a GPU backend, else (CPU) in its plain Linear.
+    if type(layer) not in (peft_lora.Linear, _peft_4bit_class()):
+        return f"layer type {type(layer).__name__} (fastlora runs peft.tuners.lora.Linear and its bitsandbytes Linear4bit)"
+    base = layer.get_base_layer()
+    if type(base) is not nn.Linear and not _is_bnb_4bit(base):
+        return f"base layer type {type(base).__name__}"
     active = list(layer.active_adapters)
     if len(active) != 1:
         return f"{len(active)} active adapters {active} (fastlora fuses exactly one)"
@@ -339,19 +359,42 @@ def _peft_layer_problem(layer) -> str | None:
 
 
 def _fused_forward(layer, adapter: str, original):
-    """A forward for one PEFT LoRA layer that runs fastlora's fused op, falling
-    back to PEFT's own forward whenever the layer's state no longer fits."""
+    """A forward for one PEFT LoRA layer that runs fastlora's fused op (the QLoRA
+    op on a bitsandbytes 4-bit base), falling back to PEFT's own forward whenever
+    the layer's state no longer fits."""
     from .functional import lora_linear
+    from .model import _is_bnb_4bit
+    from .qlora import qlora_linear
+    from .quant import QuantizedWeight
+
+    cache: dict = {}
+
+    def quantized(base):
+        # The bitsandbytes tensors are shared, not copied; rebuilt if the weight is replaced.
+        if cache.get("param") is not base.weight:
+            cache.update(param=base.weight, qweight=QuantizedWeight.from_bnb(base))
+        return cache["qweight"]
 
     def forward(x, *args, **kwargs):
         if args or kwargs or layer.disable_adapters or layer.merged or list(layer.active_adapters) != [adapter]:
             return original(x, *args, **kwargs)
         base = layer.get_base_layer()
         lora_A, lora_B = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
-        if lora_A.dtype not in (base.weight.dtype, torch.float32):  # fp32 adapters on bf16 run mixed
-            lora_A, lora_B = lora_A.to(base.weight.dtype), lora_B.to(base.weight.dtype)
         drop = layer.lora_dropout[adapter]
         p = drop.p if isinstance(drop, nn.Dropout) else 0.0
+        if _is_bnb_4bit(base):
+            # bitsandbytes computes in its compute_dtype and returns x's dtype; so do we.
+            dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else (
+                getattr(base, "compute_dtype", None) or x.dtype
+            )
+            cast = lambda t: t if t is None or t.dtype == dtype else t.to(dtype)  # noqa: E731
+            y = qlora_linear(
+                cast(x), quantized(base), cast(lora_A), cast(lora_B), layer.scaling[adapter], cast(base.bias),
+                dropout=p, training=layer.training,
+            )
+            return y if y.dtype == x.dtype else y.to(x.dtype)
+        if lora_A.dtype not in (base.weight.dtype, torch.float32):  # fp32 adapters on bf16 run mixed
+            lora_A, lora_B = lora_A.to(base.weight.dtype), lora_B.to(base.weight.dtype)
         return lora_linear(
             x, base.weight, lora_A, lora_B, layer.scaling[adapter], base.bias, dropout=p, training=layer.training
         )
@@ -367,7 +410,9 @@ def from_peft(peft_model: nn.Module) -> dict[str, list]:
     layer whose state stops fitting, e.g. merged or with another adapter
     active, falls back to PEFT's own forward on the spot). Layers fastlora
     cannot run (DoRA, several active adapters, non-Linear bases, ...) are left
-    on PEFT's path and listed with the reason.
+    on PEFT's path and listed with the reason. Layers on a bitsandbytes 4-bit
+    base (``Linear4bit``, nf4/fp4) run fastlora's QLoRA op on bitsandbytes' own
+    packed weight (shared, not copied).
 
     Returns ``{"accelerated": [module names], "skipped": [(name, reason)]}``.
     """

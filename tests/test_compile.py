@@ -67,3 +67,33 @@ def test_compiled_dropout_uses_one_mask_for_forward_and_backward():
     # And the mask really dropped something: without dropout the identity changes.
     S_full = x2 @ a.t()
     assert abs((dS * S_full).sum() - inner) > 1e-6 * inner.abs()
+
+
+def test_compiled_qlora_fullgraph_equals_eager_with_and_without_dropout():
+    from fastlora import QLoRALinear
+
+    torch.manual_seed(0)
+    layer = QLoRALinear.from_linear(nn.Linear(128, 48), r=4, alpha=8.0)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x, dy = torch.randn(2, 5, 128), torch.randn(2, 5, 48)
+    y_eager, g_eager = run(layer, layer, x, dy)
+    compiled = torch.compile(layer, fullgraph=True)
+    y_comp, g_comp = run(compiled, layer, x, dy)
+    assert_close_to(y_comp, y_eager, 0.0, "compiled QLoRA output")  # same opaque op: bit-identical
+    for a, b in zip(g_comp, g_eager):
+        assert_close_to(a, b, 0.0, "compiled QLoRA gradient")
+    layer.dropout = 0.3
+    y_drop, g_drop = run(torch.compile(layer, fullgraph=True), layer, x, dy)
+    assert y_drop.shape == (2, 5, 48) and all(torch.isfinite(g).all() for g in g_drop)
+
+
+@pytest.mark.interpreter
+def test_compiled_triton_backend_under_the_interpreter():
+    layer, x = layer_and_input(bias=True)
+    dy = torch.randn(3, 7, 24)
+    y_eager, g_eager = run(layer, layer, x, dy)
+    y_comp, g_comp = run(torch.compile(layer, fullgraph=True), layer, x, dy)
+    assert_close_to(y_comp, y_eager, 0.0, "compiled Triton output")
+    for a, b in zip(g_comp, g_eager):
+        assert_close_to(a, b, 0.0, "compiled Triton gradient")

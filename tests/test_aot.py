@@ -1,0 +1,275 @@
+"""Tier 3: every variant of every LoRA kernel compiles ahead of time for sm_80
+and sm_90 (on CPU, no driver) and uses no stack (a non-zero STACK is a
+register spill or a local array).
+
+One subprocess (without TRITON_INTERPRET, which would turn the kernels into
+interpreter functions) compiles, with 2 worker processes, the kernels for
+arch x dtype (fp32/fp16/bf16) x constexpr flags (bias, dropout, needs) x rank
+bucket x the configs ``fastlora.kernels.configs`` returns for them, then reads
+REG / STACK with the ``cuobjdump`` shipped in the triton wheel and the dynamic
+shared memory from the compiled metadata (checked against the arch's limit).
+The default sweep (~80 variants, ~45 s cold on 2 idle cores, seconds with a
+warm Triton cache) is described in :func:`_variants`; ``FASTLORA_AOT_FULL=1``
+compiles the whole cross product (~240 variants; passed when last changed).
+Kernels' fp64 scalar arguments (what inductor passes) are compiled too.
+
+Variants mirror real launches: pointers 16-byte aligned, unit inner strides
+specialised to 1 (contiguous operands), row strides / N / K multiples of 16.
+The rank-r strides are left unhinted (r = 8 is not a multiple of 16).
+
+Run alone for the table: ``python tests/test_aot.py`` (prints JSON lines).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.aot
+
+REPO = Path(__file__).resolve().parents[1]
+ARCHS = (80, 90)
+# Largest dynamic shared memory per block: A100 (sm_80) 163 KiB, H100/H200 (sm_90) 227 KiB.
+SMEM_LIMIT = {80: 166912, 90: 232448}
+BLOCK_RS = (16, 64)  # the rank buckets r <= 16 and 32 < r <= 64 (BLOCK_R = rank padded to a power of two)
+
+
+# ---------------------------------------------------------------------------
+# the variant list (runs in the subprocess)
+# ---------------------------------------------------------------------------
+
+
+# The flag combinations of each kernel; the first one is the superset (the
+# most code, the most registers) that every config is compiled with.
+FLAGS = {
+    "gemm_fwd": [dict(HAS_BIAS=True, HAS_DROPOUT=False), dict(HAS_BIAS=False, HAS_DROPOUT=False)],
+    "gemm_dx": [dict(HAS_BIAS=False, HAS_DROPOUT=True), dict(HAS_BIAS=False, HAS_DROPOUT=False)],
+    "shrink": [dict(HAS_DROPOUT=True), dict(HAS_DROPOUT=False)],
+    "dy_pass": [
+        dict(NEED_DS=True, NEED_DB=True, NEED_DBIAS=True),
+        dict(NEED_DS=True, NEED_DB=False, NEED_DBIAS=False),
+        dict(NEED_DS=False, NEED_DB=True, NEED_DBIAS=True),
+    ],
+    "down_grad": [dict(HAS_DROPOUT=True), dict(HAS_DROPOUT=False)],
+}
+
+
+def _configs_for(kernel, arch, dtype, flags, block_r):
+    from fastlora.kernels import configs as C
+
+    if kernel.startswith("gemm"):
+        return C.gemm_configs(arch, dtype, has_dropout=flags["HAS_DROPOUT"], block_r=block_r)
+    if kernel == "shrink":
+        return C.shrink_configs(arch, dtype, has_dropout=flags["HAS_DROPOUT"], block_r=block_r)
+    if kernel == "dy_pass":
+        return C.dy_pass_configs(arch, dtype, block_r=block_r)
+    return C.down_grad_configs(arch, dtype, has_dropout=flags["HAS_DROPOUT"], block_r=block_r)
+
+
+def _variants(full: bool):
+    """The variants to compile.
+
+    Default (~60-90 s on 2 cores): for bf16 and fp32, every config of every
+    kernel with its superset flags at rank 16 and at rank 64 (bf16: only the
+    GEMMs and the dY pass, whose registers grow with the rank; fp32's FMA dots
+    all do), plus the configs
+    that only a subset flag combination allows (dX without dropout); each
+    other flag combination (bf16), and fp16 (same code as bf16) for the
+    GEMMs, on the first config. ``FASTLORA_AOT_FULL=1``:
+    the whole cross product (dtype x flags x rank bucket x config, ~4x longer).
+    """
+    import torch
+    import triton
+
+    names = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+    out, seen = [], set()
+
+    def add(kernel, arch, dtype, block_r, flags, cfg, **extra):
+        v = dict(kernel=kernel, arch=arch, dtype=names[dtype], block_r=block_r, flags=flags, tiles=dict(cfg.kwargs),
+                 num_warps=cfg.num_warps, num_stages=cfg.num_stages, **extra)  # fmt: skip
+        key = json.dumps(v, sort_keys=True)
+        if key not in seen:
+            seen.add(key)
+            out.append(v)
+
+    for arch in ARCHS:
+        for kernel, combos in FLAGS.items():
+            for dtype in names:
+                for block_r in BLOCK_RS:
+                    for i, flags in enumerate(combos):
+                        cfgs = _configs_for(kernel, arch, dtype, flags, block_r)
+                        if not full:
+                            wide = kernel.startswith("gemm") or kernel == "dy_pass"  # rank-heavy registers
+                            every = dtype == torch.float32 or (dtype == torch.bfloat16 and (block_r == 16 or wide))
+                            if not every and not (i == 0 and block_r == 16 and (dtype != torch.float16 or wide)):
+                                continue
+                            if i > 0 and dtype == torch.float32:
+                                continue  # fp32's subsets: the bf16 ones cover the flags
+                            if every and i > 0:  # only what the superset's list lacks
+                                sup = _configs_for(kernel, arch, dtype, combos[0], block_r)
+                                cfgs = [c for c in cfgs if c not in sup] or ([cfgs[0]] if block_r == 16 else [])
+                            elif not every:
+                                cfgs = cfgs[:1]
+                        for cfg in cfgs:
+                            add(kernel, arch, dtype, block_r, flags, cfg)
+        mask_cfg = triton.Config({"BLOCK_M": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1)
+        add("mask", arch, torch.float32, 16, {}, mask_cfg)
+    # Inductor passes Python floats as fp64: the kernels must cast them (sm_90, first config).
+    for kernel, combos in FLAGS.items():
+        cfg = _configs_for(kernel, 90, torch.bfloat16, combos[0], 16)[0]
+        add(kernel, 90, torch.bfloat16, 16, combos[0], cfg, fp64_scalars=True)
+    return out
+
+
+# Per kernel: (jit function attr, pointer arg -> dtype ("x" = the variant's dtype),
+# unit-stride args, args hinted divisible by 16). Every other non-constexpr arg is i32,
+# except floats and the i64 seed below.
+_FLOATS = {"scaling", "inv_keep"}
+_I64 = {"seed"}
+_SPECS = {
+    "gemm_fwd": (
+        "_lora_gemm_kernel",
+        dict(p_ptr="x", q_ptr="x", l_ptr="x", e_ptr="x", bias_ptr="x", out_ptr="x"),
+        ("stride_pk", "stride_qk", "stride_lr", "stride_er", "stride_on"),
+        ("stride_pm", "stride_qn", "stride_om", "N", "K"),
+    ),
+    "gemm_dx": (
+        "_lora_gemm_kernel",
+        dict(p_ptr="x", q_ptr="x", l_ptr="fp32", e_ptr="x", bias_ptr="x", out_ptr="x"),
+        ("stride_pk", "stride_qn", "stride_lr", "stride_en", "stride_on"),
+        ("stride_pm", "stride_qk", "stride_er", "stride_om", "N", "K"),
+    ),
+    "shrink": (
+        "_lora_shrink_kernel",
+        dict(x_ptr="x", a_ptr="x", s_ptr="x"),
+        ("stride_xk", "stride_ak", "stride_sr"),
+        ("stride_xm", "stride_ar", "K"),
+    ),
+    "dy_pass": (
+        "_lora_dy_kernel",
+        dict(dy_ptr="x", b_ptr="x", s_ptr="x", ds_ptr="fp32", db_ptr="x", dbias_ptr="x", ws_ds_ptr="fp32",
+             ws_db_ptr="fp32", ws_dbias_ptr="fp32", cnt_m_ptr="i32", cnt_n_ptr="i32"),  # fmt: skip
+        ("stride_dyn", "stride_br", "stride_sr"),
+        ("stride_dym", "N"),
+    ),
+    "down_grad": (
+        "_lora_down_grad_kernel",
+        dict(ds_ptr="fp32", x_ptr="x", da_ptr="x", ws_ptr="fp32", cnt_ptr="i32"),
+        ("stride_dsr", "stride_xk"),
+        ("stride_xm", "K"),
+    ),
+    "mask": ("_dropout_mask_kernel", dict(out_ptr="i8"), (), ("K",)),
+}
+
+
+def _compile_one(v):
+    """Compile one variant; returns v with REG/STACK/SHARED or an error."""
+    import tempfile
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    from fastlora.kernels import lora
+
+    attr, ptrs, unit, div16 = _SPECS[v["kernel"]]
+    fn = getattr(lora, attr)
+    while not isinstance(fn, triton.runtime.JITFunction):  # unwrap @triton.autotune
+        fn = fn.fn
+    constexprs = dict(v["flags"], **v["tiles"])
+    if v["kernel"] != "mask":
+        constexprs.update(IEEE=v["dtype"] == "fp32", BLOCK_R=v["block_r"])
+    constexprs.update({name: 1 for name in unit})
+    signature = {}
+    for name in fn.arg_names:
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name in ptrs:
+            signature[name] = "*" + (v["dtype"] if ptrs[name] == "x" else ptrs[name])
+        elif name in _FLOATS:
+            signature[name] = "fp64" if v.get("fp64_scalars") else "fp32"
+        elif name in _I64:
+            signature[name] = "i64"
+        else:
+            signature[name] = "i32"
+    hinted = [n for n in fn.arg_names if n in ptrs or n in div16]
+    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in hinted}
+    try:
+        src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+        kernel = triton.compile(
+            src,
+            target=GPUTarget("cuda", v["arch"], 32),
+            options=dict(num_warps=v["num_warps"], num_stages=v["num_stages"]),
+        )
+    except Exception as exc:  # noqa: BLE001 - reported, then failed by the test
+        return dict(v, error=f"{type(exc).__name__}: {str(exc)[-2000:]}")
+    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        usage = subprocess.run([str(cuobjdump), "--dump-resource-usage", f.name], capture_output=True, text=True, check=True).stdout
+    line = next(ln for ln in usage.splitlines() if "REG:" in ln)
+    fields = dict(tok.split(":", 1) for tok in line.split() if ":" in tok)
+    return dict(v, reg=int(fields["REG"]), stack=int(fields["STACK"]), shared=int(kernel.metadata.shared))
+
+
+def main() -> None:
+    from concurrent.futures import ProcessPoolExecutor
+
+    variants = _variants(os.environ.get("FASTLORA_AOT_FULL", "0") not in ("", "0"))
+    with ProcessPoolExecutor(max_workers=2) as pool:
+        for result in pool.map(_compile_one, variants, chunksize=1):
+            print(json.dumps(result), flush=True)
+
+
+# ---------------------------------------------------------------------------
+# the test
+# ---------------------------------------------------------------------------
+
+
+def _describe(r) -> str:
+    tiles = " ".join(f"{k}={v}" for k, v in r["tiles"].items())
+    flags = ",".join(f"{k}={int(v)}" for k, v in r["flags"].items())
+    f64 = " fp64-scalars" if r.get("fp64_scalars") else ""
+    launch = f"w{r['num_warps']} s{r['num_stages']}{f64}"
+    return f"{r['kernel']:9s} sm_{r['arch']} {r['dtype']} R={r['block_r']:<3d} {flags:34s} {tiles} {launch}"
+
+
+def test_every_kernel_variant_compiles_without_spills():
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO / "tests"), env.get("PYTHONPATH", "")])
+    proc = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve())],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, f"AOT subprocess failed:\n{proc.stderr[-4000:]}"
+    results = [json.loads(ln) for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    kernels = {r["kernel"] for r in results}
+    assert kernels == set(_SPECS), f"missing kernels: {set(_SPECS) - kernels}"
+    assert {r["arch"] for r in results} == set(ARCHS)
+
+    print(f"\n{len(results)} variants compiled:")
+    for r in results:
+        if "error" not in r:
+            print(f"  {_describe(r)}  REG={r['reg']} STACK={r['stack']} SHARED={r['shared']}")
+    errors = [f"{_describe(r)}: {r['error']}" for r in results if "error" in r]
+    assert not errors, "compile errors:\n" + "\n".join(errors)
+    spills = [f"{_describe(r)}: STACK={r['stack']} REG={r['reg']}" for r in results if r["stack"] != 0]
+    assert not spills, "register spills (fix the config in kernels/configs.py):\n" + "\n".join(spills)
+    too_big = [f"{_describe(r)}: SHARED={r['shared']}" for r in results if r["shared"] > SMEM_LIMIT[r["arch"]]]
+    assert not too_big, "shared memory over the arch's limit:\n" + "\n".join(too_big)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(REPO))
+    main()

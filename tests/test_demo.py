@@ -1,0 +1,208 @@
+"""``python -m fastlora demo``, run in-process with a few epochs: parameter counts,
+table shapes, the merge, the JSON object and the text sections.
+
+The full default run (100 epochs, the accuracy figures) is too slow for the suite;
+these runs check the arithmetic and the plumbing, which do not depend on epochs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import re
+import sys
+
+import pytest
+import torch
+
+from fastlora import demo
+
+SHAPES = {"fc1": (128, 256), "fc2": (256, 256), "fc3": (256, 10)}  # (in, out)
+BASE_PARAMS = sum(i * o + o for i, o in SHAPES.values())
+RANKS = (1, 4, 8, 16, 32, 64)
+# The reference backend is forced (conftest sets TRITON_INTERPRET=1, under which
+# "auto" would pick the slow interpreter); few epochs keep each run ~2-4 s.
+QUICK = ["--epochs", "3", "--rank-epochs", "1", "--pretrain-epochs", "1", "--backend", "reference", "--no-progress"]
+
+
+def lora_params(r: int, shapes=SHAPES) -> int:
+    return sum(r * (i + o) for i, o in shapes.values())
+
+
+def run_demo(argv: list[str]) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = demo.main(argv)
+    return code, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture(scope="module")
+def json_run():
+    code, out, err = run_demo(QUICK + ["--json"])
+    assert code == 0, err
+    return json.loads(out)  # stdout holds one JSON object and nothing else
+
+
+@pytest.fixture(scope="module")
+def text_run(tmp_path_factory):
+    plot = tmp_path_factory.mktemp("plot") / "curves.png"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(sys.modules, "matplotlib", None)  # as if matplotlib were not installed
+        mp.setitem(sys.modules, "matplotlib.figure", None)
+        code, out, err = run_demo(QUICK + ["--plot", str(plot)])
+    assert code == 0, err
+    return out, plot
+
+
+def test_base_network_parameters(json_run):
+    assert BASE_PARAMS == 101_386
+    base = json_run["base"]
+    assert base["parameters"] == 101_386
+    assert base["layers"] == {name: i * o + o for name, (i, o) in SHAPES.items()}
+    assert 0.0 <= base["task_a_accuracy"] <= 1.0
+
+
+def test_lora_parameters(json_run):
+    lora = json_run["lora"]
+    assert [layer["trainable"] for layer in lora["layers"]] == [3_072, 4_096, 2_128]
+    assert [layer["trainable"] for layer in lora["layers"]] == [8 * (i + o) for i, o in SHAPES.values()]
+    assert lora["trainable"] == 9_296 == lora_params(8)
+    assert lora["count_parameters"] == {"trainable": 9_296, "total": BASE_PARAMS + 9_296}
+    assert lora["base_frozen"] is True
+    assert round(lora["reduction_pct"], 1) == 90.8
+    assert round(lora["compression"], 1) == 10.9
+    assert json_run["accuracy"]["full_finetune_trainable"] == BASE_PARAMS
+
+
+def test_task_b_change_is_low_rank(json_run):
+    delta = json_run["task_b"]["delta"]
+    assert [delta[name]["rank"] for name in SHAPES] == [demo.DELTA_RANK, demo.DELTA_RANK, demo.DELTA_RANK + 1]
+    assert json_run["task_b"]["train_samples"] == 1_000
+    assert json_run["task_b"]["val_samples"] == 200
+
+
+def test_rank_table(json_run):
+    rows = json_run["rank_comparison"]["rows"]
+    assert [row["rank"] for row in rows] == list(RANKS)
+    for row in rows:
+        expected = lora_params(row["rank"])
+        assert row["trainable"] == expected
+        assert row["compression"] == pytest.approx(BASE_PARAMS / expected)
+        assert row["memory_savings_pct"] == pytest.approx(100 * (1 - expected / BASE_PARAMS))
+        assert 0.0 <= row["val_accuracy"] <= 1.0
+    assert (rows[0]["trainable"], rows[-1]["trainable"]) == (1_162, 74_368)
+    assert [round(row["compression"], 1) for row in rows] == [87.3, 21.8, 10.9, 5.5, 2.7, 1.4]
+
+
+def test_training_history(json_run):
+    training = json_run["training"]
+    history = training["history"]
+    assert [h["epoch"] for h in history] == [1, 2, 3]
+    assert set(history[0]) == {"epoch", "train_loss", "val_loss", "grad_norm", "epoch_time_s"}
+    assert all(h["grad_norm"] > 0 and h["epoch_time_s"] > 0 for h in history)
+    assert training["final_train_loss"] == history[-1]["train_loss"]
+    assert training["best_val_loss"] == min(h["val_loss"] for h in history)
+    assert training["base_weights_unchanged"] is True
+    assert training["final_train_loss"] < training["initial_train_loss"]
+
+
+def test_merge_matches_unmerged(json_run):
+    merge = json_run["merge"]
+    # Merged and unmerged compute the same math with roundings in other places:
+    # a few float32 ulp at the outputs' magnitude (4 ulp; measured ~1).
+    assert merge["max_abs_diff"] <= 4 * torch.finfo(torch.float32).eps * merge["max_abs_output"]
+    assert merge["parameters"] == BASE_PARAMS
+    assert merge["same_as_base"] is True
+    assert merge["val_accuracy"] == json_run["accuracy"]["lora_val_accuracy"]
+
+
+def test_json_config(json_run):
+    config = json_run["config"]
+    assert (config["input_size"], config["hidden_size"], config["output_size"]) == (128, 256, 10)
+    assert (config["rank"], config["alpha"], config["backend"], config["variant"]) == (8, 8.0, "reference", "lora")
+    assert json_run["plot"] is None
+
+
+def test_text_sections(text_run):
+    out, _ = text_run
+    titles = [
+        "1. Configuration",
+        "2. Base network, pretrained on task A",
+        "3. Task B",
+        "4. Applying LoRA adapters",
+        "5. Training the LoRA adapters on task B",
+        "6. Loss curve",
+        "7. Validation accuracy on task B",
+        "8. Merging the LoRA adapters",
+        "9. Rank comparison",
+    ]
+    positions = [out.index("\n" + title) for title in titles]
+    assert positions == sorted(positions)
+    for figure in ("101,386", "3,072", "4,096", "2,128", "9,296", "90.8 %", "10.9x", "Base frozen:             yes"):
+        assert figure in out
+
+
+def test_text_tables(text_run):
+    out, _ = text_run
+    training_rows = re.findall(r"^ +(\d+) \| +\d+\.\d{4} \| +\d+\.\d{4} \| +\d+\.\d{6} \| +\d+\.\d ms$", out, re.M)
+    assert training_rows == ["1", "2", "3"]
+    rank_rows = re.findall(r"^ +(\d+) \| +([\d,]+) \| +([\d.]+)x \| +([\d.]+) % \| +[\d.]+ %$", out, re.M)
+    assert [int(r) for r, *_ in rank_rows] == list(RANKS)
+    assert [int(n.replace(",", "")) for _, n, *_ in rank_rows] == [lora_params(r) for r in RANKS]
+    assert [s for *_, s in rank_rows] == ["98.85", "95.42", "90.83", "81.66", "63.32", "26.65"]
+    accuracy_rows = [
+        line for line in out.splitlines() if re.match(r"^  (base network|LoRA r=8|full fine-tuning,)", line)
+    ]
+    assert len(accuracy_rows) == 3
+
+
+def test_text_matches_json_run(text_run, json_run):
+    # Same seed, two runs: the same figures (the demo is deterministic on CPU).
+    out, _ = text_run
+    lora = re.search(r"^  LoRA r=8, 3 epochs +\| +9,296 \| +([\d.]+) %", out, re.M)
+    assert float(lora.group(1)) == round(100 * json_run["accuracy"]["lora_val_accuracy"], 1)
+    final = re.search(r"final loss +([\d.]+)", out)
+    assert float(final.group(1)) == round(json_run["training"]["final_train_loss"], 4)
+
+
+def test_plot_without_matplotlib(text_run):
+    out, plot = text_run
+    assert "matplotlib is not installed" in out
+    assert not plot.exists()
+
+
+def test_ascii_curve_shape():
+    lines = demo.ascii_curve({"train": ("*", [3.0, 1.0, 0.5, 0.2]), "val": ("o", [3.0, 1.2, 0.9, 0.8])}, height=8)
+    assert len(lines) == 8 + 3
+    assert lines[0].lstrip().startswith("3 |")
+    assert all("|" in line for line in lines[:8])
+
+
+def test_bad_arguments():
+    with pytest.raises(SystemExit) as exc, contextlib.redirect_stderr(io.StringIO()):
+        demo.main(["--rank", "0"])
+    assert exc.value.code == 2
+
+
+def test_qlora_missing(monkeypatch):
+    monkeypatch.setattr(demo, "_qlora_class", lambda: None)
+    code, out, err = run_demo(["--variant", "qlora"])
+    assert code == 2
+    assert "QLoRA is not available in this build" in err
+    assert out == ""
+
+
+def test_qlora_variant():
+    pytest.importorskip("fastlora.qlora")
+    argv = ["--variant", "qlora", "--epochs", "1", "--rank-epochs", "0", "--pretrain-epochs", "1"]
+    code, out, err = run_demo(argv + ["--backend", "reference", "--json"])
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["lora"]["trainable"] == 9_296
+    assert result["lora"]["base_frozen"] is True
+    before = result["qlora"]["base_weight_bytes_before"]
+    assert before == 4 * sum(i * o for i, o in SHAPES.values())
+    assert result["qlora"]["base_weight_bytes_after"] < before / 6  # 4 bits + scales vs 32 bits
+    assert result["merge"]["parameters"] == BASE_PARAMS
+    assert result["merge"]["max_abs_diff"] < 1e-4

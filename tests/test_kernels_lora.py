@@ -1,0 +1,449 @@
+"""Tier 2: the LoRA Triton kernels under the Triton interpreter (CPU), against
+independent oracles: float64 math (``fastlora.reference.lora_linear_float64``
+and float64 autograd) and a numpy Philox4x32-10 written from the Random123
+specification for the dropout mask.
+
+Tolerance rule (DESIGN.md): for every output, the kernel's max error against
+float64 must be at most 2x PyTorch's own error on the same computation in the
+same dtype (``fastlora.reference``'s path, measured here on the same inputs)
+plus one ulp of the output's magnitude (the final rounding to the dtype, which
+torch may happen to get exactly right on tiny shapes).
+
+The interpreter runs ~40 ms per program instance: shapes are small (one
+config with 32-wide tiles under the interpreter), yet span several tiles so
+the masked edges and the split reductions of the dY pass and dA run.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import fastlora
+from fastlora import reference
+from fastlora.functional import new_dropout_seed
+from fastlora.kernels import lora as K
+
+from _oracles import assert_close_to, float64_grads, make_inputs
+
+pytestmark = pytest.mark.interpreter
+
+DTYPES = [torch.float32, torch.float16]
+ALL_NEEDS = (True, True, True, True, True)
+
+# (M, K, N, r, bias): a power-of-two shape, ragged ones, one row, zero rows, a wide rank.
+CASES = [
+    (32, 64, 32, 16, True),
+    (37, 96, 80, 8, False),
+    (37, 96, 80, 1, True),
+    (1, 32, 48, 8, True),
+    (0, 32, 16, 8, True),
+    (33, 30, 17, 40, True),  # rank padded to 64; K, N not multiples of 4
+]
+
+
+def _ulp(dtype: torch.dtype, ref: torch.Tensor) -> float:
+    """One unit in the last place of the largest |value| of ``ref`` in ``dtype``."""
+    mag = ref.abs().max().item() if ref.numel() else 0.0
+    return torch.finfo(dtype).eps * max(mag, 1e-30)
+
+
+def _check(actual, torch_same_dtype, oracle64, dtype, what):
+    """|kernel - f64| <= 2 * |torch(dtype) - f64|_max + 1 ulp (see the module docstring)."""
+    assert actual.shape == oracle64.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(oracle64.shape)}"
+    assert actual.dtype == torch_same_dtype.dtype, f"{what}: dtype {actual.dtype} != {torch_same_dtype.dtype}"
+    if oracle64.numel() == 0:
+        return
+    torch_err = (torch_same_dtype.double() - oracle64).abs().max().item()
+    tol = 2 * torch_err + _ulp(dtype, oracle64)
+    assert_close_to(actual, oracle64, tol, what)
+
+
+def _scaled_inputs(m, k, n, r, dtype, bias, seed=0):
+    x, w, a, b, bias_t = make_inputs(m, k, n, r, dtype=dtype, bias=bias, seed=seed)
+    return x, w, a, b, bias_t
+
+
+# ---------------------------------------------------------------------------
+# the dropout mask: an independent Philox4x32-10 oracle
+# ---------------------------------------------------------------------------
+
+_M32 = np.uint64(0xFFFFFFFF)
+
+
+def _philox4x32_10(ctr_lo, ctr_hi, key_lo, key_hi):
+    """Philox4x32-10 (Salmon et al., SC'11; Random123) on uint64 arrays holding
+    32-bit words; counter (lo, hi, 0, 0), key (lo, hi). Returns 4 word arrays."""
+    c0, c1 = ctr_lo.astype(np.uint64), ctr_hi.astype(np.uint64)
+    c2 = np.zeros_like(c0)
+    c3 = np.zeros_like(c0)
+    k0, k1 = np.uint64(key_lo), np.uint64(key_hi)
+    for _ in range(10):
+        p0 = np.uint64(0xD2511F53) * c0
+        p1 = np.uint64(0xCD9E8D57) * c2
+        c0, c1, c2, c3 = (p1 >> np.uint64(32)) ^ c1 ^ k0, p1 & _M32, (p0 >> np.uint64(32)) ^ c3 ^ k1, p0 & _M32
+        k0 = (k0 + np.uint64(0x9E3779B9)) & _M32
+        k1 = (k1 + np.uint64(0xBB67AE85)) & _M32
+    return c0, c1, c2, c3
+
+
+def _oracle_mask(seed: int, m: int, k: int, p: float) -> torch.Tensor:
+    """Element (i, j) keeps when the top 16 bits of word j % 4 of Philox(counter
+    i * ceil(k / 4) + j // 4, key seed) are < round((1 - p) * 2**16)."""
+    threshold, _ = reference.dropout_keep_threshold(p)
+    keep_levels = threshold + 32768
+    groups = (k + 3) // 4
+    rows = np.arange(m, dtype=np.uint64)[:, None]
+    cols = np.arange(k, dtype=np.uint64)[None, :]
+    ctr = rows * np.uint64(groups) + cols // np.uint64(4)
+    words = _philox4x32_10(ctr & _M32, ctr >> np.uint64(32), seed & 0xFFFFFFFF, seed >> 32)
+    word = np.choose((cols % np.uint64(4)).astype(np.int64) + np.zeros_like(ctr, dtype=np.int64), words)
+    return torch.from_numpy((word >> np.uint64(16)) < np.uint64(keep_levels))
+
+
+def test_philox_oracle_known_answer():
+    # Random123's published known-answer vector for philox4x32_10, counter 0, key 0.
+    zero = np.zeros(1, dtype=np.uint64)
+    got = [int(w[0]) for w in _philox4x32_10(zero, zero, 0, 0)]
+    assert got == [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]
+
+
+@pytest.mark.parametrize("seed", [0, 7, 2**62 - 12345])
+def test_dropout_mask_is_philox(seed):
+    m, k, p = 37, 70, 0.3
+    mask, keep = K.dropout_keep_mask(seed, (m, k), p, torch.device("cpu"))
+    assert mask.dtype == torch.bool and mask.shape == (m, k)
+    assert keep == reference.dropout_keep_threshold(p)[1]
+    oracle = _oracle_mask(seed, m, k, p)
+    bad = (mask != oracle).nonzero()
+    assert bad.numel() == 0, f"mask differs from Philox at {bad[:5].tolist()} ({len(bad)} elements)"
+
+
+def test_dropout_mask_statistics():
+    m, k, p = 64, 128, 0.25
+    mask, keep = K.dropout_keep_mask(3, (m, k), p, torch.device("cpu"))
+    n = m * k
+    # Binomial(n, keep): 5 standard deviations.
+    assert abs(mask.sum().item() - n * keep) <= 5 * math.sqrt(n * keep * (1 - keep))
+    other, _ = K.dropout_keep_mask(4, (m, k), p, torch.device("cpu"))
+    assert not torch.equal(mask, other), "different seeds must give different masks"
+
+
+# ---------------------------------------------------------------------------
+# the building blocks, one launch each
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m,k,r", [(37, 96, 8), (32, 64, 16), (1, 32, 1)])
+def test_lora_shrink(m, k, r, dtype):
+    x, _, a, _, _ = _scaled_inputs(m, k, 8, r, dtype, False)
+    K.reset_launch_count()
+    s = K.lora_shrink(x, a)
+    assert K.launch_count() == 1
+    oracle = x.double() @ a.double().t()
+    _check(s, x @ a.t(), oracle, dtype, "S")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "m,n,r",
+    [
+        (37, 80, 8),  # 2 row blocks x 3 column blocks: both split reductions
+        (1, 48, 1),  # one row block, 2 column blocks: dS reduced, dB direct
+        (70, 16, 16),  # 3 row blocks, 1 column block: dS direct, dB reduced
+        (32, 32, 8),  # one tile: everything direct
+    ],
+)
+def test_lora_dy_pass(m, n, r, dtype):
+    g = torch.Generator().manual_seed(1)
+    dy = torch.randn(m, n, generator=g).to(dtype)
+    b = torch.randn(n, r, generator=g).to(dtype)
+    s = torch.randn(m, r, generator=g).to(dtype)
+    scaling = 0.75
+    K.reset_launch_count()
+    ds, db, dbias = K.lora_dy_pass(dy, b, s, scaling, True, True, True)
+    assert K.launch_count() == 1
+    assert ds.dtype == torch.float32  # documented: dS is kept in fp32
+    d64, b64, s64 = dy.double(), b.double(), s.double()
+    # dS in fp32 is compared with torch's fp32 error on the same product.
+    _check(ds, scaling * (dy.float() @ b.float()), scaling * d64 @ b64, torch.float32, "dS")
+    _check(db, torch.addmm(b.new_empty(n, r), dy.t(), s, beta=0, alpha=scaling), scaling * d64.t() @ s64, dtype, "dB")
+    _check(dbias, dy.sum(0), d64.sum(0), dtype, "dbias")
+    # Each output alone gives the same bits (flags only drop work).
+    ds_only, none_b, none_bias = K.lora_dy_pass(dy, b, s, scaling, True, False, False)
+    assert none_b is None and none_bias is None and torch.equal(ds_only, ds)
+    none_s, db_only, dbias_only = K.lora_dy_pass(dy, b, s, scaling, False, True, True)
+    assert none_s is None and torch.equal(db_only, db) and torch.equal(dbias_only, dbias)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m,k,r", [(37, 96, 8), (1, 32, 16), (70, 40, 1)])
+def test_lora_down_grad(m, k, r, dtype):
+    g = torch.Generator().manual_seed(2)
+    ds = torch.randn(m, r, generator=g)  # fp32, as the dY pass gives it
+    x = torch.randn(m, k, generator=g).to(dtype)
+    K.reset_launch_count()
+    da = K.lora_down_grad(ds, x)
+    assert K.launch_count() == 1
+    oracle = ds.double().t() @ x.double()
+    _check(da, ds.to(dtype).t() @ x, oracle, dtype, "dA")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_lora_expand_and_dx_gemm(dtype):
+    m, k, n, r = 37, 96, 80, 8
+    x, w, a, b, bias = _scaled_inputs(m, k, n, r, dtype, True)
+    s = x @ a.t()
+    y = K.lora_expand_gemm(x, w, s, b, 0.5, bias)
+    y64 = x.double() @ w.double().t() + 0.5 * s.double() @ b.double().t() + bias.double()
+    y_torch = torch.addmm(bias, x, w.t()).addmm_(s, b.t(), alpha=0.5)
+    _check(y, y_torch, y64, dtype, "Y")
+    g = torch.Generator().manual_seed(3)
+    dy = torch.randn(m, n, generator=g).to(dtype)
+    ds = torch.randn(m, r, generator=g)
+    dx = K.lora_dx_gemm(dy, w, ds, a)
+    dx64 = dy.double() @ w.double() + ds.double() @ a.double()
+    _check(dx, (dy @ w).addmm_(ds.to(dtype), a), dx64, dtype, "dX")
+
+
+# ---------------------------------------------------------------------------
+# lora_forward / lora_backward against the reference and float64
+# ---------------------------------------------------------------------------
+
+
+def _float64_all(x, w, a, b, scaling, bias, dy, keep_mask=None, keep=1.0):
+    y64, (dx64, da64, db64, dbias64) = float64_grads(x, w, a, b, scaling, bias, dy, keep_mask, keep)
+    dw64 = dy.double().t() @ x.double()
+    return y64, (dx64, dw64, da64, db64, dbias64)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m,k,n,r,bias", CASES)
+def test_forward_backward_match_reference(m, k, n, r, bias, dtype):
+    x, w, a, b, bias_t = _scaled_inputs(m, k, n, r, dtype, bias)
+    scaling = 2.0
+    dy = torch.randn(m, n, generator=torch.Generator().manual_seed(5)).to(dtype)
+    needs = (True, True, True, True, bias)
+    originals = [t.clone() for t in (x, w, a, b, dy)]
+
+    K.reset_launch_count()
+    y, s = K.lora_forward(x, w, a, b, scaling, bias_t)
+    assert K.launch_count() == (2 if m else 0)
+    assert s.dtype == dtype and s.shape == (m, r)
+    K.reset_launch_count()
+    grads = K.lora_backward(dy, x, w, a, b, s, scaling, 0.0, 0, needs)
+    assert K.launch_count() == (3 if m else 0)  # dW is torch.mm, not a Triton launch
+
+    s_before = s.clone()
+    y_ref, s_ref = reference.lora_forward(x, w, a, b, scaling, bias_t)
+    grads_ref = reference.lora_backward(dy, x, w, a, b, s_ref, scaling, 0.0, 0, needs)
+    y64, grads64 = _float64_all(x, w, a, b, scaling, bias_t, dy)
+
+    _check(y, y_ref, y64, dtype, "y")
+    _check(s, s_ref, x.double() @ a.double().t(), dtype, "s")
+    for name, got, want, oracle in zip(("dx", "dW", "dA", "dB", "dbias"), grads, grads_ref, grads64):
+        if want is None:
+            assert got is None, f"{name} was not requested"
+            continue
+        _check(got, want, oracle, dtype, name)
+    for before, after in zip(originals + [s_before], (x, w, a, b, dy, s)):
+        assert torch.equal(before, after), "an input or saved tensor was modified"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m,k,n,r,bias", [(37, 96, 80, 8, True), (32, 64, 32, 16, False)])
+def test_dropout_forward_backward(m, k, n, r, bias, dtype):
+    p, seed, scaling = 0.3, 1234567, 1.5
+    x, w, a, b, bias_t = _scaled_inputs(m, k, n, r, dtype, bias)
+    dy = torch.randn(m, n, generator=torch.Generator().manual_seed(6)).to(dtype)
+    mask, keep = K.dropout_keep_mask(seed, (m, k), p, x.device)
+    needs = (True, False, True, True, bias)
+
+    y, s = K.lora_forward(x, w, a, b, scaling, bias_t, p, seed)
+    grads = K.lora_backward(dy, x, w, a, b, s, scaling, p, seed, needs)
+
+    # torch's own computation with the kernels' mask, in dtype (the error yardstick).
+    xd = x * mask / keep
+    s_t = xd @ a.t()
+    y_t = (x @ w.t() if bias_t is None else torch.addmm(bias_t, x, w.t())).addmm_(s_t, b.t(), alpha=scaling)
+    ds_t = scaling * (dy @ b)
+    torch_grads = (dy @ w + (ds_t @ a) * mask / keep, None, ds_t.t() @ xd, scaling * (dy.t() @ s_t), dy.sum(0) if bias else None)
+
+    y64, grads64 = _float64_all(x, w, a, b, scaling, bias_t, dy, mask, keep)
+    _check(y, y_t, y64, dtype, "y (dropout)")
+    _check(s, s_t, (x.double() * mask / keep) @ a.double().t(), dtype, "s (dropout)")
+    for name, got, want, oracle in zip(("dx", "dW", "dA", "dB", "dbias"), grads, torch_grads, grads64):
+        if want is None:
+            assert got is None
+            continue
+        _check(got, want, oracle, dtype, f"{name} (dropout)")
+
+
+def test_strided_inputs():
+    """x and dY as non-contiguous views are read through their strides."""
+    m, k, n, r = 37, 96, 80, 8
+    x, w, a, b, bias = _scaled_inputs(m, k, n, r, torch.float32, True)
+    x_t = x.t().contiguous().t()  # column-major [m, k]
+    dy_big = torch.randn(m, 2 * n, generator=torch.Generator().manual_seed(7))
+    dy = dy_big[:, ::2]
+    y, s = K.lora_forward(x_t, w, a, b, 0.5, bias)
+    grads = K.lora_backward(dy, x_t, w, a, b, s, 0.5, 0.0, 0, ALL_NEEDS)
+    y_c, s_c = K.lora_forward(x, w, a, b, 0.5, bias)
+    grads_c = K.lora_backward(dy.contiguous(), x, w, a, b, s_c, 0.5, 0.0, 0, ALL_NEEDS)
+    y64, grads64 = _float64_all(x, w, a, b, 0.5, bias, dy)
+    y_ref, s_ref = reference.lora_forward(x, w, a, b, 0.5, bias)
+    _check(y, y_ref, y64, torch.float32, "y (strided)")
+    grads_ref = reference.lora_backward(dy, x, w, a, b, s_ref, 0.5, 0.0, 0, ALL_NEEDS)
+    assert torch.equal(y, y_c) and torch.equal(s, s_c), "strides must not change the kernels' result"
+    for name, got, contiguous, want, oracle in zip(("dx", "dW", "dA", "dB", "dbias"), grads, grads_c, grads_ref, grads64):
+        _check(got, want, oracle, torch.float32, f"{name} (strided)")
+        if name != "dW":  # dW is torch.mm, whose kernel choice may depend on the layout
+            assert torch.equal(got, contiguous), f"{name}: strides must not change the kernels' result"
+    # dY with zero strides, as autograd hands over the gradient of y.sum().
+    dy0 = torch.randn(1, n, generator=torch.Generator().manual_seed(9)).expand(m, n)
+    grads0 = K.lora_backward(dy0, x, w, a, b, s_c, 0.5, 0.0, 0, ALL_NEEDS)
+    grads0_ref = reference.lora_backward(dy0.contiguous(), x, w, a, b, s_ref, 0.5, 0.0, 0, ALL_NEEDS)
+    _, grads0_64 = _float64_all(x, w, a, b, 0.5, bias, dy0.contiguous())
+    for name, got, want, oracle in zip(("dx", "dW", "dA", "dB", "dbias"), grads0, grads0_ref, grads0_64):
+        _check(got, want, oracle, torch.float32, f"{name} (expanded dY)")
+
+
+def test_backward_needs_subsets():
+    m, k, n, r = 37, 96, 80, 8
+    x, w, a, b, bias = _scaled_inputs(m, k, n, r, torch.float32, True)
+    dy = torch.randn(m, n, generator=torch.Generator().manual_seed(8))
+    y, s = K.lora_forward(x, w, a, b, 0.5, bias)
+    full = K.lora_backward(dy, x, w, a, b, s, 0.5, 0.0, 0, ALL_NEEDS)
+    cases = [
+        ((False, False, True, True, False), 2),  # frozen input: dY pass + dA
+        ((True, False, False, False, False), 2),  # frozen adapters: dY pass (dS) + dX
+        ((False, True, False, False, False), 0),  # only dW: torch.mm
+        ((False, False, False, True, True), 1),  # dB and dbias: the dY pass alone
+    ]
+    for needs, launches in cases:
+        K.reset_launch_count()
+        got = K.lora_backward(dy, x, w, a, b, s, 0.5, 0.0, 0, needs)
+        assert K.launch_count() == launches, (needs, K.launch_count())
+        for want_it, g, f in zip(needs, got, full):
+            assert (g is None) == (not want_it)
+            if want_it:
+                assert torch.equal(g, f), "a subset of gradients must give the same bits"
+
+
+# ---------------------------------------------------------------------------
+# the autograd path: fastlora.lora_linear with the Triton backend
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_lora_linear_autograd_3d(dtype, dropout):
+    lead, m, k, n, r = (2,), 19, 48, 40, 8  # x [2, 19, 48] -> M = 38 rows
+    x, w, a, b, bias = make_inputs(m, k, n, r, dtype=dtype, bias=True, lead=lead, seed=11)
+    leaves = [t.clone().requires_grad_(True) for t in (x, a, b, bias)]
+    xg, ag, bg, biasg = leaves
+    originals = [t.detach().clone() for t in (x, w, a, b, bias)]
+    scaling = 0.5
+    torch.manual_seed(99)
+    seed = new_dropout_seed()  # what lora_linear will draw next
+    torch.manual_seed(99)
+    K.reset_launch_count()
+    y = fastlora.lora_linear(xg, w, ag, bg, scaling, biasg, dropout=dropout, training=True)
+    assert K.launch_count() == 2
+    assert y.shape == (*lead, m, n) and y.dtype == dtype
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(12)).to(dtype)
+    K.reset_launch_count()
+    y.backward(dy, retain_graph=True)
+    assert K.launch_count() == 3
+    first = [t.grad.clone() for t in leaves]
+    for t in leaves:
+        t.grad = None
+    y.backward(dy)
+    second = [t.grad for t in leaves]
+    for name, g1, g2 in zip(("dx", "dA", "dB", "dbias"), first, second):
+        assert torch.equal(g1, g2), f"{name}: retain_graph double backward is not bit-identical"
+    for before, t in zip(originals, (x, w, a, b, bias)):
+        assert torch.equal(before, t), "an input was modified"
+
+    x2, dy2 = x.reshape(-1, k), dy.reshape(-1, n)
+    if dropout:
+        mask, keep = K.dropout_keep_mask(seed, (x2.shape[0], k), dropout, x.device)
+    else:
+        mask, keep = None, 1.0
+    y64, (dx64, _, da64, db64, dbias64) = _float64_all(x2, w, a, b, scaling, bias, dy2, mask, keep)
+    # torch's error yardstick: the reference path in dtype with the same mask.
+    xd = x2 if mask is None else x2 * mask / keep
+    s_t = xd @ a.t()
+    y_t = torch.addmm(bias, x2, w.t()).addmm_(s_t, b.t(), alpha=scaling)
+    ds_t = scaling * (dy2 @ b)
+    dx_t = dy2 @ w + (ds_t @ a if mask is None else (ds_t @ a) * mask / keep)
+    _check(y.detach().reshape(-1, n), y_t, y64, dtype, "y")
+    _check(first[0].reshape(-1, k), dx_t, dx64, dtype, "dx")
+    _check(first[1], ds_t.t() @ xd, da64, dtype, "dA")
+    _check(first[2], scaling * (dy2.t() @ s_t), db64, dtype, "dB")
+    _check(first[3], dy2.sum(0), dbias64, dtype, "dbias")
+
+
+def test_lora_linear_zero_rows():
+    x, w, a, b, bias = make_inputs(0, 32, 16, 8, bias=True, lead=(3,))
+    xg = x.requires_grad_(True)
+    ag, bg = a.requires_grad_(True), b.requires_grad_(True)
+    K.reset_launch_count()
+    y = fastlora.lora_linear(xg, w, ag, bg, 1.0, bias)
+    y.sum().backward()
+    assert K.launch_count() == 0
+    assert y.shape == (3, 0, 16)
+    assert torch.equal(ag.grad, torch.zeros_like(a)) and torch.equal(bg.grad, torch.zeros_like(b))
+    assert xg.grad.shape == x.shape
+
+
+# ---------------------------------------------------------------------------
+# the config functions (their GPU lists, outside the interpreter's one config)
+# ---------------------------------------------------------------------------
+
+
+def test_config_functions_and_filter(monkeypatch):
+    from fastlora.kernels import configs as C
+
+    monkeypatch.setattr(C, "interpreting", lambda: False)
+    pow2 = lambda v: v >= 16 and v & (v - 1) == 0  # noqa: E731 - tl.dot needs >= 16; tl.arange powers of two
+    for arch in (80, 86, 89, 90, 100):
+        for dtype in (torch.float32, torch.float16, torch.bfloat16):
+            for block_r in (16, 64, 256):
+                lists = [C.dy_pass_configs(arch, dtype, block_r=block_r)]
+                for dropout in (False, True):
+                    lists += [
+                        C.gemm_configs(arch, dtype, has_dropout=dropout, block_r=block_r),
+                        C.shrink_configs(arch, dtype, has_dropout=dropout, block_r=block_r),
+                        C.down_grad_configs(arch, dtype, has_dropout=dropout, block_r=block_r),
+                    ]
+                for cands in lists:
+                    assert cands, (arch, dtype, block_r)
+                    for c in cands:
+                        assert all(pow2(v) for k, v in c.kwargs.items() if k.startswith("BLOCK")), c
+    # Dropout drops the 128x256 GEMM tile (a second [BM, BN] fp32 tensor would spill).
+    assert all(c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 128 * 128 for c in C.gemm_configs(90, torch.bfloat16, has_dropout=True))
+    # The filter keeps the arch's configs that fit the shape, never nothing.
+    union = C.all_gemm_configs()
+    hopper = C.gemm_configs(90, torch.bfloat16)
+    ampere = C.gemm_configs(80, torch.bfloat16)
+    assert C.prune(union, hopper, {"BLOCK_M": 8192, "BLOCK_N": 4096}) == hopper
+    assert C.prune(union, ampere, {"BLOCK_M": 8192, "BLOCK_N": 4096}) == ampere
+    small = C.prune(union, hopper, {"BLOCK_M": 8, "BLOCK_N": 8})
+    assert len(small) == 1 and small[0] in hopper
+    assert C.pick(C.dy_pass_configs(90, torch.bfloat16), {"BLOCK_M": 4096, "BLOCK_N": 4096}).kwargs["BLOCK_N"] == 256
+    assert C.pick(C.dy_pass_configs(90, torch.bfloat16), {"BLOCK_M": 16, "BLOCK_N": 100}).kwargs["BLOCK_N"] == 128
+
+
+def test_building_blocks_name_bad_shapes():
+    x = torch.randn(4, 32)
+    with pytest.raises(ValueError, match=r"lora_A must have shape \[r, K\] = \[8, 32\], got \[8, 16\]"):
+        K.lora_shrink(x, torch.randn(8, 16))
+    with pytest.raises(ValueError, match=r"s must have shape \[M, r\]"):
+        K.lora_dy_pass(torch.randn(4, 16), torch.randn(16, 8), torch.randn(5, 8), 1.0)
+    with pytest.raises(TypeError, match="float32, float16 or bfloat16"):
+        K.lora_shrink(x.double(), torch.randn(8, 32).double())
