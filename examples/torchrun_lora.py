@@ -2,6 +2,7 @@
 
     torchrun --nproc-per-node 2 examples/torchrun_lora.py --mode ddp
     torchrun --nproc-per-node 2 examples/torchrun_lora.py --mode fsdp2
+    torchrun --nproc-per-node 2 examples/torchrun_lora.py --mode fsdp2 --quantize nf4
 
 Uses NCCL on CUDA machines and gloo on CPU. Each rank trains on its own shard
 of a synthetic batch; rank 0 prints the loss and the trainable-parameter count.
@@ -23,6 +24,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--mode", choices=["ddp", "fsdp2"], default="ddp")
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--quantize", choices=["nf4", "fp4"], default=None, help="QLoRA: 4-bit base weights")
     args = parser.parse_args()
     cuda = torch.cuda.is_available()
     dist.init_process_group("nccl" if cuda else "gloo")
@@ -33,7 +35,7 @@ def main() -> None:
 
     torch.manual_seed(0)  # the same base model and adapters on every rank
     model = nn.Sequential(nn.Linear(256, 512), nn.GELU(), nn.Linear(512, 512), nn.GELU(), nn.Linear(512, 16)).to(device)
-    fastlora.apply_lora(model, r=16, alpha=32.0, dropout=0.05)
+    fastlora.apply_lora(model, r=16, alpha=32.0, dropout=0.05, quantize=args.quantize)
     if args.mode == "ddp":
         model = nn.parallel.DistributedDataParallel(model)
     else:
@@ -42,7 +44,7 @@ def main() -> None:
 
         mesh = init_device_mesh(device.type, (world,))
         for layer in model:
-            if isinstance(layer, nn.Linear):
+            if not isinstance(layer, nn.GELU):  # LoRA / QLoRA layers (4-bit buffers stay replicated)
                 fully_shard(layer, mesh=mesh)
         fully_shard(model, mesh=mesh)
     trainable, total = fastlora.count_parameters(model)

@@ -20,10 +20,10 @@ from _oracles import assert_close_to
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo")
 
 
-def model_and_data():
+def model_and_data(quantize=None):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8))
-    fastlora.apply_lora(model, r=4, alpha=8.0)
+    fastlora.apply_lora(model, r=4, alpha=8.0, quantize=quantize)
     with torch.no_grad():
         for layer in lora_layers(model).values():
             layer.lora_B.normal_(0, 0.1)
@@ -55,7 +55,7 @@ def _worker(rank, world, port, mode, out_dir):
     try:
         fastlora.set_backend("reference")
         torch.set_num_threads(1)
-        model, x, labels = model_and_data()
+        model, x, labels = model_and_data("nf4" if mode == "fsdp2-qlora" else None)
         shard = slice(rank * 8, rank * 8 + 8)
         if mode == "ddp":
             wrapped = nn.parallel.DistributedDataParallel(model)
@@ -65,7 +65,7 @@ def _worker(rank, world, port, mode, out_dir):
 
             mesh = init_device_mesh("cpu", (world,))
             for layer in model:
-                if isinstance(layer, nn.Linear):
+                if not isinstance(layer, nn.ReLU):  # LoRA layers: the 4-bit buffers stay replicated
                     fully_shard(layer, mesh=mesh)
             wrapped = fully_shard(model, mesh=mesh)
         losses, grads = train(wrapped, x[shard], labels[shard])
@@ -89,11 +89,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
+@pytest.mark.parametrize("mode", ["ddp", "fsdp2", "fsdp2-qlora"])
 def test_two_process_training_matches_single_process(tmp_path, mode):
     mp.spawn(_worker, args=(2, free_port(), mode, str(tmp_path)), nprocs=2, join=True)
     result = torch.load(tmp_path / "result.pt", weights_only=True)
-    model, x, labels = model_and_data()
+    model, x, labels = model_and_data("nf4" if mode == "fsdp2-qlora" else None)
     losses, grads = train(model, x, labels)
     # fp32: the two half-batch means averaged vs one full-batch mean differ only in
     # summation order; 1e-6 absolute on O(1) losses and O(0.1) gradients.
