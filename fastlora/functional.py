@@ -119,20 +119,25 @@ class LoRALinearFunction(torch.autograd.Function):
         return dx, dw, da, db, dbias, None, None, None, None
 
 
-def _check_args(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, bias: Tensor | None, scaling, dropout) -> None:
+def check_lora_operands(
+    x, base_name: str, base_shape: tuple[int, int], lora_A, lora_B, bias, scaling, dropout
+) -> None:
+    """Validate everything but the base weight itself (shared by lora_linear and
+    qlora_linear): x floating with last dim K; lora_A [r, K] with r >= 1; lora_B
+    [N, r]; bias [N]; one device; adapters in x's dtype or float32; bias in x's
+    dtype; scaling a finite number; dropout in [0, 1). Errors name the argument,
+    what was received and what was expected."""
     if not isinstance(x, Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if not x.is_floating_point():
         raise TypeError(f"x must be a floating-point tensor, got dtype={x.dtype}")
     if x.dim() < 1:
         raise ValueError("x must have at least one dimension [..., in_features], got a 0-d tensor")
-    if weight.dim() != 2:
-        raise ValueError(f"weight must be 2-D [out_features, in_features], got shape {tuple(weight.shape)}")
-    n, k = weight.shape
+    n, k = base_shape
     if x.shape[-1] != k:
         raise ValueError(
-            f"x's last dimension must equal weight's in_features: x has shape {tuple(x.shape)}, "
-            f"weight has shape {tuple(weight.shape)} (expected x of shape [..., {k}])"
+            f"x's last dimension must equal {base_name}'s in_features: x has shape {tuple(x.shape)}, "
+            f"{base_name} has shape {tuple(base_shape)} (expected x of shape [..., {k}])"
         )
     if lora_A.dim() != 2 or lora_A.shape[1] != k:
         raise ValueError(f"lora_A must have shape [r, {k}] (r, in_features), got {tuple(lora_A.shape)}")
@@ -147,21 +152,43 @@ def _check_args(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, bias:
         raise TypeError(f"scaling must be a finite Python number, got {scaling!r}")
     if not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be a probability in [0, 1), got {dropout!r}")
-    named = [("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B)] + ([("bias", bias)] if bias is not None else [])
+    named = [("lora_A", lora_A), ("lora_B", lora_B)] + ([("bias", bias)] if bias is not None else [])
     for name, t in named:
         if t.device != x.device:
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}; all tensors must share a device")
-    for name, t in named:
-        if name in ("weight", "bias") and t.dtype != x.dtype:
-            raise TypeError(
-                f"{name} has dtype {t.dtype} but x has dtype {x.dtype}; x, weight and bias must share a dtype "
-                "(or run under torch.autocast, which casts them as nn.Linear does)"
-            )
+    if bias is not None and bias.dtype != x.dtype:
+        raise TypeError(
+            f"bias has dtype {bias.dtype} but x has dtype {x.dtype}; x, weight and bias must share a dtype "
+            "(or run under torch.autocast, which casts them as nn.Linear does)"
+        )
     if lora_B.dtype != lora_A.dtype or lora_A.dtype not in (x.dtype, torch.float32):
         raise TypeError(
             f"lora_A/lora_B have dtypes {lora_A.dtype}/{lora_B.dtype}; expected both {x.dtype} (x's dtype) "
             "or both torch.float32 (mixed precision: the LoRA branch in fp32)"
         )
+
+
+def _check_args(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, bias: Tensor | None, scaling, dropout) -> None:
+    if not isinstance(weight, Tensor) or weight.dim() != 2:
+        shape = tuple(weight.shape) if isinstance(weight, Tensor) else type(weight).__name__
+        raise ValueError(f"weight must be a 2-D tensor [out_features, in_features], got {shape}")
+    check_lora_operands(x, "weight", tuple(weight.shape), lora_A, lora_B, bias, scaling, dropout)
+    if weight.device != x.device:
+        raise ValueError(f"weight is on {weight.device} but x is on {x.device}; all tensors must share a device")
+    if weight.dtype != x.dtype:
+        raise TypeError(
+            f"weight has dtype {weight.dtype} but x has dtype {x.dtype}; x, weight and bias must share a dtype "
+            "(or run under torch.autocast, which casts them as nn.Linear does)"
+        )
+
+
+def dropout_seed(p: float):
+    """The seed argument of the autograd Functions: a Python int in eager (0 when
+    there is no dropout), a 1-element int64 tensor drawn in the graph under
+    torch.compile (None when there is no dropout)."""
+    if torch.compiler.is_compiling():
+        return torch.randint(0, 2**62, (1,), dtype=torch.int64) if p > 0.0 else None
+    return new_dropout_seed() if p > 0.0 else 0
 
 
 def new_dropout_seed() -> int:
@@ -205,10 +232,7 @@ def lora_linear(
     _check_args(x, weight, lora_A, lora_B, bias, scaling, dropout)
     scaling = float(scaling)
     p = float(dropout) if training else 0.0
-    if torch.compiler.is_compiling():
-        seed = torch.randint(0, 2**62, (1,), dtype=torch.int64) if p > 0.0 else None
-    else:
-        seed = new_dropout_seed() if p > 0.0 else 0
+    seed = dropout_seed(p)
     lead, k = x.shape[:-1], x.shape[-1]
     x2d = x.reshape(-1, k)
     backend = resolve_backend(x.device)

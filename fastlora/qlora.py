@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from . import reference
 from ._backend import resolve_backend
-from .functional import new_dropout_seed
+from .functional import check_lora_operands, dropout_seed
 from .modules import INITS, lora_scaling
 from .quant import QuantizedWeight, dequantize_4bit, quantize_4bit
 
@@ -198,44 +198,13 @@ class QLoRALinearFunction(torch.autograd.Function):
 
 
 def _check_args(x, qweight, lora_A, lora_B, bias, scaling, dropout) -> None:
-    if not isinstance(x, Tensor):
-        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    if not x.is_floating_point():
-        raise TypeError(f"x must be a floating-point tensor, got dtype={x.dtype}")
-    if x.dim() < 1:
-        raise ValueError("x must have at least one dimension [..., in_features], got a 0-d tensor")
     if not isinstance(qweight, QuantizedWeight):
         raise TypeError(f"qweight must be a fastlora.quant.QuantizedWeight, got {type(qweight).__name__}")
     if len(qweight.shape) != 2:
         raise ValueError(f"qweight must hold a 2-D [out_features, in_features] weight, got shape {qweight.shape}")
-    n, k = qweight.shape
-    if x.shape[-1] != k:
-        raise ValueError(
-            f"x's last dimension must equal qweight's in_features: x has shape {tuple(x.shape)}, "
-            f"qweight has shape {qweight.shape} (expected x of shape [..., {k}])"
-        )
-    if lora_A.dim() != 2 or lora_A.shape[1] != k or lora_A.shape[0] < 1:
-        raise ValueError(f"lora_A must have shape [r, {k}] (r >= 1, in_features), got {tuple(lora_A.shape)}")
-    r = lora_A.shape[0]
-    if lora_B.dim() != 2 or tuple(lora_B.shape) != (n, r):
-        raise ValueError(f"lora_B must have shape [{n}, {r}] (out_features, r), got {tuple(lora_B.shape)}")
-    if bias is not None and (bias.dim() != 1 or bias.shape[0] != n):
-        raise ValueError(f"bias must have shape [{n}] (out_features), got {tuple(bias.shape)}")
-    if isinstance(scaling, Tensor) or not isinstance(scaling, (int, float)) or not math.isfinite(scaling):
-        raise TypeError(f"scaling must be a finite Python number, got {scaling!r}")
-    if not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout must be a probability in [0, 1), got {dropout!r}")
+    check_lora_operands(x, "qweight", qweight.shape, lora_A, lora_B, bias, scaling, dropout)
     if qweight.device != x.device:
         raise ValueError(f"qweight is on {qweight.device} but x is on {x.device}; all tensors must share a device")
-    named = [("lora_A", lora_A), ("lora_B", lora_B)] + ([("bias", bias)] if bias is not None else [])
-    for name, t in named:
-        if t.device != x.device:
-            raise ValueError(f"{name} is on {t.device} but x is on {x.device}; all tensors must share a device")
-        if t.dtype != x.dtype:
-            raise TypeError(
-                f"{name} has dtype {t.dtype} but x has dtype {x.dtype}; all tensors must share a dtype "
-                "(or run under torch.autocast)"
-            )
 
 
 def qlora_linear(
@@ -254,7 +223,8 @@ def qlora_linear(
     Args:
       x: [..., K] (any leading dims, any strides); the weight is dequantized to x's dtype.
       qweight: the frozen 4-bit weight [N, K] (:class:`fastlora.quant.QuantizedWeight`).
-      lora_A: [r, K]; lora_B: [N, r]; bias: [N] or None; all in x's dtype.
+      lora_A: [r, K]; lora_B: [N, r]; bias: [N] or None; the bias in x's dtype, the
+        adapters in x's dtype or float32 (the LoRA branch then runs in fp32).
       scaling: ``alpha / r`` (or ``alpha / sqrt(r)``); dropout: on the LoRA
         branch's input, only when ``training``.
     Returns [..., N] in x's dtype (under ``torch.autocast``: the autocast dtype,
@@ -270,13 +240,13 @@ def qlora_linear(
     _check_args(x, qweight, lora_A, lora_B, bias, scaling, dropout)
     scaling = float(scaling)
     p = float(dropout) if training else 0.0
-    if torch.compiler.is_compiling():  # an in-graph seed (see fastlora.functional)
-        seed = torch.randint(0, 2**62, (1,), dtype=torch.int64) if p > 0.0 else None
-    else:
-        seed = new_dropout_seed() if p > 0.0 else 0
+    seed = dropout_seed(p)
     lead, k = x.shape[:-1], x.shape[-1]
     x2d = x.reshape(-1, k)
     backend = resolve_backend(x.device)
+    if backend == "triton" and lora_A.dtype != x.dtype:
+        # NOTE: the kernels read the adapters in the activation dtype (see lora_linear).
+        lora_A, lora_B = lora_A.to(x.dtype), lora_B.to(x.dtype)
     y = QLoRALinearFunction.apply(x2d, lora_A, lora_B, bias, qweight, scaling, p, seed, backend)
     # NOTE: not a view (see fastlora.functional.lora_linear).
     return y if x.dim() == 2 else torch.ops.aten._unsafe_view(y, (*lead, qweight.shape[0]))

@@ -310,7 +310,7 @@ def test_argument_errors_are_clear():
         qlora_linear(torch.randn(3, 41), qw, a, b, 1.0)
     with pytest.raises(ValueError, match=r"lora_B must have shape \[24, 4\]"):
         qlora_linear(torch.randn(3, 40), qw, a, b.t(), 1.0)
-    with pytest.raises(TypeError, match="lora_A has dtype torch.float16 but x has dtype torch.float32"):
+    with pytest.raises(TypeError, match="lora_A/lora_B have dtypes torch.float16/torch.float32"):
         qlora_linear(torch.randn(3, 40), qw, a.half(), b, 1.0)
     with pytest.raises(TypeError, match="qweight must be a fastlora.quant.QuantizedWeight, got Tensor"):
         qlora_linear(torch.randn(3, 40), torch.randn(24, 40), a, b, 1.0)

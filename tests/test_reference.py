@@ -188,7 +188,7 @@ BAD_CASES = {
     "dtype mismatch": (dict(lora_B=torch.randn(6, 2, dtype=torch.float64)), "lora_A/lora_B have dtypes torch.float32/torch.float64"),
     "weight dtype": (dict(weight=torch.randn(6, 8, dtype=torch.float16)), "weight has dtype torch.float16 but x has"),
     "bias shape": (dict(bias=torch.randn(5)), "bias must have shape [6]"),
-    "weight 1-D": (dict(weight=torch.randn(8)), "weight must be 2-D"),
+    "weight 1-D": (dict(weight=torch.randn(8)), "weight must be a 2-D tensor"),
     "dropout 1.0": (dict(dropout=1.0), "dropout must be a probability"),
     "tensor scaling": (dict(scaling=torch.tensor(1.0)), "scaling must be a finite Python number"),
 }
