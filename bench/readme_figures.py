@@ -1,0 +1,106 @@
+"""Print the README's "Measured" tables from the CSVs in bench/results.
+
+    python bench/readme_figures.py [--results bench/results] [--device cpu] [--write-readme README.md]
+
+Reads lora_<device>.csv (bench/report.py), qlora_<device>.csv
+(bench/report_qlora.py) and compile_<device>.csv (bench/compile_gain.py), so
+the README quotes exactly what those commands measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+
+
+def rows(path: str) -> list[dict]:
+    if not os.path.exists(path):
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def ms(row: dict, key: str) -> str:
+    v = float(row[key])
+    return f"{v:.3g}" if v < 100 else f"{v:.0f}"
+
+
+def lora_table(path: str) -> list[str]:
+    out = ["| shape (M x K x N), r, dtype | dropout | fastlora ms | PEFT ms | fastlora / PEFT | saved bytes, fastlora / PEFT |",
+           "|---|---|---|---|---|---|"]
+    for r in rows(path):
+        ratio = float(r["fastlora_both_ms"]) / float(r["peft_both_ms"])
+        out.append(f"| {r['M']} x {r['K']} x {r['N']}, r={r['r']}, {r['dtype']} | {r['dropout']} | "
+                   f"{ms(r, 'fastlora_both_ms')} | {ms(r, 'peft_both_ms')} | {ratio:.2f} | "
+                   f"{int(r['fastlora_saved_bytes']):,} / {int(r['peft_saved_bytes']):,} "
+                   f"({float(r['saved_ratio_fastlora_peft']):.3f}) |")
+    return out
+
+
+def qlora_lines(path: str) -> list[str]:
+    data = rows(path)
+    out = []
+    deq = [r for r in data if r["section"] == "dequant"]
+    if deq:
+        out += ["| weight | fastlora dequant ms | bitsandbytes ms | fastlora GB/s | same bytes and values as bitsandbytes |",
+                "|---|---|---|---|---|"]
+        for r in deq:
+            out.append(f"| {r['case']} | {ms(r, 'fastlora_ms')} | {ms(r, 'bnb_ms') if r.get('bnb_ms') else 'n/a'} | "
+                       f"{float(r['fastlora_gbps']):.2f} | {r['packed_equals_bnb']}, {r['output_equals_bnb']} |")
+        out.append("")
+    layer = [r for r in data if r["section"] == "layer"]
+    for r in layer:
+        keys = {k: k for k in r}
+        q, lo, b = (keys.get(f"{impl}_both_ms") for impl in ("qlora", "lora", "bnb_peft"))
+        if q and lo:
+            text = (f"QLoRA layer {r['shape']} ({r['quant']}, {float(r['qlora_weight_bytes_per_param']):.4f} bytes per "
+                    f"base parameter): forward+backward {ms(r, q)} ms vs {ms(r, lo)} ms for LoRA on the "
+                    f"full-precision weight ({float(r[q]) / float(r[lo]):.2f}x)")
+            if b and r.get(b):
+                text += f" and {ms(r, b)} ms for bitsandbytes + PEFT ({float(r[q]) / float(r[b]):.2f}x)"
+            out.append(text + ".")
+    return out
+
+
+def compile_table(path: str) -> list[str]:
+    data = rows(path)
+    if not data:
+        return []
+    base = {r["impl"]: float(r["median_ms"]) for r in data if r["mode"] == "eager"}
+    out = ["| implementation | mode | step ms | vs PEFT eager |", "|---|---|---|---|"]
+    for r in data:
+        out.append(f"| {r['impl']} | {r['mode']} | {float(r['median_ms']):.1f} | {float(r['median_ms']) / base['peft']:.2f} |")
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--results", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--write-readme", metavar="README", help="replace the <!-- figures:NAME --> blocks in this file")
+    args = ap.parse_args()
+    blocks = {
+        "LoRA": lora_table(os.path.join(args.results, f"lora_{args.device}.csv")),
+        "QLoRA": qlora_lines(os.path.join(args.results, f"qlora_{args.device}.csv")),
+        "compile": compile_table(os.path.join(args.results, f"compile_{args.device}.csv")),
+    }
+    if not args.write_readme:
+        for title, lines in blocks.items():
+            print(f"<!-- figures:{title} -->\n" + "\n".join(lines) + f"\n<!-- /figures:{title} -->\n")
+        return
+    with open(args.write_readme) as f:
+        text = f.read()
+    for title, lines in blocks.items():
+        start, end = f"<!-- figures:{title} -->", f"<!-- /figures:{title} -->"
+        if start not in text or end not in text:
+            raise SystemExit(f"{args.write_readme}: no {start} ... {end} block")
+        head, rest = text.split(start, 1)
+        _, tail = rest.split(end, 1)
+        text = head + start + "\n" + "\n".join(lines) + "\n" + end + tail
+    with open(args.write_readme, "w") as f:
+        f.write(text)
+
+
+if __name__ == "__main__":
+    main()
