@@ -89,19 +89,9 @@ def _dequant_gather(
     return value * absmax
 
 
-@triton.jit
-def _rank_term(l, e, acc, IEEE: tl.constexpr):
-    """acc + l @ e for an fp32 ``l`` [BM, BLOCK_R] and ``e`` [BLOCK_R, BN] in the
-    input dtype. For 16-bit inputs ``l`` is split into hi + lo parts of e's dtype
-    (two tensor-core dots), so the rank-r intermediate keeps ~2x its bits."""
-    if IEEE:
-        acc = tl.dot(l, e, acc, input_precision="ieee")
-    else:
-        hi = l.to(e.dtype)
-        lo = (l - hi.to(tl.float32)).to(e.dtype)
-        acc = tl.dot(hi, e, acc)
-        acc = tl.dot(lo, e, acc)
-    return acc
+# acc + l @ e for an fp32 rank-r term ``l`` [BM, BLOCK_R] and ``e`` in the input
+# dtype (hi/lo split for 16-bit inputs): the LoRA kernels' helper, shared.
+_rank_term = lora.dot_f32_lhs
 
 
 # ----------------------------------------------------------------------------
