@@ -2,6 +2,7 @@
 
 from ._backend import get_backend, set_backend
 from .functional import lora_linear
+from .loraplus import create_loraplus_optimizer, loraplus_param_groups
 from .model import LoRAConfig, apply_lora, count_parameters, merge_lora
 from .modules import LoRALinear
 from .peft_io import from_peft, load_adapter, save_adapter
@@ -16,10 +17,12 @@ __all__ = [
     "QLoRALinear",
     "apply_lora",
     "count_parameters",
+    "create_loraplus_optimizer",
     "from_peft",
     "get_backend",
     "load_adapter",
     "lora_linear",
+    "loraplus_param_groups",
     "merge_lora",
     "qlora_linear",
     "quant",

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from .modules import INITS, LoRALinear, _check_rank
+from .modules import LoRALinear, _check_rank, check_init
 from .qlora import QLoRALinear
 
 QUANT_TYPES = ("nf4", "fp4")
@@ -57,8 +57,7 @@ class LoRAConfig:
 
     def __post_init__(self) -> None:
         _check_rank(self.r, self.alpha, self.dropout)
-        if self.init not in INITS:
-            raise ValueError(f"LoRAConfig.init must be one of {INITS}, got {self.init!r}")
+        check_init(self.init, "LoRAConfig.init")
         if self.use_dora:
             raise NotImplementedError("LoRAConfig(use_dora=True): DoRA is not implemented in this version of fastlora")
         if self.quantize not in (None, *QUANT_TYPES):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import torch
 import torch.nn.functional as F
@@ -10,7 +11,19 @@ from torch import Tensor, nn
 
 from .functional import lora_linear
 
-INITS = ("default", "gaussian")
+
+_PISSA_NITER = re.compile(r"pissa_niter_(\d+)")
+# "pissa", "pissa_niter_<N>" (any integer N >= 0) and "olora" initialise A and B
+# from the base weight and replace it by the residual (see
+# LoRALinear.reset_lora_parameters); "default" and "gaussian" start at B = 0.
+INITS = ("default", "gaussian", "pissa", "pissa_niter_<N>", "olora")
+
+
+def check_init(init, what: str = "init") -> str:
+    """``init`` if it names one of :data:`INITS` (``pissa_niter_<N>`` for any N), else a ValueError."""
+    if init in ("default", "gaussian", "pissa", "olora") or (isinstance(init, str) and _PISSA_NITER.fullmatch(init)):
+        return init
+    raise ValueError(f"{what} must be one of {INITS}, got {init!r}")
 
 
 def lora_scaling(r: int, alpha: float, use_rslora: bool) -> float:
@@ -63,8 +76,7 @@ class LoRALinear(nn.Linear):
         self._setup_lora(r, alpha, dropout, use_rslora, init)
 
     def _setup_lora(self, r: int, alpha: float, dropout: float, use_rslora: bool, init: str) -> None:
-        if init not in INITS:
-            raise ValueError(f"init must be one of {INITS}, got {init!r}")
+        check_init(init)
         self.r = r
         self.alpha = float(alpha)
         self.dropout = float(dropout)
@@ -78,13 +90,73 @@ class LoRALinear(nn.Linear):
 
     @torch.no_grad()
     def reset_lora_parameters(self, init: str = "default") -> None:
-        """PEFT's initialisations: ``"default"`` (A kaiming-uniform a=sqrt(5)),
-        ``"gaussian"`` (A ~ N(0, std=1/r)); B = 0 in both, so the update starts at 0."""
-        if init == "gaussian":
-            nn.init.normal_(self.lora_A, std=1.0 / self.r)
+        """Initialise ``lora_A`` [r, in] and ``lora_B`` [out, r] as PEFT does.
+
+        ``"default"``: A kaiming-uniform (a=sqrt(5)), B = 0. ``"gaussian"``:
+        A ~ N(0, std=1/r), B = 0. Both start with a zero update.
+
+        ``"pissa"`` (PiSSA, arXiv:2404.02948): ``W = U S V^T`` (exact SVD; with
+        ``"pissa_niter_<N>"`` the randomized ``torch.svd_lowrank`` with N subspace
+        iterations, which draws from the global RNG), ``S_r = S[:r] / scaling``,
+        ``A = diag(sqrt(S_r)) V_r^T``, ``B = U_r diag(sqrt(S_r))``.
+        ``"olora"`` (OLoRA, arXiv:2406.01775): ``W = Q R`` (reduced QR),
+        ``A = R[:r]``, ``B = Q[:, :r]`` (not divided by ``scaling``).
+
+        For these two the base weight is then replaced **in place** by the residual
+        ``W - scaling * B @ A``, so the layer's output is unchanged up to rounding.
+        The weight is shared with the ``nn.Linear`` the layer was made from, which
+        therefore holds the residual afterwards (PEFT does the same). As in PEFT
+        the factorisation and the residual are computed in float32 (float64 for a
+        float64 weight, which PEFT rejects) from the current weight, and A, B and
+        the residual are rounded once to their dtypes; requires ``r <= min(in, out)``.
+        """
+        if init in ("default", "gaussian"):
+            if init == "gaussian":
+                nn.init.normal_(self.lora_A, std=1.0 / self.r)
+            else:
+                nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+            nn.init.zeros_(self.lora_B)
         else:
-            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_B)
+            self._init_from_base_weight(check_init(init))
+
+    def _init_from_base_weight(self, init: str) -> None:
+        """PiSSA / OLoRA (see :meth:`reset_lora_parameters`); runs under no_grad."""
+        weight = self.weight
+        if self.merged:
+            raise RuntimeError(f"init={init!r} factorises the base weight: unmerge the layer first")
+        if weight.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+            raise TypeError(f"init={init!r} needs a float16/bfloat16/float32/float64 base weight, got {weight.dtype}")
+        if self.r > min(self.in_features, self.out_features):
+            raise ValueError(
+                f"init={init!r} needs r <= min(in_features, out_features) = "
+                f"{min(self.in_features, self.out_features)}, got r={self.r}"
+            )
+        scaling = self.scaling
+        acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
+        w = weight.detach().to(acc)
+        r = self.r
+        if init == "olora":
+            q, rr = torch.linalg.qr(w)  # w [out, in] = q [out, k] @ rr [k, in], k = min(out, in)
+            lora_A, lora_B = rr[:r].contiguous(), q[:, :r].contiguous()
+        else:
+            if scaling <= 0:
+                raise ValueError(f"init={init!r} takes sqrt(S / scaling): alpha must be > 0, got {self.alpha:g}")
+            niter = _PISSA_NITER.fullmatch(init)
+            if niter is None:
+                u, s, vh = torch.linalg.svd(w, full_matrices=False)  # w = u diag(s) vh, s descending
+                u_r, s_r, vh_r = u[:, :r], s[:r], vh[:r]
+            else:
+                u_r, s_r, v_r = torch.svd_lowrank(w, r, niter=int(niter.group(1)))
+                vh_r = v_r.t()
+            s_r = s_r / scaling
+            lora_A = torch.diag(torch.sqrt(s_r)) @ vh_r  # [r, in]
+            lora_B = u_r @ torch.diag(torch.sqrt(s_r))  # [out, r]
+        # NOTE: same operation order as PEFT ((scaling * B) @ A, from the unrounded
+        # factors) so that the residual matches PEFT's bit for bit.
+        residual = w - scaling * lora_B @ lora_A
+        self.lora_A.copy_(lora_A)
+        self.lora_B.copy_(lora_B)
+        weight.copy_(residual)
 
     @classmethod
     def from_linear(
@@ -97,7 +169,12 @@ class LoRALinear(nn.Linear):
         use_rslora: bool = False,
         init: str = "default",
     ) -> "LoRALinear":
-        """Wrap ``linear``: its weight and bias are shared (not copied) and frozen."""
+        """Wrap ``linear``: its weight and bias are shared (not copied) and frozen.
+
+        With ``init="pissa"``, ``"pissa_niter_<N>"`` or ``"olora"`` the shared weight
+        is overwritten in place by the residual ``W - scaling * B @ A`` (see
+        :meth:`reset_lora_parameters`), so ``linear`` alone no longer computes the
+        original layer; the returned layer does (up to rounding)."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
         _check_rank(r, alpha, dropout)

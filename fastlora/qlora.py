@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from . import reference
 from ._backend import resolve_backend
 from .functional import check_lora_operands, dropout_seed
-from .modules import INITS, lora_scaling
+from .modules import check_init, lora_scaling
 from .quant import QuantizedWeight, dequantize_4bit, quantize_4bit
 
 # -- the reference ops ---------------------------------------------------------
@@ -314,8 +314,11 @@ class QLoRALinear(nn.Module):
         if len(qweight.shape) != 2:
             raise ValueError(f"qweight must hold a 2-D [out_features, in_features] weight, got shape {qweight.shape}")
         _check_lora_args(r, alpha, dropout)
-        if init not in INITS:
-            raise ValueError(f"init must be one of {INITS}, got {init!r}")
+        if check_init(init) not in ("default", "gaussian"):
+            raise NotImplementedError(
+                f"QLoRALinear(init={init!r}): PiSSA/OLoRA factorise and rewrite the base weight, which a 4-bit "
+                "layer cannot do exactly; only 'default' and 'gaussian' are supported on a 4-bit base"
+            )
         if compute_dtype is not None and compute_dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
             raise ValueError(f"compute_dtype must be a floating dtype or None, got {compute_dtype!r}")
         self.out_features, self.in_features = qweight.shape
