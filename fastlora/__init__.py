@@ -7,6 +7,7 @@ from .model import LoRAConfig, apply_lora, count_parameters, merge_lora
 from .modules import LoRALinear
 from .peft_io import from_peft, load_adapter, save_adapter
 from .qlora import QLoRALinear, qlora_linear
+from .vera import VeRAConfig, VeRALinear, VeRAProjection, apply_vera, merge_vera, vera_layers
 from . import quant
 
 __version__ = "0.1.0"
@@ -15,7 +16,11 @@ __all__ = [
     "LoRAConfig",
     "LoRALinear",
     "QLoRALinear",
+    "VeRAConfig",
+    "VeRALinear",
+    "VeRAProjection",
     "apply_lora",
+    "apply_vera",
     "count_parameters",
     "create_loraplus_optimizer",
     "from_peft",
@@ -24,8 +29,10 @@ __all__ = [
     "lora_linear",
     "loraplus_param_groups",
     "merge_lora",
+    "merge_vera",
     "qlora_linear",
     "quant",
     "save_adapter",
     "set_backend",
+    "vera_layers",
 ]
