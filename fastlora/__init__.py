@@ -1,6 +1,7 @@
 """fastlora: fused LoRA / QLoRA linear layers (Triton kernels + a PyTorch reference path)."""
 
 from ._backend import get_backend, set_backend
+from .dora import DoRALinear, QDoRALinear, dora_linear
 from .functional import lora_linear
 from .loraplus import create_loraplus_optimizer, loraplus_param_groups
 from .model import LoRAConfig, apply_lora, count_parameters, merge_lora
@@ -13,8 +14,10 @@ from . import quant
 __version__ = "0.1.0"
 
 __all__ = [
+    "DoRALinear",
     "LoRAConfig",
     "LoRALinear",
+    "QDoRALinear",
     "QLoRALinear",
     "VeRAConfig",
     "VeRALinear",
@@ -22,6 +25,7 @@ __all__ = [
     "apply_lora",
     "apply_vera",
     "count_parameters",
+    "dora_linear",
     "create_loraplus_optimizer",
     "from_peft",
     "get_backend",

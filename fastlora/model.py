@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from .dora import DoRALinear, QDoRALinear
 from .modules import LoRALinear, _check_rank, check_init
 from .qlora import QLoRALinear
 
@@ -37,7 +38,8 @@ class LoRAConfig:
     4 bits (bitsandbytes' format, blocksize ``quant_blocksize``, double
     quantization ``quant_double``) and makes it a :class:`QLoRALinear`. Layers that
     already are bitsandbytes ``Linear4bit`` always become QLoRALinear.
-    use_dora: reserved for the DoRA variant.
+    use_dora: DoRA (:class:`fastlora.dora.DoRALinear`; :class:`fastlora.dora.QDoRALinear`
+    on 4-bit bases): a trainable magnitude vector per layer on top of the adapter.
     """
 
     r: int = 8
@@ -58,8 +60,8 @@ class LoRAConfig:
     def __post_init__(self) -> None:
         _check_rank(self.r, self.alpha, self.dropout)
         check_init(self.init, "LoRAConfig.init")
-        if self.use_dora:
-            raise NotImplementedError("LoRAConfig(use_dora=True): DoRA is not implemented in this version of fastlora")
+        if not isinstance(self.use_dora, bool):
+            raise TypeError(f"LoRAConfig.use_dora must be True or False, got {self.use_dora!r}")
         if self.quantize not in (None, *QUANT_TYPES):
             raise ValueError(f"LoRAConfig.quantize must be None, 'nf4' or 'fp4', got {self.quantize!r}")
         tm = self.target_modules
@@ -109,6 +111,12 @@ def _selected(name: str, spec, *, default: bool) -> bool:
     return any(_matches_suffix(name, key) for key in spec)
 
 
+def _is_plain_linear(module: nn.Module) -> bool:
+    """An nn.Linear that is not already one of fastlora's adapter layers (LoRA,
+    DoRA, VeRA: those set the class attribute ``is_adapter_layer``)."""
+    return isinstance(module, nn.Linear) and not getattr(module, "is_adapter_layer", False)
+
+
 def target_linear_names(
     model: nn.Module, target_modules, *, exclude_modules=None, modules_to_save=None, include_lora: bool = False
 ) -> list[str]:
@@ -117,10 +125,7 @@ def target_linear_names(
     skipped unless ``include_lora``."""
     linears = [
         n for n, m in model.named_modules()
-        if n and (
-            (isinstance(m, nn.Linear) and (include_lora or not isinstance(m, LoRALinear)))
-            or (include_lora and isinstance(m, QLoRALinear))
-        )
+        if n and (_is_plain_linear(m) or (include_lora and isinstance(m, (LoRALinear, QLoRALinear))))
     ]
     if target_modules == "all-linear":
         skip = _output_layer_names(model)
@@ -142,6 +147,7 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 
 def apply_lora(model: nn.Module, config: LoRAConfig | None = None, **overrides) -> nn.Module:
     """Replace the targeted nn.Linear modules of ``model`` by :class:`LoRALinear`
+    (:class:`QLoRALinear` with ``quantize``; the DoRA subclasses with ``use_dora``)
     in place, freeze every parameter that is not a LoRA adapter (except
     ``modules_to_save``), and return ``model``.
 
@@ -161,7 +167,7 @@ def apply_lora(model: nn.Module, config: LoRAConfig | None = None, **overrides) 
         model, config.target_modules, exclude_modules=config.exclude_modules, modules_to_save=config.modules_to_save
     )
     if not names:
-        available = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and not isinstance(m, LoRALinear)]
+        available = [n for n, m in model.named_modules() if _is_plain_linear(m)]
         raise ValueError(
             f"target_modules={config.target_modules!r} matched no nn.Linear module; the model's nn.Linear modules are {available}"
         )
@@ -176,15 +182,16 @@ def apply_lora(model: nn.Module, config: LoRAConfig | None = None, **overrides) 
             use_rslora=config.use_rslora,
             init=config.init,
         )
+        dense_cls, quant_cls = (DoRALinear, QDoRALinear) if config.use_dora else (LoRALinear, QLoRALinear)
         if _is_bnb_4bit(linear):  # a model loaded in 4 bits by bitsandbytes
-            layer = QLoRALinear.from_bnb(linear, **kwargs)
+            layer = quant_cls.from_bnb(linear, **kwargs)
         elif config.quantize is not None:
-            layer = QLoRALinear.from_linear(
+            layer = quant_cls.from_linear(
                 linear, quant_type=config.quantize, blocksize=config.quant_blocksize, double_quant=config.quant_double,
                 **kwargs,
             )
         else:
-            layer = LoRALinear.from_linear(linear, **kwargs)
+            layer = dense_cls.from_linear(linear, **kwargs)
         _set_submodule(model, name, layer)
     for key in config.modules_to_save or []:
         hits = [m for n, m in model.named_modules() if n and _matches_suffix(n, key)]

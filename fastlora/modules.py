@@ -54,6 +54,8 @@ class LoRALinear(nn.Linear):
     LoRA branch and the adapter gradients are then computed in float32.
     """
 
+    is_adapter_layer = True  # apply_lora / apply_vera never wrap it again
+
     def __init__(
         self,
         in_features: int,

@@ -3,7 +3,8 @@
 The format is PEFT's (0.21): a folder with ``adapter_config.json`` and
 ``adapter_model.safetensors`` whose keys are
 ``base_model.model.<module path>.lora_A.weight`` [r, in] and
-``...lora_B.weight`` [out, r]; ``modules_to_save`` modules are stored as
+``...lora_B.weight`` [out, r] (and for DoRA adapters, ``use_dora: true``,
+``...lora_magnitude_vector`` [out], no ``.weight`` suffix); ``modules_to_save`` modules are stored as
 ``base_model.model.<module path>.<param name>``. Files are read with JSON and
 safetensors only (nothing is ever unpickled). A load validates everything
 before it changes the model, so a bad file leaves the model as it was.
@@ -20,6 +21,7 @@ from collections import Counter
 import torch
 from torch import nn
 
+from .dora import DoRALinear, QDoRALinear
 from .model import _pattern_value, _selected, _set_submodule, lora_layers, target_linear_names
 from .modules import LoRALinear
 from .qlora import QLoRALinear
@@ -79,8 +81,13 @@ _HANDLED = {
     "alpha_pattern", "auto_mapping", "base_model_name_or_path", "exclude_modules", "inference_mode",
     "init_lora_weights", "lora_alpha", "lora_dropout", "modules_to_save", "peft_type", "peft_version", "r",
     "rank_pattern", "revision", "target_modules", "task_type", "use_rslora", "megatron_core", "qalora_group_size",
-    "loftq_config",
+    "loftq_config", "use_dora",
 }
+MAGNITUDE = "lora_magnitude_vector"  # PEFT's DoRA magnitude key (a bare tensor, no ``.weight``)
+
+
+def _is_dora(layer) -> bool:
+    return isinstance(layer, (DoRALinear, QDoRALinear))
 
 
 class AdapterFormatError(ValueError):
@@ -121,6 +128,10 @@ def save_adapter(
     merged = [n for n, m in layers.items() if m.merged]
     if merged:
         raise ValueError(f"save_adapter: layers {merged} are merged; unmerge() them first so the adapters are separate")
+    dora = {_is_dora(m) for m in layers.values()}
+    if len(dora) > 1:
+        mixed = sorted(n for n, m in layers.items() if _is_dora(m))
+        raise ValueError(f"save_adapter: PEFT's format has one use_dora per adapter, but only {mixed} are DoRA layers")
     for attr in ("dropout", "use_rslora"):
         values = {getattr(m, attr) for m in layers.values()}
         if len(values) > 1:
@@ -136,6 +147,7 @@ def save_adapter(
         lora_alpha=int(alpha) if float(alpha).is_integer() else alpha,
         lora_dropout=first.dropout,
         use_rslora=first.use_rslora,
+        use_dora=_is_dora(first),
         target_modules=_module_key(names, all_linear),
         rank_pattern={re.escape(n): m.r for n, m in layers.items() if m.r != r},
         alpha_pattern={re.escape(n): m.alpha for n, m in layers.items() if m.alpha != alpha},
@@ -148,6 +160,8 @@ def save_adapter(
     for name, layer in layers.items():
         tensors[f"{PREFIX}{name}.lora_A.weight"] = layer.lora_A.detach().contiguous()
         tensors[f"{PREFIX}{name}.lora_B.weight"] = layer.lora_B.detach().contiguous()
+        if _is_dora(layer):
+            tensors[f"{PREFIX}{name}.{MAGNITUDE}"] = layer.lora_magnitude.detach().contiguous()
     for key in modules_to_save or []:
         hits = [n for n, _ in model.named_modules() if n and (n == key or n.endswith("." + key))]
         if not hits:
@@ -186,13 +200,15 @@ def read_adapter_config(path: str | os.PathLike) -> dict:
     )
     if unsupported:
         shown = {k: config[k] for k in unsupported}
-        raise AdapterFormatError(f"{file}: unsupported settings {shown}; fastlora supports plain LoRA and rsLoRA adapters")
+        raise AdapterFormatError(f"{file}: unsupported settings {shown}; fastlora supports plain LoRA, rsLoRA and DoRA adapters")
     r = config.get("r", 8)
     if isinstance(r, bool) or not isinstance(r, int) or r < 1:
         raise AdapterFormatError(f"{file}: r must be an integer >= 1, got {r!r}")
     alpha = config.get("lora_alpha", 8)
     if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha):
         raise AdapterFormatError(f"{file}: lora_alpha must be a number, got {alpha!r}")
+    if not isinstance(config.get("use_dora", False), bool):
+        raise AdapterFormatError(f"{file}: use_dora must be true or false, got {config['use_dora']!r}")
     dropout = config.get("lora_dropout", 0.0)
     if not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
         raise AdapterFormatError(f"{file}: lora_dropout must be in [0, 1), got {dropout!r}")
@@ -218,8 +234,9 @@ def _read_tensors(path) -> dict[str, torch.Tensor]:
 def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     """Load a PEFT LoRA adapter folder into ``model`` (in place; returns it).
 
-    Targeted nn.Linear modules become :class:`LoRALinear` (existing LoRA layers
-    are reused when their rank matches). Everything is checked before anything
+    Targeted nn.Linear modules become :class:`LoRALinear` (:class:`DoRALinear` for a
+    ``use_dora`` adapter; existing LoRA layers are reused when their rank and kind
+    match, and a 4-bit QLoRA layer becomes a QDoRA one or back as the adapter says). Everything is checked before anything
     changes: unknown/unsupported config fields, missing or unexpected keys, wrong
     shapes and non-floating tensors are :class:`AdapterFormatError` naming them.
     Base weights are frozen; the loaded adapters are trainable.
@@ -227,6 +244,8 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     config = read_adapter_config(path)
     tensors = _read_tensors(path)
     r_default, alpha_default = config.get("r", 8), config.get("lora_alpha", 8)
+    use_dora = bool(config.get("use_dora", False))
+    wanted = {"lora_A", "lora_B", MAGNITUDE} if use_dora else {"lora_A", "lora_B"}
     targets = target_linear_names(
         model,
         config.get("target_modules"),
@@ -239,6 +258,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     bad_keys = []
     for key, tensor in tensors.items():
         match = re.fullmatch(rf"{re.escape(PREFIX)}(.+)\.(lora_A|lora_B)\.weight", key)
+        match = match or (use_dora and re.fullmatch(rf"{re.escape(PREFIX)}(.+)\.({MAGNITUDE})", key))
         if match:
             by_module.setdefault(match.group(1), {})[match.group(2)] = tensor
         elif key.startswith(PREFIX) and config.get("modules_to_save"):
@@ -246,7 +266,11 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         else:
             bad_keys.append(key)
     if bad_keys:
-        raise AdapterFormatError(f"{path}: unexpected keys {sorted(bad_keys)[:8]} (expected {PREFIX}<module>.lora_A.weight / lora_B.weight)")
+        expected = f"{PREFIX}<module>.lora_A.weight / lora_B.weight" + (f" / {MAGNITUDE}" if use_dora else "")
+        raise AdapterFormatError(
+            f"{path}: unexpected keys {sorted(bad_keys)[:8]} (expected {expected}"
+            + ("" if use_dora else f"; {MAGNITUDE} needs use_dora=true in the config") + ")"
+        )
     missing = sorted(set(targets) - set(by_module))
     extra = sorted(set(by_module) - set(targets))
     if missing or extra:
@@ -257,8 +281,9 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     plan = []
     for name in targets:
         pair = by_module[name]
-        if set(pair) != {"lora_A", "lora_B"}:
-            raise AdapterFormatError(f"{path}: module {name!r} has {sorted(pair)}; both lora_A and lora_B are required")
+        if set(pair) != wanted:
+            need = f"lora_A, lora_B and {MAGNITUDE} (use_dora=true)" if use_dora else "both lora_A and lora_B"
+            raise AdapterFormatError(f"{path}: module {name!r} has {sorted(pair)}; {need} are required")
         module = model.get_submodule(name)
         if isinstance(module, (LoRALinear, QLoRALinear)) and module.merged:
             raise AdapterFormatError(f"{path}: the model's layer {name!r} is merged; unmerge() it before loading")
@@ -276,12 +301,17 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
                 f"{path}: {name}: lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} do not fit the layer "
                 f"(expected {want_a} / {want_b} for r={r}, in={module.in_features}, out={module.out_features})"
             )
-        for which, t in (("lora_A", a), ("lora_B", b)):
+        mag = pair.get(MAGNITUDE)
+        if mag is not None and tuple(mag.shape) != (module.out_features,):
+            raise AdapterFormatError(
+                f"{path}: {name}.{MAGNITUDE} has shape {tuple(mag.shape)}; expected ({module.out_features},) (out_features)"
+            )
+        for which, t in (("lora_A", a), ("lora_B", b)) + (((MAGNITUDE, mag),) if mag is not None else ()):
             if not t.is_floating_point():
                 raise AdapterFormatError(f"{path}: {name}.{which} has dtype {t.dtype}; expected a floating-point dtype")
             if not torch.isfinite(t).all():
                 raise AdapterFormatError(f"{path}: {name}.{which} contains NaN or infinite values")
-        plan.append((name, module, a, b, r, alpha))
+        plan.append((name, module, a, b, mag, r, alpha))
     param_plan = []
     for key, tensor in saved_params.items():
         module_name, _, pname = key.rpartition(".")
@@ -298,20 +328,33 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     # Everything checked: now change the model.
     for p in model.parameters():
         p.requires_grad_(False)
-    for name, module, a, b, r, alpha in plan:
+    for name, module, a, b, mag, r, alpha in plan:
         dropout, rslora = float(config.get("lora_dropout", 0.0)), bool(config.get("use_rslora", False))
-        if isinstance(module, (LoRALinear, QLoRALinear)) and module.r == r:
+        if isinstance(module, (LoRALinear, QLoRALinear)) and module.r == r and _is_dora(module) == use_dora:
             layer = module
             layer.alpha, layer.dropout, layer.use_rslora = float(alpha), dropout, rslora
             layer.scaling = (alpha / math.sqrt(r)) if rslora else alpha / r
-        else:  # a plain nn.Linear, or a LoRA layer of another rank (its old adapter is dropped)
-            layer = LoRALinear.from_linear(module, r=r, alpha=alpha, dropout=dropout, use_rslora=rslora)
+        elif isinstance(module, QLoRALinear):  # same rank (checked above), DoRA or not as the adapter says
+            cls = QDoRALinear if use_dora else QLoRALinear
+            layer = cls(
+                module.qweight, module.bias, r=r, alpha=alpha, dropout=dropout, use_rslora=rslora,
+                compute_dtype=module.compute_dtype, lora_dtype=module.lora_A.dtype,
+            )  # fmt: skip
+            layer.train(module.training)
+            _set_submodule(model, name, layer)
+        else:  # a plain nn.Linear, or a LoRA layer of another rank or kind (its old adapter is dropped)
+            cls = DoRALinear if use_dora else LoRALinear
+            layer = cls.from_linear(module, r=r, alpha=alpha, dropout=dropout, use_rslora=rslora)
             _set_submodule(model, name, layer)
         with torch.no_grad():
             layer.lora_A.copy_(a)
             layer.lora_B.copy_(b)
+            if mag is not None:
+                layer.lora_magnitude.copy_(mag)
         layer.lora_A.requires_grad_(True)
         layer.lora_B.requires_grad_(True)
+        if mag is not None:
+            layer.lora_magnitude.requires_grad_(True)
     with torch.no_grad():
         for param, tensor in param_plan:
             param.copy_(tensor)

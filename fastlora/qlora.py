@@ -295,6 +295,8 @@ class QLoRALinear(nn.Module):
     back to x's dtype, as bitsandbytes' Linear4bit does), else x's dtype.
     """
 
+    is_adapter_layer = True  # apply_lora / apply_vera never wrap it again
+
     def __init__(
         self,
         qweight: QuantizedWeight,

@@ -141,6 +141,8 @@ class VeRALinear(nn.Linear):
     :class:`fastlora.LoRALinear`.
     """
 
+    is_adapter_layer = True  # apply_lora / apply_vera never wrap it again
+
     def __init__(
         self,
         in_features: int,

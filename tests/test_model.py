@@ -112,8 +112,8 @@ def test_errors_name_the_problem():
         apply_lora(mlp(), target_modules="(unclosed")
     with pytest.raises(ValueError, match="modules_to_save entry 'head'"):
         apply_lora(mlp(), modules_to_save=["head"])
-    with pytest.raises(NotImplementedError, match="DoRA"):
-        LoRAConfig(use_dora=True)
+    with pytest.raises(TypeError, match="use_dora must be True or False"):
+        LoRAConfig(use_dora="yes")
 
 
 def test_short_training_run_matches_peft_loss_curve():

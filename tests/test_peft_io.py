@@ -125,8 +125,10 @@ def corrupt(tmp_path, how):
         cfg_file.write_text("{not json")
     elif how == "unknown field":
         cfg["shiny_new_option"] = 3
-    elif how == "dora":
+    elif how == "dora":  # a DoRA config whose file lacks the magnitude vectors
         cfg["use_dora"] = True
+    elif how == "fan_in_fan_out":
+        cfg["fan_in_fan_out"] = True
     elif how == "missing key":
         del tensors[key]
     elif how == "wrong shape":
@@ -138,7 +140,7 @@ def corrupt(tmp_path, how):
     elif how == "pickle only":
         weights_file.unlink()
         (tmp_path / "adapter_model.bin").write_bytes(b"not loaded")
-    if how in ("unknown field", "dora"):
+    if how in ("unknown field", "dora", "fan_in_fan_out"):
         cfg_file.write_text(json.dumps(cfg))
     if how in ("missing key", "wrong shape", "int dtype", "stray key"):
         safetensors_torch.save_file(tensors, str(weights_file))
@@ -148,7 +150,8 @@ BAD = {
     "truncated": "corrupt or truncated safetensors",
     "not json": "not valid JSON",
     "unknown field": r"unknown config fields \['shiny_new_option'\]",
-    "dora": "unsupported settings {'use_dora': True}",
+    "dora": r"lora_A, lora_B and lora_magnitude_vector \(use_dora=true\) are required",
+    "fan_in_fan_out": "unsupported settings {'fan_in_fan_out': True}",
     "missing key": "both lora_A and lora_B are required",
     "wrong shape": r"lora_A \(3, 32\) / lora_B \(32, 4\) do not fit the layer \(expected \(4, 32\)",
     "int dtype": "has dtype torch.int32; expected a floating-point dtype",
