@@ -170,13 +170,22 @@ class LoRALinear(nn.Linear):
         dropout: float = 0.0,
         use_rslora: bool = False,
         init: str = "default",
+        use_dora: bool = False,
     ) -> "LoRALinear":
         """Wrap ``linear``: its weight and bias are shared (not copied) and frozen.
 
         With ``init="pissa"``, ``"pissa_niter_<N>"`` or ``"olora"`` the shared weight
         is overwritten in place by the residual ``W - scaling * B @ A`` (see
         :meth:`reset_lora_parameters`), so ``linear`` alone no longer computes the
-        original layer; the returned layer does (up to rounding)."""
+        original layer; the returned layer does (up to rounding). ``use_dora=True``
+        returns a :class:`fastlora.dora.DoRALinear` (PEFT's ``use_dora``)."""
+        if use_dora:
+            from .dora import DoRALinear  # the subclass lives in its own module
+
+            if not issubclass(cls, DoRALinear):
+                return DoRALinear.from_linear(
+                    linear, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora, init=init
+                )
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
         _check_rank(r, alpha, dropout)

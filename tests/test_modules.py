@@ -140,3 +140,14 @@ def test_extra_repr_and_bad_arguments():
         LoRALinear.from_linear(nn.Conv1d(2, 2, 1))
     with pytest.raises(ValueError, match="dropout must be a probability"):
         LoRALinear(4, 4, dropout=1.5)
+
+
+def test_from_linear_with_use_dora_builds_a_dora_layer_equal_to_its_base():
+    from fastlora import DoRALinear
+
+    base = nn.Linear(24, 12)
+    layer = LoRALinear.from_linear(base, r=4, use_dora=True)
+    assert type(layer) is DoRALinear and layer.weight is base.weight
+    x = torch.randn(5, 24)
+    # B = 0 and m = ||W||_row at init: g = 1 up to the norm's rounding (fp32 ulp scale).
+    assert_close_to(layer(x), base(x), 1e-5, "fresh DoRA layer")
