@@ -1,6 +1,8 @@
 """fastlora: fused LoRA / QLoRA linear layers (Triton kernels + a PyTorch reference path)."""
 
 from ._backend import get_backend, set_backend
+from .adalora import AdaLoRAConfig, AdaLoRALinear, adalora_layers, apply_adalora, merge_adalora
+from .adalora import RankAllocator as AdaLoRARankAllocator
 from .dora import DoRALinear, QDoRALinear, dora_linear
 from .functional import lora_linear
 from .loraplus import create_loraplus_optimizer, loraplus_param_groups
@@ -14,6 +16,9 @@ from . import quant
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdaLoRAConfig",
+    "AdaLoRALinear",
+    "AdaLoRARankAllocator",
     "DoRALinear",
     "LoRAConfig",
     "LoRALinear",
@@ -22,6 +27,8 @@ __all__ = [
     "VeRAConfig",
     "VeRALinear",
     "VeRAProjection",
+    "adalora_layers",
+    "apply_adalora",
     "apply_lora",
     "apply_vera",
     "count_parameters",
@@ -32,6 +39,7 @@ __all__ = [
     "load_adapter",
     "lora_linear",
     "loraplus_param_groups",
+    "merge_adalora",
     "merge_lora",
     "merge_vera",
     "qlora_linear",
