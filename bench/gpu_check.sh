@@ -9,6 +9,7 @@
 #   pytest-gpu.log   junit-gpu.xml   pytest -m gpu tests        (compiled kernels)
 #   lora_cuda.csv    lora_cuda.md    python bench/report.py --device cuda
 #   qlora_cuda.csv   qlora_cuda.md   python bench/report_qlora.py --device cuda
+#   dora_cuda.csv    dora_cuda.md    python bench/report_dora.py --device cuda
 #   pytest-all.log   junit-all.xml   pytest -m "not gpu" tests  (the rest, as on CPU)
 #   summary.txt      one line per step: exit code and seconds
 #
@@ -24,15 +25,15 @@
 # put first on PYTHONPATH whose sitecustomize.py maps fastlora.kernels to
 # kernels/ (an import hook, as setuptools' editable install does).
 #
-# --cpu   test this script's logic on a CPU machine: report.py and
-#         report_qlora.py --device cpu --quick, a short test selection
+# --cpu   test this script's logic on a CPU machine: report.py,
+#         report_qlora.py and report_dora.py --device cpu --quick, a short test selection
 #         (GPU_CHECK_TESTS, default tests/test_memory.py), no nvidia-smi needed.
 # --shim  skip the first two ways and use the shim (tests the fallback).
 # Python: $PYTHON, else `python`, else `python3`.
 
 set -u
 
-usage() { sed -n '2,34p' "$0"; exit 2; }
+usage() { sed -n '2,35p' "$0"; exit 2; }
 [ $# -ge 1 ] || usage
 OUT=$1; shift
 MODE=cuda
@@ -191,11 +192,15 @@ if [ $MODE = cuda ]; then
     env TRITON_INTERPRET=0 "$PY" bench/report.py --device cuda --out "$OUT"
   run_step "bench/report_qlora.py --device cuda" 120 "$OUT/report_qlora.log" \
     env TRITON_INTERPRET=0 "$PY" bench/report_qlora.py --device cuda --out "$OUT"
+  run_step "bench/report_dora.py --device cuda" 60 "$OUT/report_dora.log" \
+    env TRITON_INTERPRET=0 "$PY" bench/report_dora.py --device cuda --out "$OUT"
 else
   run_step "bench/report.py --device cpu --quick" 120 "$OUT/report.log" \
     env TRITON_INTERPRET=0 "$PY" bench/report.py --device cpu --quick --no-launches --out "$OUT"
   run_step "bench/report_qlora.py --device cpu --quick" 90 "$OUT/report_qlora.log" \
     env TRITON_INTERPRET=0 "$PY" bench/report_qlora.py --device cpu --quick --out "$OUT"
+  run_step "bench/report_dora.py --device cpu --quick" 60 "$OUT/report_dora.log" \
+    env TRITON_INTERPRET=0 "$PY" bench/report_dora.py --device cpu --quick --out "$OUT"
 fi
 
 # ------------------------------------------------------------------ the other tiers
@@ -211,4 +216,5 @@ done
 log "done in $(($(date +%s) - START))s; files: $(cd "$OUT" && ls | tr '\n' ' ')"
 [ -f "$OUT/lora_$MODE.md" ] && cat "$OUT/lora_$MODE.md"
 [ -f "$OUT/qlora_$MODE.md" ] && cat "$OUT/qlora_$MODE.md"
+[ -f "$OUT/dora_$MODE.md" ] && cat "$OUT/dora_$MODE.md"
 exit 0

@@ -17,8 +17,18 @@ The walkthrough, in nine printed sections:
 9. a rank comparison (1 ... 64): parameter counts and the accuracy each rank
    reaches with a short training run.
 
-``--variant qlora`` stores the frozen base weights in NF4
-(:class:`fastlora.qlora.QLoRALinear`) and reports their size. ``--json``
+``--variant`` picks the adapter: ``lora`` (the default), ``qlora`` (the frozen
+base weights in NF4, :class:`fastlora.qlora.QLoRALinear`, with their size),
+``dora`` / ``qdora`` (``LoRAConfig(use_dora=True)``: a trainable magnitude
+vector per layer; ``qdora`` on NF4 weights), ``vera`` (:func:`fastlora.apply_vera`:
+shared frozen random projections, two trainable vectors per layer; rank 64 by
+default), ``loraplus`` (plain LoRA trained with
+:func:`fastlora.create_loraplus_optimizer`, ``lora_B`` at 16x the learning rate)
+and ``pissa`` / ``olora`` (``LoRAConfig(init=...)``: the adapters start from the
+base weight's top singular directions / QR factors and the base weight is
+replaced by the residual, so the adapted model starts as the base network up
+to rounding). The rank comparison uses the variant itself for lora, qlora,
+dora and qdora, and plain LoRA for the others (it says so). ``--json``
 prints one JSON object with every figure and nothing else. Everything is
 seeded, so a run on CPU is reproducible for a given ``--seed`` (timings aside).
 On CPU the demo runs torch on one thread (``--threads``): the matrices are
@@ -41,11 +51,42 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._backend import BACKENDS, get_backend, resolve_backend, set_backend
+from .loraplus import create_loraplus_optimizer
 from .model import LoRAConfig, apply_lora, count_parameters, merge_lora
+from .vera import VeRAConfig, apply_vera, merge_vera
 
 IN_FEATURES, HIDDEN, OUT_FEATURES = 128, 256, 10
 LAYERS = ("fc1", "fc2", "fc3")
 RANKS = (1, 4, 8, 16, 32, 64)
+
+VARIANTS = ("lora", "qlora", "dora", "qdora", "vera", "loraplus", "pissa", "olora")
+LABELS = {"lora": "LoRA", "qlora": "QLoRA", "dora": "DoRA", "qdora": "QDoRA", "vera": "VeRA", "loraplus": "LoRA+",
+          "pissa": "PiSSA", "olora": "OLoRA"}
+DESCRIPTIONS = {
+    "lora": "lora",
+    "qlora": "qlora (NF4 base weights)",
+    "dora": "dora (LoRAConfig(use_dora=True): LoRA + a magnitude vector per layer)",
+    "qdora": "qdora (DoRA on NF4 base weights)",
+    "vera": "vera (apply_vera: shared frozen random projections, trainable vectors)",
+    "loraplus": "loraplus (plain LoRA, LoRA+ optimizer)",
+    "pissa": "pissa (LoRAConfig(init='pissa'): adapters from the top singular directions)",
+    "olora": "olora (LoRAConfig(init='olora'): adapters from a QR factorisation)",
+}
+# Variants whose rank comparison runs the variant itself; the others compare plain LoRA ranks.
+RANK_TABLE_VARIANTS = ("lora", "qlora", "dora", "qdora")
+NF4_VARIANTS = ("qlora", "qdora")
+REWRITES_BASE = ("pissa", "olora")  # the base weight becomes the residual W - s B A
+# Names of the trainable adapter parameters (every variant's).
+ADAPTER_PARAMS = ("lora_A", "lora_B", "lora_magnitude", "vera_lambda_d", "vera_lambda_b")
+LORA_RANK, VERA_RANK = 8, 256
+# NOTE: VeRA's rank is PEFT's default, 256: it is not bounded by the layer sizes
+# (the shared projections are random), and each rank costs one trainable number
+# per layer. Measured with seed 0 at lr 1e-2: r=64 76 %, r=256 86 % on task B.
+LORAPLUS_RATIO = 16.0
+# NOTE: VeRA trains a few hundred scaling numbers; at LoRA's 1e-3 it barely moves
+# in 100 epochs here (task B 71 % vs 76 % at 1e-2), as the VeRA paper's larger
+# learning rates suggest. Measured with seed 0: r=64 1e-2 76 %, r=256 1e-2 86 %.
+LORA_LR, VERA_LR = 1e-3, 1e-2
 
 # Task A: labels from a random teacher 128 -> TEACHER_HIDDEN -> 10.
 TEACHER_HIDDEN = 32
@@ -160,10 +201,23 @@ def _qlora_class():
 
 
 def adapt(model: MLP, variant: str, r: int, alpha: float) -> MLP:
-    """Give ``model``'s three layers a LoRA adapter of rank ``r`` in place; the
-    base is frozen. ``variant="qlora"`` also stores the base weights in NF4."""
-    if variant == "lora":
+    """Give ``model``'s three layers an adapter of rank ``r`` in place; the base is
+    frozen. ``variant``: one of :data:`VARIANTS` ("qlora" / "qdora" also store the
+    base weights in NF4; "vera" ignores ``alpha``; "loraplus" is plain LoRA, only
+    its optimizer differs)."""
+    if variant in ("lora", "loraplus"):
         return apply_lora(model, LoRAConfig(r=r, alpha=alpha))
+    if variant == "dora":
+        return apply_lora(model, LoRAConfig(r=r, alpha=alpha, use_dora=True))
+    if variant == "qdora":
+        return apply_lora(model, LoRAConfig(r=r, alpha=alpha, use_dora=True, quantize="nf4", quant_blocksize=64,
+                                            quant_double=True))
+    if variant in REWRITES_BASE:
+        return apply_lora(model, LoRAConfig(r=r, alpha=alpha, init=variant))
+    if variant == "vera":
+        return apply_vera(model, VeRAConfig(r=r))
+    if variant != "qlora":
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
     qlora_linear = _qlora_class()
     for name in LAYERS:
         layer = qlora_linear.from_linear(
@@ -176,8 +230,9 @@ def adapt(model: MLP, variant: str, r: int, alpha: float) -> MLP:
 
 
 def merge(model: MLP) -> MLP:
-    """``merge_lora``; a QLoRA layer that is not a LoRALinear is merged with its
-    own ``to_linear`` (dequantized base weight plus the update)."""
+    """``merge_vera`` and ``merge_lora``; a QLoRA layer that is not a LoRALinear is
+    merged with its own ``to_linear`` (dequantized base weight plus the update)."""
+    merge_vera(model)
     merge_lora(model)
     for name in LAYERS:
         layer = getattr(model, name)
@@ -237,15 +292,17 @@ def fit(
     batch_size: int,
     seed: int,
     on_epoch: Callable[[EpochStats], None] | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
 ) -> list[EpochStats]:
-    """Adam on the trainable parameters, shuffled mini-batches, ``epochs`` passes.
+    """Adam on the trainable parameters (or ``optimizer``, built on them by the
+    caller), shuffled mini-batches, ``epochs`` passes.
 
     After every epoch the losses are measured on the whole training and
     validation sets (eval mode); ``grad_norm`` is the epoch's mean over steps of
     the L2 norm of all trainable gradients; ``epoch_time_s`` times the training
     steps only."""
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=lr)
+    opt = optimizer if optimizer is not None else torch.optim.Adam(params, lr=lr)
     gen = torch.Generator().manual_seed(seed)
     device = train.x.device
     history = []
@@ -446,16 +503,31 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m fastlora demo",
         description="LoRA fine-tuning walkthrough: pretrain a small MLP on task A, adapt it to task B with LoRA.",
     )
-    parser.add_argument("--rank", type=int, default=8, help="LoRA rank r (default 8)")
-    parser.add_argument("--alpha", type=float, default=8.0, help="LoRA alpha; scaling = alpha / r (default 8.0)")
+    parser.add_argument(
+        "--rank", type=int, default=None, help=f"adapter rank r (default {LORA_RANK}; {VERA_RANK} for --variant vera)"
+    )
+    parser.add_argument(
+        "--alpha", type=float, default=8.0, help="LoRA alpha; scaling = alpha / r (default 8.0; unused by VeRA)"
+    )
     parser.add_argument("--epochs", type=int, default=100, help="LoRA and full fine-tuning epochs (default 100)")
-    parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate for fine-tuning (default 1e-3)")
+    parser.add_argument(
+        "--lr",
+        type=float,
+        default=None,
+        help=f"Adam learning rate for fine-tuning (default {LORA_LR:g}; {VERA_LR:g} for --variant vera)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed for data, initialisation and shuffling (default 0)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument(
         "--backend", choices=BACKENDS, default=None, help="fastlora backend (default: the current one, normally auto)"
     )
-    parser.add_argument("--variant", choices=("lora", "qlora"), default="lora", help="qlora: NF4 base weights")
+    parser.add_argument(
+        "--variant",
+        choices=VARIANTS,
+        default="lora",
+        help="adapter: lora; qlora (NF4 base); dora / qdora (magnitude vectors); vera (shared random "
+        "projections); loraplus (LoRA+ optimizer); pissa / olora (SVD / QR init, residual base)",
+    )
     parser.add_argument("--plot", metavar="FILE.png", default=None, help="write loss curves with matplotlib")
     parser.add_argument("--json", action="store_true", help="print one JSON object with every figure, nothing else")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -479,6 +551,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.rank is None:
+        args.rank = VERA_RANK if args.variant == "vera" else LORA_RANK
+    args.lr_given = args.lr is not None
+    if args.lr is None:
+        args.lr = VERA_LR if args.variant == "vera" else LORA_LR
     for name, low in (
         ("rank", 1),
         ("epochs", 1),
@@ -495,6 +572,12 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
         parser.error(f"--alpha must be a finite number, got {args.alpha}")
     if args.seed < 0:
         parser.error(f"--seed must be >= 0, got {args.seed}")
+    smallest = min(min(IN_FEATURES, HIDDEN), min(HIDDEN, HIDDEN), min(HIDDEN, OUT_FEATURES))
+    if args.variant in REWRITES_BASE and args.rank > smallest:
+        parser.error(
+            f"--variant {args.variant} factorises each base weight: --rank must be <= {smallest} "
+            f"(the smallest layer, fc3, is {HIDDEN} -> {OUT_FEATURES}), got {args.rank}"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -507,7 +590,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fastlora demo: {message}", file=sys.stderr)
         return 2
 
-    if args.variant == "qlora" and _qlora_class() is None:
+    if args.variant in NF4_VARIANTS and _qlora_class() is None:
         return fail("QLoRA is not available in this build (fastlora.qlora.QLoRALinear is missing); use --variant lora")
     try:
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -545,8 +628,12 @@ class Walkthrough:
         self.backend = backend
         self.out = Printer(quiet=args.json)
         self.show_progress = not (args.json or args.no_progress) and sys.stdout.isatty()
-        self.qlora = args.variant == "qlora"
-        self.label = "QLoRA" if self.qlora else "LoRA"
+        self.variant = args.variant
+        self.qlora = args.variant in NF4_VARIANTS
+        self.dora = args.variant in ("dora", "qdora")
+        self.vera = args.variant == "vera"
+        self.rewrites_base = args.variant in REWRITES_BASE
+        self.label = LABELS[args.variant]
         self.seed = args.seed
         self.result: dict = {}
 
@@ -589,22 +676,66 @@ class Walkthrough:
             "backend_requested": get_backend(),
             "backend": self.backend,
             "variant": args.variant,
+            "optimizer": self.optimizer_name(),
+            "loraplus_ratio": LORAPLUS_RATIO if args.variant == "loraplus" else None,
+            "use_dora": self.dora,
+            "init": args.variant if self.rewrites_base else ("vera" if self.vera else "default"),
+            "quantize": "nf4" if self.qlora else None,
+            "rank_default_note": (
+                f"VeRA rank {VERA_RANK} by default (PEFT's default; VeRA's rank may exceed the layer sizes)"
+                if self.vera
+                else None
+            ),
             "torch": torch.__version__,
         }
         out.section(1, "Configuration")
-        rows = [
-            ("input / hidden / output size", f"{IN_FEATURES} / {HIDDEN} / {OUT_FEATURES}"),
-            ("LoRA rank r", str(args.rank)),
-            ("LoRA alpha", f"{args.alpha:.1f}  (scaling alpha / r = {args.alpha / args.rank:g})"),
-            ("learning rate (Adam)", f"{args.lr:g}"),
+        rows = [("input / hidden / output size", f"{IN_FEATURES} / {HIDDEN} / {OUT_FEATURES}")]
+        if self.vera:
+            default = (
+                "  (PEFT's default; VeRA's rank may exceed the layer sizes)" if args.rank == VERA_RANK else ""
+            )
+            rows += [
+                ("VeRA rank r", f"{args.rank}{default}"),
+                ("VeRA alpha", "not used (VeRA has no scaling; lambda_d starts at 0.1, lambda_b at 0)"),
+            ]
+        else:
+            rows += [
+                (f"{self.label} rank r", str(args.rank)),
+                (f"{self.label} alpha", f"{args.alpha:.1f}  (scaling alpha / r = {args.alpha / args.rank:g})"),
+            ]
+        if self.variant == "loraplus":
+            rows += [
+                ("learning rate", f"{args.lr:g} (lora_A; lora_B: {args.lr * LORAPLUS_RATIO:g})"),
+                ("optimizer", f"LoRA+: create_loraplus_optimizer(model, Adam, lr, ratio={LORAPLUS_RATIO:g})"),
+                ("", "(instead of Adam on the list of adapter parameters)"),
+            ]
+        elif self.vera and not args.lr_given:
+            rows.append(("learning rate (Adam)", f"{args.lr:g}  (the demo's VeRA default; LoRA's is {LORA_LR:g})"))
+        else:
+            rows.append(("learning rate (Adam)", f"{args.lr:g}"))
+        rows += [
             ("epochs x batch size", f"{args.epochs} x {args.batch_size}"),
             ("seed", str(self.seed)),
             ("device", str(self.device) + threads),
             ("backend", f"{self.backend}  (requested: {get_backend()})"),
-            ("variant", "qlora (NF4 base weights)" if self.qlora else "lora"),
+            ("variant", DESCRIPTIONS[args.variant]),
         ]
         for name, value in rows:
             out(f"  {name:<30} {value}")
+
+    def optimizer_name(self) -> str:
+        if self.variant == "loraplus":
+            return (
+                f"LoRA+: create_loraplus_optimizer(model, torch.optim.Adam, lr, ratio={LORAPLUS_RATIO:g}) "
+                f"(lora_B at lr x {LORAPLUS_RATIO:g}; instead of Adam on one parameter list)"
+            )
+        return "Adam"
+
+    def make_optimizer(self, model: nn.Module, lr: float) -> torch.optim.Optimizer | None:
+        """The variant's optimizer for ``model`` (None: :func:`fit`'s plain Adam)."""
+        if self.variant == "loraplus":
+            return create_loraplus_optimizer(model, torch.optim.Adam, lr=lr, ratio=LORAPLUS_RATIO)
+        return None
 
     # 2 ---------------------------------------------------------------------------------
     def base_network(self) -> None:
@@ -702,29 +833,56 @@ class Walkthrough:
         for name in LAYERS:
             layer = getattr(model, name)
             n = trainable_in(layer)
-            adapter = f"A {args.rank}x{layer.in_features} + B {layer.out_features}x{args.rank}"
+            info = {"name": name, "in_features": layer.in_features, "out_features": layer.out_features, "trainable": n}
+            if self.vera:
+                adapter = f"lambda_d {layer.vera_lambda_d.numel()} + lambda_b {layer.vera_lambda_b.numel()}"
+                info.update(lambda_d=layer.vera_lambda_d.numel(), lambda_b=layer.vera_lambda_b.numel())
+            else:
+                adapter = f"A {args.rank}x{layer.in_features} + B {layer.out_features}x{args.rank}"
+                info.update(lora_A=layer.lora_A.numel(), lora_B=layer.lora_B.numel())
+                if self.dora:
+                    adapter += f" + m {layer.lora_magnitude.numel()}"
+                    info["magnitude"] = layer.lora_magnitude.numel()
             rows.append([name, type(layer).__name__, _shape(layer), adapter, f"{n:,}"])
-            layers.append(
-                {"name": name, "in_features": layer.in_features, "out_features": layer.out_features, "trainable": n}
-            )
+            layers.append(info)
         trainable, total = count_parameters(model)
         self.lora_params = sum(layer["trainable"] for layer in layers)
         only_adapters = all(
-            n.rsplit(".", 1)[-1] in ("lora_A", "lora_B") for n, p in model.named_parameters() if p.requires_grad
+            n.rsplit(".", 1)[-1] in ADAPTER_PARAMS for n, p in model.named_parameters() if p.requires_grad
         )
         base_frozen = only_adapters and trainable == self.lora_params
         reduction = 1 - self.lora_params / self.base_params
         compression = self.base_params / self.lora_params
-        if self.qlora:
+        if args.variant == "qlora":
             out(
                 f"  QLoRALinear.from_linear(layer, r={args.rank}, alpha={args.alpha:g}, quant_type='nf4', "
                 "blocksize=64, double_quant=True)"
             )
-        else:
+        elif self.vera:
+            projection = model.fc1.vera_projection
+            out(f"  apply_vera(model, VeRAConfig(r={args.rank}))  # target_modules=None: every nn.Linear")
             out(
-                f"  apply_lora(model, LoRAConfig(r={args.rank}, alpha={args.alpha:g}))"
+                f"  One frozen random projection pair shared by all layers: vera_A {tuple(projection.vera_A.shape)}, "
+                f"vera_B {tuple(projection.vera_B.shape)}"
+            )
+            out("  (buffers, not parameters), sliced per layer. Each layer trains lambda_d [r] (init 0.1) and")
+            out("  lambda_b [out] (init 0): W + diag(lambda_b) B_s diag(lambda_d) A_s.")
+        else:
+            extra = {
+                "dora": ", use_dora=True",
+                "qdora": ", use_dora=True, quantize='nf4'",
+                "pissa": ", init='pissa'",
+                "olora": ", init='olora'",
+            }.get(args.variant, "")
+            out(
+                f"  apply_lora(model, LoRAConfig(r={args.rank}, alpha={args.alpha:g}{extra}))"
                 "  # target_modules=None: every nn.Linear"
             )
+            if self.dora:
+                out("  DoRA: y = m * (W + s B A) x / ||W + s B A||_row + bias, with a trainable magnitude m [out]")
+                out("  per layer, initialised to the row norms (so the adapted model starts as the base).")
+            if args.variant == "loraplus":
+                out("  LoRA+ changes the optimizer only (section 5): the adapters are plain LoRA.")
         out()
         out.table(
             ["layer", "module", "shape", "adapter", "trainable"],
@@ -733,20 +891,50 @@ class Walkthrough:
         )
         out()
         out(f"  Total {label} parameters:  {self.lora_params:,}  (base network: {self.base_params:,})")
+        if self.dora:
+            magnitudes = sum(layer["magnitude"] for layer in layers)
+            out(
+                f"  of which magnitudes m:   {magnitudes:,}  (one per output feature; "
+                f"LoRA's A and B: {self.lora_params - magnitudes:,})"
+            )
         out(f"  Parameter reduction:     {pct(reduction)}")
         out(f"  Compression ratio:       {compression:.1f}x  (base parameters / {label} parameters)")
         out(
             f"  Base frozen:             {'yes' if base_frozen else 'NO'}  "
             f"(count_parameters: {trainable:,} trainable of {total:,})"
         )
+        # NOTE: the adapted model's output before training against the base
+        # network's: 0 for LoRA / VeRA (B = 0, lambda_b = 0), rounding for DoRA and
+        # for PiSSA / OLoRA (whose base weights are now the residual), NF4 error for QLoRA.
+        model.eval()
+        with torch.no_grad():
+            self.init_diff = (model(self.b_val.x) - self.base(self.b_val.x)).abs().max().item()
+        model.train()
+        if self.rewrites_base:
+            how = "top-r singular directions (SVD)" if args.variant == "pissa" else "first r columns of a QR factorisation"
+            out()
+            out(f"  {label} initialises A and B from each base weight's {how} and replaces")
+            out("  the base weight by the residual W - (alpha / r) B A: the base weights are no longer the")
+            out("  pretrained ones, but the adapted model starts out computing the base network:")
+            out(f"  largest |adapted - base| output before training: {self.init_diff:.2e} (rounding)")
         self.result["lora"] = {
+            "variant": args.variant,
             "layers": layers,
             "trainable": self.lora_params,
             "count_parameters": {"trainable": trainable, "total": total},
             "reduction_pct": 100 * reduction,
             "compression": compression,
             "base_frozen": base_frozen,
+            "initial_output_max_abs_diff_vs_base": self.init_diff,
+            "base_replaced_by_residual": self.rewrites_base,
         }
+        if self.vera:
+            self.result["vera"] = {
+                "r": args.rank,
+                "vera_A_shape": list(model.fc1.vera_projection.vera_A.shape),
+                "vera_B_shape": list(model.fc1.vera_projection.vera_B.shape),
+                "d_initial": model.fc1.d_initial,
+            }
         if self.qlora:
             quantized_bytes = sum(_weight_nbytes(getattr(model, n)) for n in LAYERS)
             out(
@@ -765,13 +953,15 @@ class Walkthrough:
     def training(self) -> None:
         args, out, label, model = self.args, self.out, self.label, self.model
         out.section(5, f"Training the {label} adapters on task B")
-        frozen = {n: getattr(self.base, n).weight.detach().clone() for n in LAYERS}
+        # The frozen weights as training starts: the base's (the residual's for PiSSA / OLoRA).
+        frozen = {} if self.qlora else {n: getattr(model, n).weight.detach().clone() for n in LAYERS}
         self.initial_train_loss = evaluate(model, self.b_train)[0]
         self.initial_val_loss, self.initial_val_acc = evaluate(model, self.b_val)
         every = max(1, args.epochs // 10)
         steps = math.ceil(TRAIN_SAMPLES / args.batch_size)
         rows_every = "every epoch" if every == 1 else f"every {every} epochs"
-        out(f"  {_epochs(args.epochs)} of {steps} Adam steps (batch {args.batch_size}); a row {rows_every}.")
+        optimizer = "LoRA+ Adam" if args.variant == "loraplus" else "Adam"
+        out(f"  {_epochs(args.epochs)} of {steps} {optimizer} steps (batch {args.batch_size}); a row {rows_every}.")
         out("  Losses are measured on the whole training / validation set after each epoch; the")
         out("  gradient norm is the epoch's mean over its steps; the time covers the training steps.")
         out()
@@ -804,6 +994,7 @@ class Walkthrough:
                 batch_size=args.batch_size,
                 seed=self.seed + 4,
                 on_epoch=report,
+                optimizer=self.make_optimizer(model, args.lr),
             )
         finally:
             progress.close()
@@ -823,7 +1014,10 @@ class Walkthrough:
             ("average epoch time", f"{1000 * total_time / len(history):.1f} ms"),
         ]
         if unchanged is not None:
-            summary.append(("base weights unchanged", "yes" if unchanged else "NO"))
+            what = "residual base weights unchanged" if self.rewrites_base else "base weights unchanged"
+            summary.append((what, "yes" if unchanged else "NO"))
+        if self.rewrites_base:
+            summary.append(("initial output vs base network", f"max |diff| {self.init_diff:.2e}"))
         for name, value in summary:
             out(f"    {name:<32} {value}")
         self.result["training"] = {
@@ -909,8 +1103,12 @@ class Walkthrough:
             f"  {label} reaches {pct(self.lora_acc)} on task B training {self.lora_params / full_params:.1%} of the "
             "parameters full fine-tuning trains."
         )
-        out("  The base weights under the adapter are untouched: removing the adapter gives back")
-        out(f"  the {'NF4 ' if self.qlora else ''}task A network, whereas full fine-tuning has overwritten it.")
+        if self.rewrites_base:
+            out(f"  The residual weights under the adapter are untouched: residual + the initial {label} adapter")
+            out("  gives back the task A network, whereas full fine-tuning has overwritten it.")
+        else:
+            out("  The base weights under the adapter are untouched: removing the adapter gives back")
+            out(f"  the {'NF4 ' if self.qlora else ''}task A network, whereas full fine-tuning has overwritten it.")
         self.result["accuracy"] = {
             "base_val_accuracy": self.base_acc_b,
             "adapted_before_training_val_accuracy": self.initial_val_acc,
@@ -941,10 +1139,16 @@ class Walkthrough:
         max_out = before.abs().max().item()
         params = count_parameters(model)[1]
         acc = evaluate(model, self.b_val)[1]
-        if self.qlora:
-            out("  QLoRALinear.to_linear(): each layer becomes an fp32 nn.Linear with deq(W) + (alpha / r) B A")
-        else:
-            out("  merge_lora(model): each layer becomes a plain nn.Linear with W + (alpha / r) B A")
+        formulas = {
+            "qlora": "QLoRALinear.to_linear(): each layer becomes an fp32 nn.Linear with deq(W) + (alpha / r) B A",
+            "dora": "merge_lora(model): each layer becomes a plain nn.Linear with m * V / ||V||_row, V = W + s B A",
+            "qdora": "merge_lora(model): each layer becomes an fp32 nn.Linear with m * V / ||V||_row,"
+            " V = deq(W) + s B A",
+            "vera": "merge_vera(model): each layer becomes a plain nn.Linear with W + (lambda_b B_s)(lambda_d A_s)",
+            "pissa": "merge_lora(model): each layer becomes a plain nn.Linear with W_residual + (alpha / r) B A",
+            "olora": "merge_lora(model): each layer becomes a plain nn.Linear with W_residual + (alpha / r) B A",
+        }
+        out("  " + formulas.get(self.variant, "merge_lora(model): each layer becomes a plain nn.Linear with W + (alpha / r) B A"))
         out()
         rows = [[n, type(getattr(model, n)).__name__, _shape(getattr(model, n))] for n in LAYERS]
         out.table(["layer", "after merge", "shape"], rows, "lll")
@@ -967,7 +1171,13 @@ class Walkthrough:
     def rank_comparison(self) -> None:
         args, out = self.args, self.out
         out.section(9, "Rank comparison")
-        scaling = args.alpha / args.rank
+        variant = args.variant if args.variant in RANK_TABLE_VARIANTS else "lora"
+        # NOTE: VeRA has no alpha; its LoRA comparison keeps the default LoRA's alpha / r.
+        scaling = args.alpha / (LORA_RANK if self.vera else args.rank)
+        lr = LORA_LR if self.vera and not args.lr_given else args.lr
+        if variant != args.variant:
+            out(f"  This table compares plain LoRA ranks (it is LoRA-only for --variant {args.variant}),")
+            out(f"  trained with Adam at learning rate {lr:g}.")
         rows, info = [], []
         progress = Progress(
             len(RANKS) * args.rank_epochs, "  rank comparison", self.show_progress and args.rank_epochs > 0
@@ -976,7 +1186,7 @@ class Walkthrough:
             for r in RANKS:
                 candidate = copy.deepcopy(self.base)
                 torch.manual_seed(self.seed + 3)
-                adapt(candidate, args.variant, r, r * scaling)
+                adapt(candidate, variant, r, r * scaling)
                 n = count_parameters(candidate)[0]
                 acc = None
                 if args.rank_epochs > 0:
@@ -985,7 +1195,7 @@ class Walkthrough:
                         self.b_train,
                         None,
                         epochs=args.rank_epochs,
-                        lr=args.lr,
+                        lr=lr,
                         batch_size=args.batch_size,
                         seed=self.seed + 4,
                         on_epoch=lambda stats: progress.update(),
@@ -1034,4 +1244,9 @@ class Walkthrough:
                 f"  Measured here: rank {enough['rank']} ({enough['trainable']:,} parameters) is the smallest within "
                 f"one point of the best ({pct(best)})."
             )
-        self.result["rank_comparison"] = {"epochs": args.rank_epochs, "alpha_over_r": scaling, "rows": info}
+        self.result["rank_comparison"] = {
+            "variant": variant,
+            "epochs": args.rank_epochs,
+            "alpha_over_r": scaling,
+            "rows": info,
+        }

@@ -17,13 +17,21 @@ keyed on the weight's storage and version counter, so an in-place change to W0
 refreshes it). On a 4-bit base (QDoRA) the same quantities come from the
 dequantized weight, dequantized in bounded row chunks (never a full [N, K]).
 
-The output is the fused LoRA op (:func:`fastlora.lora_linear` /
-:func:`fastlora.qlora_linear`, any backend) scaled per output column by
-``m / norm``, plus the bias, as plain autograd ops: the gradients of x, A, B
-come through the fused op's backward and dm = sum_rows(dY * Y_pre) / norm from
-autograd. NOTE: autograd therefore saves the [M, N] pre-scale output Y_pre for
-dm, on top of the fused op's own (x, S); folding the scale into the GEMM
-epilogue (and dm into its backward) is future work.
+Dense DoRA (:func:`dora_linear`, :class:`DoRALinear`) runs as one autograd
+op, :class:`DoRALinearFunction`: its forward is the backend's ``dora_forward``
+(on the Triton backend the LoRA GEMM itself scales its fp32 tile by
+g = m / norm [N] in the epilogue, before the bias, and also stores the
+pre-scale tile Z: 2 launches, the same as LoRA), its backward plain torch ops
+around the backend's LoRA backward. What it saves for backward: x (the
+caller's tensor), S = D(x) A^T [M, r], Z [M, N] (x's dtype; needed for dm)
+and the norm [N] (fp32; float64 for float64 inputs), besides the parameters.
+It is used in eager mode and under torch.compile (its forward is the custom op
+``fastlora::dora_fwd``, its backward reuses ``fastlora::lora_bwd``); under
+``torch.autocast`` and for QDoRA (:class:`QDoRALinear`) the layer is the
+composed form: the fused LoRA op (:func:`fastlora.lora_linear` /
+:func:`fastlora.qlora_linear`) scaled per output column by ``m / norm`` plus
+the bias as plain autograd ops, which saves the same Z (as autograd's copy of
+the pre-scale output) and the [N] scale.
 
 Dropout (training only, ``dropout > 0``): fastlora applies the dropout to the
 LoRA branch's input only, inside the scaled term above. PEFT 0.21 instead
@@ -38,7 +46,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .functional import lora_linear
+from . import reference
+from ._backend import resolve_backend
+from .functional import check_lora_operands, dropout_seed, lora_linear
 from .modules import LoRALinear
 from .qlora import QLoRALinear, qlora_linear
 from .quant import QuantizedWeight, unpack_codes
@@ -142,6 +152,101 @@ def _scale_columns(y_pre: Tensor, magnitude: Tensor, norm: Tensor, bias: Tensor 
     return torch.addcmul(bias.to(y_pre.dtype), y_pre, scale)
 
 
+def _ops(backend: str):
+    """The ``dora_forward`` / ``lora_backward`` pair of a backend."""
+    if backend == "triton":
+        from .kernels import lora as triton_lora  # imported on first use only
+
+        return triton_lora
+    return reference
+
+
+# torch.compile: DoRA's forward is a custom op with a fake (shape-only)
+# implementation, as fastlora.functional registers the LoRA op's halves; the
+# backward is fastlora::lora_bwd (registered there) plus traceable torch ops.
+@torch.library.custom_op("fastlora::dora_fwd", mutates_args=())
+def _dora_fwd_op(
+    x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, col_scale: Tensor, bias: Tensor | None,
+    scaling: float, dropout_p: float, seed_t: Tensor | None, backend: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    seed = int(seed_t.item()) if seed_t is not None else 0
+    return _ops(backend).dora_forward(x, weight, lora_A, lora_B, scaling, col_scale, bias, dropout_p, seed)
+
+
+@_dora_fwd_op.register_fake
+def _(x, weight, lora_A, lora_B, col_scale, bias, scaling, dropout_p, seed_t, backend):
+    m, n = x.shape[0], weight.shape[0]
+    return x.new_empty(m, n), x.new_empty(m, n), x.new_empty(m, lora_A.shape[0], dtype=lora_A.dtype)
+
+
+class DoRALinearFunction(torch.autograd.Function):
+    """``y = g * z + bias`` on 2-D x [M, K], with ``z = x W^T + scaling * D(x) A^T B^T``
+    and ``g = m / norm`` [N], the row norm ``||W + scaling B A||`` given (detached).
+
+    Saved for backward: x (the caller's tensor), S = D(x) A^T [M, r], z [M, N] in
+    x's dtype, the norm [N] (fp32, or float64), the integer dropout seed, and the
+    parameters (weight, A, B, m: by reference). Gradients (the norm a constant):
+      dZ = g * dY (a temporary);  dx, dW, dA, dB = the LoRA op's gradients at dZ
+        (``lora_backward``: dS = scaling dZ B, dB = scaling dZ^T S, dA = dS^T D(x),
+        dx = dZ W + D(dS A), dW = dZ^T x);
+      dbias = sum_m dY;  dm = sum_m dY * z / norm (dy/dm_n = z_n / norm_n; summed in fp32).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, lora_A, lora_B, magnitude, bias, norm, scaling, dropout_p, seed, backend):  # type: ignore[override]
+        g = magnitude.detach().to(norm.dtype) / norm  # [N], fp32 (float64)
+        if isinstance(seed, Tensor) or torch.compiler.is_compiling():
+            seed_t = seed if isinstance(seed, Tensor) else None
+            y, z, s = _dora_fwd_op(x, weight, lora_A, lora_B, g, bias, scaling, dropout_p, seed_t, backend)
+            ctx.save_for_backward(x, weight, lora_A, lora_B, magnitude, s, z, norm, seed_t)
+            ctx.compiled = True
+        else:
+            y, z, s = _ops(backend).dora_forward(x, weight, lora_A, lora_B, scaling, g, bias, dropout_p, seed)
+            ctx.save_for_backward(x, weight, lora_A, lora_B, magnitude, s, z, norm)
+            ctx.compiled = False
+        ctx.scaling = scaling
+        ctx.dropout_p = dropout_p
+        ctx.seed = seed
+        ctx.backend = backend
+        ctx.has_bias = bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):  # type: ignore[override]
+        x, weight, lora_A, lora_B, magnitude, s, z, norm, *seed_t = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        needs = (need[0], need[1], need[2], need[3], False)
+        dx = dw = da = db = dm = dbias = None
+        if any(needs):
+            g = magnitude.detach().to(norm.dtype) / norm  # the forward's g, recomputed (same op, same bits)
+            dz = dy * g.to(dy.dtype)
+            if ctx.compiled:
+                grads = torch.ops.fastlora.lora_bwd(
+                    dz, x, weight, lora_A, lora_B, s, ctx.scaling, ctx.dropout_p, seed_t[0], ctx.backend, list(needs)
+                )
+                dx, dw, da, db, _ = (gr if n else None for gr, n in zip(grads, needs))
+            else:
+                dx, dw, da, db, _ = _ops(ctx.backend).lora_backward(
+                    dz, x, weight, lora_A, lora_B, s, ctx.scaling, ctx.dropout_p, ctx.seed, needs
+                )
+        if need[4]:
+            dm = (dy * z).sum(0, dtype=norm.dtype).div_(norm).to(magnitude.dtype)
+        if ctx.has_bias and need[5]:
+            dbias = dy.sum(0)
+        return dx, dw, da, db, dm, dbias, None, None, None, None, None
+
+
+def _check_weight(x: Tensor, weight: Tensor) -> None:
+    """The base weight's checks of :func:`fastlora.lora_linear` (x's device and dtype)."""
+    if weight.device != x.device:
+        raise ValueError(f"weight is on {weight.device} but x is on {x.device}; all tensors must share a device")
+    if weight.dtype != x.dtype:
+        raise TypeError(
+            f"weight has dtype {weight.dtype} but x has dtype {x.dtype}; x, weight and bias must share a dtype "
+            "(or run under torch.autocast, which casts them as nn.Linear does)"
+        )
+
+
 def dora_linear(
     x: Tensor,
     weight: Tensor,
@@ -165,13 +270,39 @@ def dora_linear(
         by the caller (else computed).
     The row norm is detached (PEFT's DoRA). Returns [..., N] in x's dtype
     (the autocast dtype under ``torch.autocast``).
+
+    Outside autocast this is :class:`DoRALinearFunction` (the column scale in
+    the GEMM's epilogue on the Triton backend; saves x, S, Z and the norm);
+    under ``torch.autocast`` the composed form (see the module docstring).
     """
     if not isinstance(magnitude, Tensor) or magnitude.dim() != 1 or magnitude.shape[0] != weight.shape[0]:
         got = tuple(magnitude.shape) if isinstance(magnitude, Tensor) else type(magnitude).__name__
         raise ValueError(f"magnitude must have shape [{weight.shape[0]}] (out_features), got {got}")
-    y_pre = lora_linear(x, weight, lora_A, lora_B, scaling, None, dropout=dropout, training=training)
-    norm = dora_row_norm(weight, lora_A, lora_B, scaling, weight_sq)
-    return _scale_columns(y_pre, magnitude, norm, bias)
+    device_type = x.device.type if isinstance(x, Tensor) else "cpu"
+    if isinstance(x, Tensor) and x.is_floating_point() and torch.is_autocast_enabled(device_type):
+        y_pre = lora_linear(x, weight, lora_A, lora_B, scaling, None, dropout=dropout, training=training)
+        norm = dora_row_norm(weight, lora_A, lora_B, scaling, weight_sq)
+        return _scale_columns(y_pre, magnitude, norm, bias)
+    if not isinstance(weight, Tensor) or weight.dim() != 2:
+        shape = tuple(weight.shape) if isinstance(weight, Tensor) else type(weight).__name__
+        raise ValueError(f"weight must be a 2-D tensor [out_features, in_features], got {shape}")
+    check_lora_operands(x, "weight", tuple(weight.shape), lora_A, lora_B, bias, scaling, dropout)
+    _check_weight(x, weight)
+    if magnitude.device != x.device:
+        raise ValueError(f"magnitude is on {magnitude.device} but x is on {x.device}; all tensors must share a device")
+    scaling = float(scaling)
+    norm = dora_row_norm(weight, lora_A, lora_B, scaling, weight_sq)  # the adapters as given (fp32 if mixed)
+    p = float(dropout) if training else 0.0
+    seed = dropout_seed(p)
+    lead, k = x.shape[:-1], x.shape[-1]
+    backend = resolve_backend(x.device)
+    if backend == "triton" and lora_A.dtype != x.dtype:
+        # NOTE: as lora_linear: the kernels read the adapters in the activation
+        # dtype (fp32 accumulation); fp32 adapters are cast, autograd-tracked.
+        lora_A, lora_B = lora_A.to(x.dtype), lora_B.to(x.dtype)
+    y = DoRALinearFunction.apply(x.reshape(-1, k), weight, lora_A, lora_B, magnitude, bias, norm, scaling, p, seed, backend)
+    # NOTE: _unsafe_view, not view: the result is not a view (as lora_linear).
+    return y if x.dim() == 2 else torch.ops.aten._unsafe_view(y, (*lead, weight.shape[0]))
 
 
 class _DoRAMixin:
@@ -358,4 +489,4 @@ class QDoRALinear(_DoRAMixin, QLoRALinear):
         return super().extra_repr() + ", dora=True"
 
 
-__all__ = ["DoRALinear", "QDoRALinear", "dora_linear", "dora_row_norm", "weight_sq_norm"]
+__all__ = ["DoRALinear", "DoRALinearFunction", "QDoRALinear", "dora_linear", "dora_row_norm", "weight_sq_norm"]

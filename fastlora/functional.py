@@ -148,7 +148,11 @@ def check_lora_operands(
         raise ValueError(f"lora_B must have shape [{n}, {r}] (out_features, r), got {tuple(lora_B.shape)}")
     if bias is not None and (bias.dim() != 1 or bias.shape[0] != n):
         raise ValueError(f"bias must have shape [{n}] (out_features), got {tuple(bias.shape)}")
-    if isinstance(scaling, Tensor) or not isinstance(scaling, (int, float)) or not math.isfinite(scaling):
+    # NOTE: under torch.compile a layer recompiled for a second scaling receives it
+    # as a symbolic float that math.isfinite cannot trace; eager calls check it.
+    if not torch.compiler.is_compiling() and (
+        isinstance(scaling, Tensor) or not isinstance(scaling, (int, float)) or not math.isfinite(scaling)
+    ):
         raise TypeError(f"scaling must be a finite Python number, got {scaling!r}")
     if not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be a probability in [0, 1), got {dropout!r}")

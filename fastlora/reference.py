@@ -98,6 +98,32 @@ def lora_forward(
     return y, s
 
 
+def dora_forward(
+    x: Tensor,
+    weight: Tensor,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    scaling: float,
+    col_scale: Tensor,
+    bias: Tensor | None = None,
+    dropout_p: float = 0.0,
+    seed: int = 0,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """DoRA's forward ``y = g * z + bias`` with ``z = x W^T + scaling * (dropout(x) A^T) B^T``;
+    returns ``(y, z, s)``.
+
+    x [M, K], weight [N, K], lora_A [r, K], lora_B [N, r], col_scale g [N]
+    (DoRA's m / ||W + s B A||, float32 or float64), bias [N] -> y, z [M, N] in
+    x's dtype, s [M, r] as :func:`lora_forward`. z is what DoRA's backward needs
+    for dm. g is rounded to z's dtype and y is one new tensor (``addcmul``):
+    the same values as scaling :func:`lora_forward`'s output afterwards.
+    """
+    z, s = lora_forward(x, weight, lora_A, lora_B, scaling, None, dropout_p, seed)
+    g = col_scale.to(z.dtype)
+    y = torch.mul(z, g) if bias is None else torch.addcmul(bias.to(z.dtype), z, g)
+    return y, z, s
+
+
 def lora_backward(
     dy: Tensor,
     x: Tensor,

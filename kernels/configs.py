@@ -44,7 +44,9 @@ def _family(arch: int) -> int:
     return 90 if 90 <= arch < 120 else 80
 
 
-def gemm_configs(arch: int, dtype: torch.dtype, *, has_dropout: bool = False, block_r: int = 16) -> list[triton.Config]:
+def gemm_configs(
+    arch: int, dtype: torch.dtype, *, has_dropout: bool = False, block_r: int = 16, store_pre: bool = False
+) -> list[triton.Config]:
     """Configs of ``_lora_gemm_kernel`` (BLOCK_M x BLOCK_N output tile, BLOCK_K
     reduction step, GROUP_M rows of tiles per L2 group).
 
@@ -53,6 +55,9 @@ def gemm_configs(arch: int, dtype: torch.dtype, *, has_dropout: bool = False, bl
     dropout variant drops the 128x256 tiles, which spill. Ranks above 16 widen
     the epilogue's [BLOCK_M, BLOCK_R] operand: 128x256 spills on sm_80 at r=64,
     so does 128x128 with 4 warps on both archs (hence 8 warps there).
+    ``store_pre`` (DoRA's forward: the tile is also stored, rounded, before its
+    column scale) drops the 128x256 tiles too: their second store spills
+    (STACK 8-16 bytes on sm_80 and sm_90, REG 254-255).
     """
     if interpreting():
         return [_cfg(4, 1, BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4)]
@@ -76,7 +81,7 @@ def gemm_configs(arch: int, dtype: torch.dtype, *, has_dropout: bool = False, bl
             _cfg(4, 4, BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, GROUP_M=8),
         ]
     big = lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] > 128 * 128  # noqa: E731
-    if has_dropout or (block_r > 16 and _family(arch) == 80) or block_r > 64:
+    if has_dropout or store_pre or (block_r > 16 and _family(arch) == 80) or block_r > 64:
         cands = [c for c in cands if not big(c)]
     if block_r > 64 or (has_dropout and block_r > 16 and _family(arch) == 80):
         cands = cands[-1:]  # 128x128 with dropout spills on sm_80 at r=64
@@ -151,7 +156,7 @@ def _union(fn, **flags_grid) -> list[triton.Config]:
 
 def all_gemm_configs() -> list[triton.Config]:
     """Every config any (arch, dtype, flags) may use: what ``@triton.autotune`` holds."""
-    return _union(gemm_configs, has_dropout=(False, True), block_r=(16, 64, 128))
+    return _union(gemm_configs, has_dropout=(False, True), block_r=(16, 64, 128), store_pre=(False, True))
 
 
 def all_shrink_configs() -> list[triton.Config]:

@@ -10,7 +10,9 @@ Launches per layer (each goes through :func:`_launch`, counted exactly by
 
 * forward, 2: ``lora_shrink`` (S = D(X) A^T) + ``lora_expand_gemm``
   (Y = X W^T + scaling * S B^T + bias, the LoRA term added in the tile before
-  the single write of Y);
+  the single write of Y); DoRA's ``dora_forward`` is the same two launches, the
+  GEMM's epilogue also writing Z (the tile before scale and bias) and scaling
+  the tile by DoRA's per-column g = m / ||W + scaling B A|| before the bias;
 * backward, <= 3: ``lora_dy_pass`` (dS, dB, dbias from one read of dY),
   ``lora_dx_gemm`` (dX = dY W + D(dS A)), ``lora_down_grad`` (dA = dS^T D(X)),
   plus one ``torch.mm`` (cuBLAS) for dW only when the frozen weight requires
@@ -185,7 +187,7 @@ def _lora_shrink_kernel(
 
 @triton.autotune(
     configs=configs.all_gemm_configs(),
-    key=["M_BUCKET", "N", "K", "BLOCK_R", "HAS_BIAS", "HAS_DROPOUT"],
+    key=["M_BUCKET", "N", "K", "BLOCK_R", "HAS_BIAS", "HAS_DROPOUT", "HAS_COL_SCALE", "STORE_PRE"],
     prune_configs_by={"early_config_prune": lambda cs, nargs, **kw: _prune_gemm(cs, nargs, **kw)},
 )
 @triton.jit(do_not_specialize=["M_BUCKET", "seed"])
@@ -196,6 +198,8 @@ def _lora_gemm_kernel(
     e_ptr,  # [R, N] LoRA right: B^T (forward) or A (dX), via strides
     bias_ptr,  # [N] bias (read only when HAS_BIAS)
     out_ptr,  # [M, N] output Y or dX, written once
+    colscale_ptr,  # [N] fp32 per-column scale g (read only when HAS_COL_SCALE; DoRA's m / norm)
+    pre_ptr,  # [M, N] second output Z = the tile before scale and bias, out's dtype and strides (STORE_PRE)
     M,
     N,
     K,
@@ -223,15 +227,20 @@ def _lora_gemm_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
+    HAS_COL_SCALE: tl.constexpr = False,
+    STORE_PRE: tl.constexpr = False,
 ):
-    """OUT = P Q + D(scaling * L E) + bias, one [BLOCK_M, BLOCK_N] tile per program.
+    """OUT = g * (P Q + D(scaling * L E)) + bias, one [BLOCK_M, BLOCK_N] tile per program.
 
     Forward: Y = X W^T + scaling * S B^T + bias   (P=X, Q=W^T, L=S, E=B^T, no D)
     dX:      dX = dY W + D(dS A)                   (P=dY, Q=W, L=dS, E=A, scaling=1)
-    with D = mask / keep on the output coordinates (dX has x's shape). The
-    main loop is a standard grouped-order tiled GEMM with an fp32 accumulator;
-    the rank-R term is one (two for 16-bit: hi/lo of the fp32 L) extra dot in
-    the epilogue, added before the only store of the tile.
+    DoRA:    Z = X W^T + scaling * S B^T, Y = g * Z + bias  (HAS_COL_SCALE, STORE_PRE)
+    with D = mask / keep on the output coordinates (dX has x's shape) and g [N]
+    a per-column fp32 scale (1 unless HAS_COL_SCALE). The main loop is a
+    standard grouped-order tiled GEMM with an fp32 accumulator; the rank-R term
+    is one (two for 16-bit: hi/lo of the fp32 L) extra dot in the epilogue,
+    added before the tile is (with STORE_PRE) stored as Z, scaled by g, given
+    the bias and stored as OUT.
     """
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
@@ -276,10 +285,16 @@ def _lora_gemm_kernel(
         acc += tl.where(keep, lora, 0.0)
     else:
         acc = _mma_f32_lhs(lora_l, lora_e, acc, IEEE)
+    out_offs = rm[:, None] * stride_om + rn[None, :] * stride_on
+    if STORE_PRE:
+        # NOTE: Z (DoRA's dm needs it in backward) is rounded from the same fp32
+        # tile that Y is computed from; Y is not recomputed from the rounded Z.
+        tl.store(pre_ptr + out_offs, acc.to(pre_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+    if HAS_COL_SCALE:
+        acc = acc * tl.load(colscale_ptr + rn, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    out_ptrs = out_ptr + rm[:, None] * stride_om + rn[None, :] * stride_on
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+    tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
 @triton.jit
@@ -548,8 +563,9 @@ def _target_programs(device: torch.device) -> int:
 def _prune_gemm(cs, nargs, **kw):
     p = nargs["p_ptr"]
     allowed = configs.gemm_configs(
-        configs.device_arch(p.device), p.dtype, has_dropout=kw["HAS_DROPOUT"], block_r=kw["BLOCK_R"]
-    )
+        configs.device_arch(p.device), p.dtype, has_dropout=kw["HAS_DROPOUT"], block_r=kw["BLOCK_R"],
+        store_pre=kw.get("STORE_PRE", False),
+    )  # fmt: skip
     return configs.prune(cs, allowed, {"BLOCK_M": nargs["M"], "BLOCK_N": nargs["N"]})
 
 
@@ -602,28 +618,35 @@ def lora_shrink(x: Tensor, lora_A: Tensor, dropout_p: float = 0.0, seed: int = 0
     return s
 
 
-def _gemm(p, q_t, l, e_t, bias, scaling, dropout_p, seed, out_shape_n, q_strides, e_strides) -> Tensor:
-    """OUT [M, n] = P Q + D(scaling * L E) + bias; Q and E given by their strides."""
+def _gemm(
+    p, q_t, l, e_t, bias, scaling, dropout_p, seed, out_shape_n, q_strides, e_strides, col_scale=None, store_pre=False
+) -> tuple[Tensor, Tensor | None]:
+    """(OUT, Z): OUT [M, n] = g * Z + bias, Z = P Q + D(scaling * L E) (returned
+    only with ``store_pre``, else None); g = ``col_scale`` [n] fp32 or 1; Q and E
+    given by their strides."""
     m, k = p.shape
     r = l.shape[1]
     n = out_shape_n
     _expect(l, (m, r), "the LoRA activation (s or ds)", "[M, r]")
     out = torch.empty((m, n), dtype=p.dtype, device=p.device)
+    pre = torch.empty((m, n), dtype=p.dtype, device=p.device) if store_pre else None
     if m == 0 or n == 0:
-        return out
+        return out, pre
     has_dropout, keep_levels, inv_keep = _dropout_args(dropout_p)
     _launch(
         _lora_gemm_kernel,
         lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),),
         p.device,
         p, q_t, l, e_t, bias if bias is not None else out, out,
+        col_scale if col_scale is not None else out, pre if pre is not None else out,  # dummies: never read/written
         m, n, k, r,
         p.stride(0), p.stride(1), q_strides[0], q_strides[1], l.stride(0), l.stride(1),
         e_strides[0], e_strides[1], out.stride(0), out.stride(1),
         float(scaling), int(seed), keep_levels, inv_keep, _m_bucket(m),
         HAS_BIAS=bias is not None, HAS_DROPOUT=has_dropout, IEEE=p.dtype == torch.float32, BLOCK_R=_block_r(r),
+        HAS_COL_SCALE=col_scale is not None, STORE_PRE=store_pre,
     )  # fmt: skip
-    return out
+    return out, pre
 
 
 def lora_expand_gemm(x: Tensor, weight: Tensor, s: Tensor, lora_B: Tensor, scaling: float, bias: Tensor | None = None) -> Tensor:
@@ -639,7 +662,7 @@ def lora_expand_gemm(x: Tensor, weight: Tensor, s: Tensor, lora_B: Tensor, scali
     return _gemm(
         x, weight, s, lora_B, bias, scaling, 0.0, 0, weight.shape[0],
         (weight.stride(1), weight.stride(0)), (lora_B.stride(1), lora_B.stride(0)),
-    )  # fmt: skip
+    )[0]  # fmt: skip
 
 
 def lora_dx_gemm(dy: Tensor, weight: Tensor, ds: Tensor, lora_A: Tensor, dropout_p: float = 0.0, seed: int = 0) -> Tensor:
@@ -653,7 +676,7 @@ def lora_dx_gemm(dy: Tensor, weight: Tensor, ds: Tensor, lora_A: Tensor, dropout
     return _gemm(
         dy, weight, ds, lora_A, None, 1.0, dropout_p, seed, weight.shape[1],
         (weight.stride(0), weight.stride(1)), (lora_A.stride(0), lora_A.stride(1)),
-    )  # fmt: skip
+    )[0]  # fmt: skip
 
 
 def lora_dy_pass(
@@ -788,6 +811,42 @@ def lora_forward(
     s = lora_shrink(x, lora_A, dropout_p, seed)
     y = lora_expand_gemm(x, weight, s, lora_B, scaling, bias)
     return y, s
+
+
+def dora_forward(
+    x: Tensor,
+    weight: Tensor,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    scaling: float,
+    col_scale: Tensor,
+    bias: Tensor | None = None,
+    dropout_p: float = 0.0,
+    seed: int = 0,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """DoRA's forward ``y = g * z + bias``, ``z = x W^T + scaling * (dropout(x) A^T) B^T``;
+    returns ``(y, z, s)``.
+
+    x [M, K], weight [N, K], lora_A [r, K], lora_B [N, r], col_scale g [N]
+    (DoRA's m / ||W + s B A||, cast to fp32 here), bias [N] -> y, z [M, N] in x's
+    dtype, s [M, r]. As ``fastlora.reference.dora_forward`` (dropout mask from
+    Triton's Philox). 2 launches: shrink, then the GEMM whose epilogue adds the
+    LoRA term, stores z, scales by g and adds the bias (y is computed from the
+    fp32 tile, not from the rounded z).
+    """
+    _check_dtype(x, "x")
+    n = lora_B.shape[0]
+    _expect(weight, (n, x.shape[1]), "weight", "[N, K]")
+    _expect(col_scale, (n,), "col_scale", "[N]")
+    if bias is not None:
+        _expect(bias, (n,), "bias", "[N]")
+    s = lora_shrink(x, lora_A, dropout_p, seed)
+    y, z = _gemm(
+        x, weight, s, lora_B, bias, scaling, 0.0, 0, n,
+        (weight.stride(1), weight.stride(0)), (lora_B.stride(1), lora_B.stride(0)),
+        col_scale=col_scale.to(torch.float32).contiguous(), store_pre=True,
+    )  # fmt: skip
+    return y, z, s
 
 
 def lora_backward(

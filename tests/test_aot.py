@@ -4,7 +4,8 @@ register spill or a local array).
 
 One subprocess (without TRITON_INTERPRET, which would turn the kernels into
 interpreter functions) compiles, with 2 worker processes, the kernels for
-arch x dtype (fp32/fp16/bf16) x constexpr flags (bias, dropout, needs) x rank
+arch x dtype (fp32/fp16/bf16) x constexpr flags (bias, dropout, needs, DoRA's
+column scale + pre-scale store) x rank
 bucket x the configs ``fastlora.kernels.configs`` returns for them, then reads
 REG / STACK with the ``cuobjdump`` shipped in the triton wheel and the dynamic
 shared memory from the compiled metadata (checked against the arch's limit).
@@ -49,6 +50,8 @@ BLOCK_RS = (16, 64)  # the rank buckets r <= 16 and 32 < r <= 64 (BLOCK_R = rank
 FLAGS = {
     "gemm_fwd": [dict(HAS_BIAS=True, HAS_DROPOUT=False), dict(HAS_BIAS=False, HAS_DROPOUT=False)],
     "gemm_dx": [dict(HAS_BIAS=False, HAS_DROPOUT=True), dict(HAS_BIAS=False, HAS_DROPOUT=False)],
+    # DoRA's forward: the same GEMM scaling its tile per column and storing it before the scale too.
+    "gemm_dora": [dict(HAS_BIAS=True, HAS_DROPOUT=False, HAS_COL_SCALE=True, STORE_PRE=True)],
     "shrink": [dict(HAS_DROPOUT=True), dict(HAS_DROPOUT=False)],
     "dy_pass": [
         dict(NEED_DS=True, NEED_DB=True, NEED_DBIAS=True),
@@ -63,7 +66,9 @@ def _configs_for(kernel, arch, dtype, flags, block_r):
     from fastlora.kernels import configs as C
 
     if kernel.startswith("gemm"):
-        return C.gemm_configs(arch, dtype, has_dropout=flags["HAS_DROPOUT"], block_r=block_r)
+        return C.gemm_configs(
+            arch, dtype, has_dropout=flags["HAS_DROPOUT"], block_r=block_r, store_pre=flags.get("STORE_PRE", False)
+        )
     if kernel == "shrink":
         return C.shrink_configs(arch, dtype, has_dropout=flags["HAS_DROPOUT"], block_r=block_r)
     if kernel == "dy_pass":
@@ -134,13 +139,19 @@ _I64 = {"seed"}
 _SPECS = {
     "gemm_fwd": (
         "_lora_gemm_kernel",
-        dict(p_ptr="x", q_ptr="x", l_ptr="x", e_ptr="x", bias_ptr="x", out_ptr="x"),
+        dict(p_ptr="x", q_ptr="x", l_ptr="x", e_ptr="x", bias_ptr="x", out_ptr="x", colscale_ptr="fp32", pre_ptr="x"),
+        ("stride_pk", "stride_qk", "stride_lr", "stride_er", "stride_on"),
+        ("stride_pm", "stride_qn", "stride_om", "N", "K"),
+    ),
+    "gemm_dora": (
+        "_lora_gemm_kernel",
+        dict(p_ptr="x", q_ptr="x", l_ptr="x", e_ptr="x", bias_ptr="x", out_ptr="x", colscale_ptr="fp32", pre_ptr="x"),
         ("stride_pk", "stride_qk", "stride_lr", "stride_er", "stride_on"),
         ("stride_pm", "stride_qn", "stride_om", "N", "K"),
     ),
     "gemm_dx": (
         "_lora_gemm_kernel",
-        dict(p_ptr="x", q_ptr="x", l_ptr="fp32", e_ptr="x", bias_ptr="x", out_ptr="x"),
+        dict(p_ptr="x", q_ptr="x", l_ptr="fp32", e_ptr="x", bias_ptr="x", out_ptr="x", colscale_ptr="fp32", pre_ptr="x"),
         ("stride_pk", "stride_qn", "stride_lr", "stride_en", "stride_on"),
         ("stride_pm", "stride_qk", "stride_er", "stride_om", "N", "K"),
     ),
@@ -183,6 +194,9 @@ def _compile_one(v):
     constexprs = dict(v["flags"], **v["tiles"])
     if v["kernel"] != "mask":
         constexprs.update(IEEE=v["dtype"] == "fp32", BLOCK_R=v["block_r"])
+    if attr == "_lora_gemm_kernel":  # the DoRA flags default to off (plain LoRA GEMMs)
+        constexprs.setdefault("HAS_COL_SCALE", False)
+        constexprs.setdefault("STORE_PRE", False)
     constexprs.update({name: 1 for name in unit})
     signature = {}
     for name in fn.arg_names:

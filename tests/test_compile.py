@@ -97,3 +97,17 @@ def test_compiled_triton_backend_under_the_interpreter():
     assert_close_to(y_comp, y_eager, 0.0, "compiled Triton output")
     for a, b in zip(g_comp, g_eager):
         assert_close_to(a, b, 0.0, "compiled Triton gradient")
+
+
+def test_one_compiled_model_with_layers_of_different_scalings():
+    """A recompile for a second scaling makes it a symbolic float: the op must still trace."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 8))
+    for i, alpha in enumerate((8.0, 16.0, 32.0)):
+        model[i] = LoRALinear.from_linear(model[i], r=4, alpha=alpha)
+        with torch.no_grad():
+            model[i].lora_B.normal_()
+    x = torch.randn(5, 16)
+    eager = model(x)
+    compiled = torch.compile(model, fullgraph=True)(x)
+    assert_close_to(compiled, eager, 0.0, "compiled, three scalings")  # same opaque ops

@@ -206,3 +206,137 @@ def test_qlora_variant():
     assert result["qlora"]["base_weight_bytes_after"] < before / 6  # 4 bits + scales vs 32 bits
     assert result["merge"]["parameters"] == BASE_PARAMS
     assert result["merge"]["max_abs_diff"] < 1e-4
+
+
+# --------------------------------------------------------------------------- variants
+
+# One in-process run per variant, tiny epochs (the figures checked here do not depend on them).
+TINY = ["--epochs", "1", "--rank-epochs", "0", "--pretrain-epochs", "1", "--backend", "reference", "--no-progress"]
+OUTS = [o for _, o in SHAPES.values()]
+
+
+def expected_trainable(variant: str, r: int) -> list[int]:
+    """Per-layer trainable counts, computed from the layer shapes alone."""
+    if variant == "vera":
+        return [r + o for o in OUTS]  # lambda_d [r] + lambda_b [out]
+    lora = [r * (i + o) for i, o in SHAPES.values()]  # A [r, in] + B [out, r]
+    if variant in ("dora", "qdora"):
+        return [n + o for n, o in zip(lora, OUTS)]  # + the magnitude m [out]
+    return lora
+
+
+@pytest.fixture(scope="module")
+def variant_runs():
+    """JSON of each variant's tiny run (built lazily, once per variant)."""
+    runs: dict[str, dict] = {}
+
+    def get(variant: str) -> dict:
+        if variant not in runs:
+            code, out, err = run_demo(["--variant", variant, "--json"] + TINY)
+            assert code == 0, err
+            runs[variant] = json.loads(out)
+        return runs[variant]
+
+    return get
+
+
+VARIANT_CASES = ["dora", "qdora", "vera", "loraplus", "pissa", "olora"]
+
+
+@pytest.mark.parametrize("variant", VARIANT_CASES)
+def test_variant_parameter_counts(variant_runs, variant):
+    if variant == "qdora":
+        pytest.importorskip("fastlora.qlora")
+    result = variant_runs(variant)
+    r = 256 if variant == "vera" else 8
+    per_layer = expected_trainable(variant, r)
+    lora = result["lora"]
+    assert result["config"]["variant"] == variant
+    assert result["config"]["rank"] == r
+    assert [layer["trainable"] for layer in lora["layers"]] == per_layer
+    assert lora["trainable"] == sum(per_layer)
+    assert lora["count_parameters"]["trainable"] == sum(per_layer)
+    if variant != "qdora":  # NF4 weights are buffers, not parameters
+        assert lora["count_parameters"]["total"] == BASE_PARAMS + sum(per_layer)
+    assert lora["base_frozen"] is True
+    assert lora["compression"] == pytest.approx(BASE_PARAMS / sum(per_layer))
+    if variant in ("dora", "qdora"):
+        assert [layer["magnitude"] for layer in lora["layers"]] == OUTS
+        assert sum(per_layer) == lora_params(8) + sum(OUTS) == 9_818
+    if variant == "vera":
+        assert [(layer["lambda_d"], layer["lambda_b"]) for layer in lora["layers"]] == [(256, o) for o in OUTS]
+        assert sum(per_layer) == 3 * 256 + sum(OUTS) == 1_290
+        # One shared projection pair sized to the largest layer: [r, max in], [max out, r].
+        assert result["vera"]["vera_A_shape"] == [256, 256]
+        assert result["vera"]["vera_B_shape"] == [256, 256]
+    # Merging leaves a plain network with the base's parameter count and the same outputs.
+    merge = result["merge"]
+    assert merge["parameters"] == BASE_PARAMS
+    assert merge["max_abs_diff"] <= 8 * torch.finfo(torch.float32).eps * merge["max_abs_output"]
+    assert merge["val_accuracy"] == result["accuracy"]["lora_val_accuracy"]
+    training = result["training"]
+    assert training["final_train_loss"] < training["initial_train_loss"]
+    assert training["base_weights_unchanged"] is (None if variant == "qdora" else True)
+
+
+@pytest.mark.parametrize("variant", ["pissa", "olora"])
+def test_residual_init_variants_start_at_the_base(variant_runs, variant):
+    result = variant_runs(variant)
+    assert result["config"]["init"] == variant
+    assert result["lora"]["base_replaced_by_residual"] is True
+    # The base weights became the residual, yet the adapted model computes the base network.
+    diff = result["lora"]["initial_output_max_abs_diff_vs_base"]
+    assert 0 < diff <= 8 * torch.finfo(torch.float32).eps * result["merge"]["max_abs_output"]
+
+
+def test_vera_defaults_and_lora_only_rank_table(variant_runs):
+    result = variant_runs("vera")
+    config = result["config"]
+    assert (config["rank"], config["learning_rate"]) == (demo.VERA_RANK, demo.VERA_LR) == (256, 1e-2)
+    assert "PEFT's default" in config["rank_default_note"]
+    table = result["rank_comparison"]
+    assert table["variant"] == "lora"
+    assert [row["trainable"] for row in table["rows"]] == [lora_params(r) for r in RANKS]
+    # VeRA starts as the base network exactly (lambda_b = 0).
+    assert result["lora"]["initial_output_max_abs_diff_vs_base"] == 0.0
+
+
+def test_dora_rank_table_counts_magnitudes(variant_runs):
+    rows = variant_runs("dora")["rank_comparison"]["rows"]
+    assert [row["trainable"] for row in rows] == [lora_params(r) + sum(OUTS) for r in RANKS]
+
+
+def test_loraplus_uses_the_loraplus_optimizer(monkeypatch):
+    calls = []
+    real = demo.create_loraplus_optimizer
+
+    def spy(model, optimizer_cls, lr, ratio=16.0, **kwargs):
+        opt = real(model, optimizer_cls, lr=lr, ratio=ratio, **kwargs)
+        calls.append((optimizer_cls, lr, ratio, [g["lr"] for g in opt.param_groups if g["params"]]))
+        return opt
+
+    monkeypatch.setattr(demo, "create_loraplus_optimizer", spy)
+    code, out, err = run_demo(["--variant", "loraplus"] + TINY)
+    assert code == 0, err
+    assert calls == [(torch.optim.Adam, 1e-3, 16.0, [1e-3, 16e-3])]  # lora_A at lr, lora_B at 16 lr
+    assert "create_loraplus_optimizer(model, Adam, lr, ratio=16)" in out
+    assert re.search(r"^  This table compares plain LoRA ranks", out, re.M)
+    assert "Total LoRA+ parameters:  9,296" in out
+
+
+def test_dora_text_reports_magnitudes():
+    code, out, err = run_demo(["--variant", "dora"] + TINY)
+    assert code == 0, err
+    assert "4. Applying DoRA adapters" in out
+    rows = re.findall(r"^  (fc\d) +\| DoRALinear +\| [\d >-]+ \| +(A \d+x\d+ \+ B \d+x\d+ \+ m (\d+)) \| +([\d,]+)$", out, re.M)
+    assert [(name, int(m), int(n.replace(",", ""))) for name, _, m, n in rows] == [
+        (name, o, t) for name, o, t in zip(SHAPES, OUTS, expected_trainable("dora", 8))
+    ]
+    assert "of which magnitudes m:   522" in out
+
+
+def test_pissa_rank_too_large_is_a_clear_error():
+    with pytest.raises(SystemExit) as exc, contextlib.redirect_stderr(io.StringIO()) as err:
+        demo.main(["--variant", "pissa", "--rank", "16"])
+    assert exc.value.code == 2
+    assert "--rank must be <= 10" in err.getvalue()

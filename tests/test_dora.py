@@ -193,6 +193,159 @@ def test_fp32_adapters_on_a_bf16_base():
     assert all(p.grad.dtype == torch.float32 for p in (layer.lora_A, layer.lora_B, layer.lora_magnitude))
 
 
+# -- the fused op (DoRALinearFunction) vs the composed form ---------------------------
+
+
+def composed_dora(x, layer, dropout_training=True):
+    """DoRA as plain autograd ops around the LoRA op (the path before the fused op;
+    still QDoRA's and autocast's): lora_linear, then y_pre * (m / norm) + bias."""
+    y_pre = lora_linear(x, layer.weight, layer.lora_A, layer.lora_B, layer.scaling, None,
+                        dropout=layer.dropout, training=dropout_training)  # fmt: skip
+    norm = layer.weight_norm()
+    scale = (layer.lora_magnitude.to(norm.dtype) / norm).to(y_pre.dtype)
+    return y_pre * scale if layer.bias is None else torch.addcmul(layer.bias.to(y_pre.dtype), y_pre, scale)
+
+
+def mixed_or(dtype_name):
+    """(layer dtype, adapters' dtype) of a dtype case: 'mixed' = a bf16 base with fp32 adapters."""
+    return {"fp32": (torch.float32, torch.float32), "bf16": (torch.bfloat16, torch.bfloat16),
+            "mixed": (torch.bfloat16, torch.float32)}[dtype_name]  # fmt: skip
+
+
+def dora_case(dtype_name, bias=True, dropout=0.0):
+    dtype, adapter_dtype = mixed_or(dtype_name)
+    _, layer = dora_layer(bias=bias, dropout=dropout, dtype=dtype)
+    if adapter_dtype != dtype:
+        for name in ("lora_A", "lora_B", "lora_magnitude"):
+            getattr(layer, name).data = getattr(layer, name).data.to(adapter_dtype)
+    if bias:
+        layer.bias.requires_grad_(True)
+    return layer.train()
+
+
+@pytest.mark.parametrize("dtype_name", ["fp32", "bf16", "mixed"])
+@pytest.mark.parametrize("dropout", [0.0, 0.3], ids=["p0", "p0.3"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_fused_reference_path_equals_the_composed_path(dtype_name, dropout, bias):
+    layer = dora_case(dtype_name, bias, dropout)
+    dtype = layer.weight.dtype
+    x = torch.randn(3, 11, 48).to(dtype)
+    dy = torch.randn(3, 11, 40).to(dtype)
+    params = [layer.lora_A, layer.lora_B, layer.lora_magnitude] + ([layer.bias] if bias else [])
+    runs = []
+    for fn in (layer, lambda xx: composed_dora(xx, layer)):
+        xx = x.clone().requires_grad_(True)
+        for p in params:
+            p.grad = None
+        torch.manual_seed(5)  # the same dropout seed drawn by both
+        y = fn(xx)
+        y.backward(dy)
+        runs.append([y.detach(), xx.grad] + [p.grad for p in params])
+    (y_f, *g_f), (y_c, *g_c) = runs
+    # Same ops on the same values (reference.dora_forward = lora_forward, then addcmul
+    # with g rounded to y's dtype, as the composed form): identical outputs.
+    assert_close_to(y_f, y_c, 0.0, "fused vs composed output")
+    # dZ = dY * g is the composed form's dY_pre exactly, so dx, dA, dB, dbias are the
+    # same ops too: identical.
+    for name, a, b in zip(["dx", "dA", "dB"], g_f, g_c):
+        assert_close_to(a, b, 0.0, f"{name} fused vs composed")
+    if bias:
+        assert_close_to(g_f[4], g_c[4], 0.0, "dbias fused vs composed")
+    # dm: the fused sum runs in fp32 and is divided once; the composed one (autograd's
+    # sum of dY * Y_pre) is rounded to y's dtype first: at most one rounding of that
+    # dtype (2x for slack) relative to max|dm|.
+    eps = torch.finfo(dtype).eps
+    assert_close_to(g_f[2], g_c[2], 2 * eps * g_c[2].abs().max().item(), "dm fused vs composed")
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3], ids=["p0", "p0.3"])
+def test_fused_reference_path_vs_float64(dropout):
+    """Through DoRALinearFunction (reference backend), with the reference's own
+    dropout mask in the float64 oracle."""
+    layer = dora_case("fp32", True, dropout)
+    x = torch.randn(33, 48, requires_grad=True)
+    torch.manual_seed(9)
+    seed = fastlora.functional.new_dropout_seed()  # what the layer draws next
+    torch.manual_seed(9)
+    y = layer(x)
+    assert type(y.grad_fn).__name__ == "DoRALinearFunctionBackward", type(y.grad_fn).__name__
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    if dropout:
+        mask, keep = fastlora.reference.dropout_keep_mask(seed, (33, 48), dropout, x.device)
+    else:
+        mask, keep = torch.ones(33, 48, dtype=torch.bool), 1.0
+    leaves = [t.detach().double().requires_grad_(True) for t in (x, layer.lora_A, layer.lora_B, layer.lora_magnitude, layer.bias)]
+    x64, a64, b64, m64, bias64 = leaves
+    w64 = layer.weight.double()
+    norm = (w64 + layer.scaling * b64 @ a64).norm(dim=1).detach()
+    y64 = (m64 / norm) * (x64 @ w64.t() + layer.scaling * ((x64 * mask / keep) @ a64.t()) @ b64.t()) + bias64
+    y64.backward(dy.double())
+    assert_close_to(y, y64, 3e-5, "fused output vs float64")  # as test_matches_peft...: fp32 rounding only
+    ours = [x.grad, layer.lora_A.grad, layer.lora_B.grad, layer.lora_magnitude.grad, layer.bias.grad]
+    for name, a, b in zip(["dx", "dA", "dB", "dm", "dbias"], ours, [t.grad for t in leaves]):
+        assert_close_to(a, b, 2e-4, f"{name} vs float64")  # as test_matches_peft...: fp32 sums over M=33 / N=40
+
+
+def _nbytes(t):
+    return t.numel() * t.element_size()
+
+
+@pytest.mark.parametrize("dtype_name", ["fp32", "bf16", "mixed"])
+@pytest.mark.parametrize("dropout", [0.0, 0.1], ids=["p0", "p0.1"])
+@pytest.mark.parametrize("lead", [(37,), (3, 13)], ids=["2d", "3d"])
+def test_saved_bytes_are_x_s_z_and_the_norm(dtype_name, dropout, lead):
+    """What DoRA keeps for backward, counted per distinct storage with saved-tensor
+    hooks (parameters excluded): x itself, S [M, r] (adapters' dtype on the reference
+    path), z [M, N] (x's dtype) and the norm [N] (fp32), nothing else."""
+    layer = dora_case(dtype_name, True, dropout)
+    dtype = layer.weight.dtype
+    x = torch.randn(*lead, 48).to(dtype).requires_grad_(True)
+    m, n = x.numel() // 48, 40
+    params = {t.untyped_storage().data_ptr() for t in list(layer.parameters()) + list(layer.buffers())}
+    saved = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params and ptr not in saved:
+            saved[ptr] = (t.untyped_storage().nbytes(), tuple(t.shape), t.dtype)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = layer(x)
+    s_bytes = m * layer.r * layer.lora_A.element_size()
+    expected = _nbytes(x) + s_bytes + m * n * x.element_size() + n * 4
+    assert sum(b for b, _, _ in saved.values()) == expected, f"saved {list(saved.values())}, expected {expected} B"
+    assert x.untyped_storage().data_ptr() in saved, "x's own storage (not a copy) must be what is saved"
+    assert {(shape, dt) for _, shape, dt in saved.values()} >= {((m, n), dtype), ((n,), torch.float32)}
+    y.float().sum().backward()  # the recorded graph is still usable
+
+
+@pytest.mark.parametrize("ranks", [(8, 4)], ids=["two-scalings"])
+def test_compiled_fused_dora_gradients_match_eager(ranks):
+    """Under torch.compile the fused op runs as the custom op fastlora::dora_fwd (and
+    fastlora::lora_bwd): the same values and gradients as eager. The second layer has
+    another scaling, so the recompiled graph gets it as a symbolic float."""
+    torch._dynamo.reset()
+    for r in ranks:
+        _, layer = dora_layer(r=r, alpha=16.0)
+        layer.bias.requires_grad_(True)
+        x = torch.randn(5, 48)
+        dy = torch.randn(5, 40)
+        params = [layer.lora_A, layer.lora_B, layer.lora_magnitude, layer.bias]
+        runs = []
+        for module in (layer, torch.compile(layer, fullgraph=True)):
+            xx = x.clone().requires_grad_(True)
+            for p in params:
+                p.grad = None
+            y = module(xx)
+            y.backward(dy)
+            runs.append([y.detach(), xx.grad] + [p.grad for p in params])
+        for name, a, b in zip(["y", "dx", "dA", "dB", "dm", "dbias"], *runs):
+            assert_close_to(a, b, 1e-5, f"compiled {name} (r={r})")  # inductor may reorder fp32 elementwise ops: a few ulp
+    torch._dynamo.reset()  # no compiled DoRA graphs left for later tests
+
+
 # -- the row norm without B @ A ------------------------------------------------------
 
 

@@ -447,3 +447,156 @@ def test_building_blocks_name_bad_shapes():
         K.lora_dy_pass(torch.randn(4, 16), torch.randn(16, 8), torch.randn(5, 8), 1.0)
     with pytest.raises(TypeError, match="float32, float16 or bfloat16"):
         K.lora_shrink(x.double(), torch.randn(8, 32).double())
+
+
+# ---------------------------------------------------------------------------
+# DoRA: the column scale and the pre-scale store in the GEMM's epilogue
+# ---------------------------------------------------------------------------
+
+
+def _col_scale(n, seed=13):
+    """A DoRA-like g = m / norm [N], fp32, around 1."""
+    return torch.rand(n, generator=torch.Generator().manual_seed(seed)) + 0.5
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dropout", [0.0, 0.3], ids=["p0", "p0.3"])
+@pytest.mark.parametrize("m,k,n,r,bias", [(37, 96, 80, 8, True), (32, 64, 32, 16, False), (0, 32, 16, 8, True)])
+def test_dora_forward_kernel(m, k, n, r, bias, dropout, dtype):
+    x, w, a, b, bias_t = _scaled_inputs(m, k, n, r, dtype, bias)
+    g = _col_scale(n)
+    scaling, seed = 1.5, 4242
+    originals = [t.clone() for t in (x, w, a, b, g)]
+    K.reset_launch_count()
+    y, z, s = K.dora_forward(x, w, a, b, scaling, g, bias_t, dropout, seed)
+    assert K.launch_count() == (2 if m else 0)  # shrink + the GEMM, as lora_forward
+    assert y.dtype == z.dtype == s.dtype == dtype and y.shape == z.shape == (m, n) and s.shape == (m, r)
+    for before, after in zip(originals, (x, w, a, b, g)):
+        assert torch.equal(before, after), "an input was modified"
+    if dropout:
+        mask, keep = K.dropout_keep_mask(seed, (m, k), dropout, x.device)
+    else:
+        mask, keep = torch.ones(m, k, dtype=torch.bool), 1.0
+    # torch's own computation in dtype with the kernels' mask (the yardstick)...
+    s_t = (x * mask / keep) @ a.t()
+    z_t = (x @ w.t()).addmm_(s_t, b.t(), alpha=scaling)
+    y_t = z_t * g.to(dtype) if bias_t is None else torch.addcmul(bias_t, z_t, g.to(dtype))
+    # ...and float64 (the oracle); g is the kernel's fp32 input, exact in float64.
+    s64 = (x.double() * mask / keep) @ a.double().t()
+    z64 = x.double() @ w.double().t() + scaling * s64 @ b.double().t()
+    y64 = z64 * g.double() + (bias_t.double() if bias_t is not None else 0.0)
+    _check(s, s_t, s64, dtype, "s (dora)")
+    _check(z, z_t, z64, dtype, "z (dora)")
+    _check(y, y_t, y64, dtype, "y (dora)")
+    if not dropout:  # the reference twin (its own mask otherwise): the same yardstick
+        y_ref, z_ref, _ = reference.dora_forward(x, w, a, b, scaling, g, bias_t)
+        _check(y, y_ref, y64, dtype, "y (dora) vs the reference twin's error")
+        _check(z, z_ref, z64, dtype, "z (dora) vs the reference twin's error")
+    # Without the DoRA flags the same GEMM is lora_forward's: z equals its output bit for bit.
+    y_lora, _ = K.lora_forward(x, w, a, b, scaling, None, dropout, seed)
+    assert torch.equal(z, y_lora), "z must be the plain LoRA GEMM's tile (before scale and bias)"
+
+
+def _dora_layer_k(dtype, bias=True, dropout=0.0, k=48, n=40, r=8):
+    torch.manual_seed(0)
+    layer = fastlora.DoRALinear(k, n, bias=bias, r=r, alpha=16.0, dropout=dropout, dtype=dtype).train()
+    with torch.no_grad():
+        layer.lora_B.normal_(0.0, 0.3)
+        layer.lora_magnitude.mul_(torch.rand(n).to(dtype) + 0.5)
+    if bias:
+        layer.bias.requires_grad_(True)
+    return layer
+
+
+def _dora_by_hand(x, w, a, b, mag, norm, scaling, bias, dy, mask, keep):
+    """DoRA forward and (x, A, B, m, bias) gradients by the formulas, in x's dtype
+    (g rounded to it; dm summed in fp32): PyTorch's own error yardstick."""
+    dt = x.dtype
+    g = (mag.float() / norm).to(dt)
+    xd = x * mask / keep
+    s = xd @ a.t()
+    z = (x @ w.t()).addmm_(s, b.t(), alpha=scaling)
+    y = torch.addcmul(bias, z, g)
+    dz = dy * g
+    ds = scaling * (dz @ b)
+    dx = dz @ w + (ds @ a) * mask / keep
+    return y, [dx, ds.t() @ xd, scaling * (dz.t() @ s), ((dy * z).sum(0, dtype=torch.float32) / norm).to(dt), dy.sum(0)]
+
+
+def _dora_float64(x, w, a, b, mag, scaling, bias, dy, mask, keep):
+    """The DoRA formula in float64 autograd (row norm materialized, detached)."""
+    leaves = [t.detach().double().requires_grad_(True) for t in (x, a, b, mag, bias)]
+    x64, a64, b64, m64, bias64 = leaves
+    w64 = w.detach().double()
+    norm = (w64 + scaling * b64 @ a64).norm(dim=1).detach()
+    z = x64 @ w64.t() + scaling * ((x64 * mask / keep) @ a64.t()) @ b64.t()
+    y = (m64 / norm) * z + bias64
+    y.backward(dy.double())
+    return y.detach(), [t.grad for t in leaves]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dropout", [0.0, 0.2], ids=["p0", "p0.2"])
+def test_dora_linear_on_the_kernels(dtype, dropout):
+    """DoRALinear forward + backward on the Triton backend (3-D input) vs float64 autograd;
+    2 launches forward (as LoRA), 3 backward (the LoRA backward at dZ = g * dY)."""
+    layer = _dora_layer_k(dtype, dropout=dropout)
+    lead, m, k, n = (2,), 19, 48, 40
+    x = torch.randn(*lead, m, k, generator=torch.Generator().manual_seed(21)).to(dtype).requires_grad_(True)
+    torch.manual_seed(77)
+    seed = new_dropout_seed()  # what the layer will draw next
+    torch.manual_seed(77)
+    K.reset_launch_count()
+    y = layer(x)
+    assert K.launch_count() == 2
+    assert y.shape == (*lead, m, n) and y.dtype == dtype
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(22)).to(dtype)
+    K.reset_launch_count()
+    y.backward(dy, retain_graph=True)
+    assert K.launch_count() == 3
+    params = (layer.lora_A, layer.lora_B, layer.lora_magnitude, layer.bias)
+    first = [x.grad.clone()] + [p.grad.clone() for p in params]
+    for t in (x, *params):
+        t.grad = None
+    y.backward(dy)
+    for name, g1, t in zip(("dx", "dA", "dB", "dm", "dbias"), first, (x, *params)):
+        assert torch.equal(g1, t.grad), f"{name}: retain_graph double backward is not bit-identical"
+
+    x2, dy2 = x.detach().reshape(-1, k), dy.reshape(-1, n)
+    if dropout:
+        mask, keep = K.dropout_keep_mask(seed, (x2.shape[0], k), dropout, x.device)
+    else:
+        mask, keep = torch.ones(x2.shape[0], k, dtype=torch.bool), 1.0
+    with torch.no_grad():
+        norm = layer.weight_norm()  # fp32, the layer's own (identity-based) norm
+        y_t, grads_t = _dora_by_hand(x2, layer.weight, layer.lora_A, layer.lora_B, layer.lora_magnitude, norm,
+                                     layer.scaling, layer.bias, dy2, mask, keep)  # fmt: skip
+    y64, grads64 = _dora_float64(x2, layer.weight, layer.lora_A, layer.lora_B, layer.lora_magnitude, layer.scaling,
+                                 layer.bias, dy2, mask, keep)  # fmt: skip
+    _check(y.detach().reshape(-1, n), y_t, y64, dtype, "y (DoRA layer)")
+    for name, got, want, oracle in zip(("dx", "dA", "dB", "dm", "dbias"), first, grads_t, grads64):
+        got = got.reshape(oracle.shape)
+        _check(got, want, oracle, dtype, f"{name} (DoRA layer)")
+
+
+def test_dora_linear_fp32_adapters_on_an_fp16_base():
+    """Mixed precision on the kernels: the fp32 adapters are cast to x's dtype (as
+    lora_linear does), the gradients come back in fp32, the norm from the fp32 adapters."""
+    layer = _dora_layer_k(torch.float16)
+    for name in ("lora_A", "lora_B", "lora_magnitude"):
+        getattr(layer, name).data = getattr(layer, name).data.float()
+    x = torch.randn(21, 48, generator=torch.Generator().manual_seed(31)).half().requires_grad_(True)
+    K.reset_launch_count()
+    y = layer(x)
+    assert K.launch_count() == 2 and y.dtype == torch.float16
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(32)).half()
+    y.backward(dy)
+    params = (layer.lora_A, layer.lora_B, layer.lora_magnitude, layer.bias)
+    assert all(p.grad.dtype == torch.float32 for p in params[:3])
+    ones = torch.ones(21, 48, dtype=torch.bool)
+    y64, grads64 = _dora_float64(x.detach(), layer.weight, *params[:3], layer.scaling, layer.bias, dy, ones, 1.0)
+    # x, W, bias are fp16 values (exact in float64); the kernels round A, B (cast), z and y
+    # to fp16 and accumulate in fp32: 4 fp16 roundings (2^-11 each) of max|.| bound it.
+    gots = [y.detach(), x.grad, *[p.grad for p in params[:3]]]
+    for name, got, oracle in zip(("y", "dx", "dA", "dB", "dm"), gots, [y64, *grads64]):
+        assert_close_to(got, oracle, 4 * 2**-11 * oracle.abs().max().item(), f"{name} (mixed, kernels)")
