@@ -3,7 +3,8 @@
     python bench/readme_figures.py [--results bench/results] [--device cpu] [--write-readme README.md]
 
 Reads lora_<device>.csv (bench/report.py), qlora_<device>.csv
-(bench/report_qlora.py) and compile_<device>.csv (bench/compile_gain.py), so
+(bench/report_qlora.py), dora_<device>.csv (bench/report_dora.py) and
+compile_<device>.csv (bench/compile_gain.py), so
 the README quotes exactly what those commands measured.
 """
 
@@ -63,6 +64,16 @@ def qlora_lines(path: str) -> list[str]:
     return out
 
 
+def dora_table(path: str) -> list[str]:
+    out = ["| shape | dropout | DoRA ms | LoRA ms | PEFT DoRA ms | DoRA / PEFT DoRA | saved bytes DoRA / PEFT DoRA |",
+           "|---|---|---|---|---|---|---|"]
+    for r in rows(path):
+        out.append(f"| {r['shape']} | {r['dropout']} | {ms(r, 'dora_both_ms')} | {ms(r, 'lora_both_ms')} | "
+                   f"{ms(r, 'peft_dora_both_ms')} | {float(r['dora_both_ms']) / float(r['peft_dora_both_ms']):.2f} | "
+                   f"{int(r['dora_saved_bytes']):,} / {int(r['peft_dora_saved_bytes']):,} |")
+    return out
+
+
 def compile_table(path: str) -> list[str]:
     data = rows(path)
     if not data:
@@ -83,6 +94,7 @@ def main() -> None:
     blocks = {
         "LoRA": lora_table(os.path.join(args.results, f"lora_{args.device}.csv")),
         "QLoRA": qlora_lines(os.path.join(args.results, f"qlora_{args.device}.csv")),
+        "DoRA": dora_table(os.path.join(args.results, f"dora_{args.device}.csv")),
         "compile": compile_table(os.path.join(args.results, f"compile_{args.device}.csv")),
     }
     if not args.write_readme:
