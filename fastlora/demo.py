@@ -24,10 +24,14 @@ vector per layer; ``qdora`` on NF4 weights), ``vera`` (:func:`fastlora.apply_ver
 shared frozen random projections, two trainable vectors per layer; rank 64 by
 default), ``loraplus`` (plain LoRA trained with
 :func:`fastlora.create_loraplus_optimizer`, ``lora_B`` at 16x the learning rate)
-and ``pissa`` / ``olora`` (``LoRAConfig(init=...)``: the adapters start from the
+``pissa`` / ``olora`` (``LoRAConfig(init=...)``: the adapters start from the
 base weight's top singular directions / QR factors and the base weight is
 replaced by the residual, so the adapted model starts as the base network up
-to rounding). The rank comparison uses the variant itself for lora, qlora,
+to rounding) and ``adalora`` (:func:`fastlora.apply_adalora`: SVD-form adapters
+``P Lambda Q`` that start at ``init_r = 1.5 x --rank`` triplets per layer, 12
+by default, and that a :class:`fastlora.AdaLoRARankAllocator` prunes during
+training down to ``--rank`` per layer on average; the orthogonality penalty is
+added to the loss). The rank comparison uses the variant itself for lora, qlora,
 dora and qdora, and plain LoRA for the others (it says so). ``--json``
 prints one JSON object with every figure and nothing else. Everything is
 seeded, so a run on CPU is reproducible for a given ``--seed`` (timings aside).
@@ -52,6 +56,7 @@ from torch import Tensor, nn
 
 from ._backend import BACKENDS, get_backend, resolve_backend, set_backend
 from .loraplus import create_loraplus_optimizer
+from .adalora import AdaLoRAConfig, RankAllocator, adalora_layers, apply_adalora, merge_adalora
 from .model import LoRAConfig, apply_lora, count_parameters, merge_lora
 from .vera import VeRAConfig, apply_vera, merge_vera
 
@@ -59,9 +64,9 @@ IN_FEATURES, HIDDEN, OUT_FEATURES = 128, 256, 10
 LAYERS = ("fc1", "fc2", "fc3")
 RANKS = (1, 4, 8, 16, 32, 64)
 
-VARIANTS = ("lora", "qlora", "dora", "qdora", "vera", "loraplus", "pissa", "olora")
+VARIANTS = ("lora", "qlora", "dora", "qdora", "vera", "loraplus", "pissa", "olora", "adalora")
 LABELS = {"lora": "LoRA", "qlora": "QLoRA", "dora": "DoRA", "qdora": "QDoRA", "vera": "VeRA", "loraplus": "LoRA+",
-          "pissa": "PiSSA", "olora": "OLoRA"}
+          "pissa": "PiSSA", "olora": "OLoRA", "adalora": "AdaLoRA"}
 DESCRIPTIONS = {
     "lora": "lora",
     "qlora": "qlora (NF4 base weights)",
@@ -71,13 +76,14 @@ DESCRIPTIONS = {
     "loraplus": "loraplus (plain LoRA, LoRA+ optimizer)",
     "pissa": "pissa (LoRAConfig(init='pissa'): adapters from the top singular directions)",
     "olora": "olora (LoRAConfig(init='olora'): adapters from a QR factorisation)",
+    "adalora": "adalora (apply_adalora: SVD-form adapters, ranks pruned during training)",
 }
 # Variants whose rank comparison runs the variant itself; the others compare plain LoRA ranks.
 RANK_TABLE_VARIANTS = ("lora", "qlora", "dora", "qdora")
 NF4_VARIANTS = ("qlora", "qdora")
 REWRITES_BASE = ("pissa", "olora")  # the base weight becomes the residual W - s B A
 # Names of the trainable adapter parameters (every variant's).
-ADAPTER_PARAMS = ("lora_A", "lora_B", "lora_magnitude", "vera_lambda_d", "vera_lambda_b")
+ADAPTER_PARAMS = ("lora_A", "lora_B", "lora_magnitude", "vera_lambda_d", "vera_lambda_b", "lora_E")
 LORA_RANK, VERA_RANK = 8, 256
 # NOTE: VeRA's rank is PEFT's default, 256: it is not bounded by the layer sizes
 # (the shared projections are random), and each rank costs one trainable number
@@ -87,6 +93,13 @@ LORAPLUS_RATIO = 16.0
 # in 100 epochs here (task B 71 % vs 76 % at 1e-2), as the VeRA paper's larger
 # learning rates suggest. Measured with seed 0: r=64 1e-2 76 %, r=256 1e-2 86 %.
 LORA_LR, VERA_LR = 1e-3, 1e-2
+# AdaLoRA: every layer starts with ADALORA_INIT_FACTOR x --rank triplets (12 for the
+# default 8, PEFT's example's init_r=12 / target_r=8) and the allocator prunes them
+# to --rank per layer on average, so it ends at LoRA r=8's budget of 24 triplets.
+# The budget stays at the start for the first ADALORA_TINIT of the steps, shrinks
+# on PEFT's cubic schedule, and is fixed for the last ADALORA_TFINAL of the steps.
+ADALORA_INIT_FACTOR = 1.5
+ADALORA_TINIT, ADALORA_TFINAL = 0.1, 0.2
 
 # Task A: labels from a random teacher 128 -> TEACHER_HIDDEN -> 10.
 TEACHER_HIDDEN = 32
@@ -200,11 +213,34 @@ def _qlora_class():
     return QLoRALinear
 
 
-def adapt(model: MLP, variant: str, r: int, alpha: float) -> MLP:
+def adalora_init_r(target_r: int) -> int:
+    """AdaLoRA's initial rank per layer for a target (average, final) rank: 1.5x, rounded up."""
+    return math.ceil(ADALORA_INIT_FACTOR * target_r)
+
+
+def adalora_config(target_r: int, alpha: float, total_step: int) -> AdaLoRAConfig:
+    """The demo's AdaLoRA config: ``init_r`` = :func:`adalora_init_r`, ``tinit`` / ``tfinal``
+    = ADALORA_TINIT / ADALORA_TFINAL of ``total_step`` (``tfinal`` at least one step, so the
+    final rank pattern is always reached), mask every step; PEFT's other defaults."""
+    if total_step < 2:
+        raise ValueError(f"AdaLoRA needs at least 2 training steps (a warm-up and a final step), got {total_step}")
+    tfinal = max(1, round(ADALORA_TFINAL * total_step))
+    tinit = min(round(ADALORA_TINIT * total_step), total_step - tfinal - 1)
+    return AdaLoRAConfig(
+        init_r=adalora_init_r(target_r), target_r=target_r, tinit=tinit, tfinal=tfinal, deltaT=1,
+        total_step=total_step, alpha=alpha,
+    )
+
+
+def adapt(model: MLP, variant: str, r: int, alpha: float, *, adalora: AdaLoRAConfig | None = None) -> MLP:
     """Give ``model``'s three layers an adapter of rank ``r`` in place; the base is
     frozen. ``variant``: one of :data:`VARIANTS` ("qlora" / "qdora" also store the
     base weights in NF4; "vera" ignores ``alpha``; "loraplus" is plain LoRA, only
-    its optimizer differs)."""
+    its optimizer differs; "adalora" applies ``adalora``, whose ``target_r`` is ``r``)."""
+    if variant == "adalora":
+        if adalora is None or adalora.target_r != r or adalora.alpha != alpha:
+            raise ValueError("variant 'adalora' needs adalora=adalora_config(r, alpha, total_step)")
+        return apply_adalora(model, adalora)
     if variant in ("lora", "loraplus"):
         return apply_lora(model, LoRAConfig(r=r, alpha=alpha))
     if variant == "dora":
@@ -230,9 +266,10 @@ def adapt(model: MLP, variant: str, r: int, alpha: float) -> MLP:
 
 
 def merge(model: MLP) -> MLP:
-    """``merge_vera`` and ``merge_lora``; a QLoRA layer that is not a LoRALinear is
-    merged with its own ``to_linear`` (dequantized base weight plus the update)."""
+    """``merge_vera``, ``merge_adalora`` and ``merge_lora``; a QLoRA layer that is not a
+    LoRALinear is merged with its own ``to_linear`` (dequantized base weight plus the update)."""
     merge_vera(model)
+    merge_adalora(model)
     merge_lora(model)
     for name in LAYERS:
         layer = getattr(model, name)
@@ -293,9 +330,16 @@ def fit(
     seed: int,
     on_epoch: Callable[[EpochStats], None] | None = None,
     optimizer: torch.optim.Optimizer | None = None,
+    regularizer: Callable[[], Tensor] | None = None,
+    after_step: Callable[[int], None] | None = None,
 ) -> list[EpochStats]:
     """Adam on the trainable parameters (or ``optimizer``, built on them by the
     caller), shuffled mini-batches, ``epochs`` passes.
+
+    ``regularizer()`` is added to each step's loss (AdaLoRA's orthogonality
+    penalty); ``after_step(step)`` runs after each ``optimizer.step()``, before the
+    next ``zero_grad``, with the 0-based global step (AdaLoRA's
+    ``update_and_allocate``, where PEFT's docs call it).
 
     After every epoch the losses are measured on the whole training and
     validation sets (eval mode); ``grad_norm`` is the epoch's mean over steps of
@@ -306,6 +350,7 @@ def fit(
     gen = torch.Generator().manual_seed(seed)
     device = train.x.device
     history = []
+    step = 0
     for epoch in range(1, epochs + 1):
         model.train()
         _sync(device)
@@ -313,10 +358,15 @@ def fit(
         norms = []
         for idx in torch.randperm(len(train.y), generator=gen).to(device).split(batch_size):
             loss = F.cross_entropy(model(train.x[idx]), train.y[idx])
+            if regularizer is not None:
+                loss = loss + regularizer()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             norms.append(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])))
             opt.step()
+            if after_step is not None:
+                after_step(step)
+            step += 1
         _sync(device)
         seconds = time.perf_counter() - start
         train_loss = evaluate(model, train)[0]
@@ -504,7 +554,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="LoRA fine-tuning walkthrough: pretrain a small MLP on task A, adapt it to task B with LoRA.",
     )
     parser.add_argument(
-        "--rank", type=int, default=None, help=f"adapter rank r (default {LORA_RANK}; {VERA_RANK} for --variant vera)"
+        "--rank",
+        type=int,
+        default=None,
+        help=f"adapter rank r (default {LORA_RANK}; {VERA_RANK} for --variant vera; for --variant adalora the "
+        f"target rank, starting from {ADALORA_INIT_FACTOR:g}x as many)",
     )
     parser.add_argument(
         "--alpha", type=float, default=8.0, help="LoRA alpha; scaling = alpha / r (default 8.0; unused by VeRA)"
@@ -526,7 +580,8 @@ def build_parser() -> argparse.ArgumentParser:
         choices=VARIANTS,
         default="lora",
         help="adapter: lora; qlora (NF4 base); dora / qdora (magnitude vectors); vera (shared random "
-        "projections); loraplus (LoRA+ optimizer); pissa / olora (SVD / QR init, residual base)",
+        "projections); loraplus (LoRA+ optimizer); pissa / olora (SVD / QR init, residual base); adalora "
+        "(adaptive rank budget)",
     )
     parser.add_argument("--plot", metavar="FILE.png", default=None, help="write loss curves with matplotlib")
     parser.add_argument("--json", action="store_true", help="print one JSON object with every figure, nothing else")
@@ -577,6 +632,11 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
         parser.error(
             f"--variant {args.variant} factorises each base weight: --rank must be <= {smallest} "
             f"(the smallest layer, fc3, is {HIDDEN} -> {OUT_FEATURES}), got {args.rank}"
+        )
+    if args.variant == "adalora" and args.epochs * math.ceil(TRAIN_SAMPLES / args.batch_size) < 2:
+        parser.error(
+            "--variant adalora needs at least 2 training steps (epochs x ceil(1000 / batch size)) for its "
+            f"rank schedule, got {args.epochs} x {math.ceil(TRAIN_SAMPLES / args.batch_size)}"
         )
 
 
@@ -632,6 +692,11 @@ class Walkthrough:
         self.qlora = args.variant in NF4_VARIANTS
         self.dora = args.variant in ("dora", "qdora")
         self.vera = args.variant == "vera"
+        self.adalora = args.variant == "adalora"
+        self.steps_per_epoch = math.ceil(TRAIN_SAMPLES / args.batch_size)
+        self.adalora_config = (
+            adalora_config(args.rank, args.alpha, args.epochs * self.steps_per_epoch) if self.adalora else None
+        )
         self.rewrites_base = args.variant in REWRITES_BASE
         self.label = LABELS[args.variant]
         self.seed = args.seed
@@ -666,7 +731,9 @@ class Walkthrough:
             "output_size": OUT_FEATURES,
             "rank": args.rank,
             "alpha": args.alpha,
-            "scaling": args.alpha / args.rank,
+            "scaling": (
+                self.adalora_layer_scaling() if self.adalora else args.alpha / args.rank
+            ),
             "learning_rate": args.lr,
             "epochs": args.epochs,
             "batch_size": args.batch_size,
@@ -679,7 +746,7 @@ class Walkthrough:
             "optimizer": self.optimizer_name(),
             "loraplus_ratio": LORAPLUS_RATIO if args.variant == "loraplus" else None,
             "use_dora": self.dora,
-            "init": args.variant if self.rewrites_base else ("vera" if self.vera else "default"),
+            "init": args.variant if self.rewrites_base else (args.variant if self.vera or self.adalora else "default"),
             "quantize": "nf4" if self.qlora else None,
             "rank_default_note": (
                 f"VeRA rank {VERA_RANK} by default (PEFT's default; VeRA's rank may exceed the layer sizes)"
@@ -697,6 +764,18 @@ class Walkthrough:
             rows += [
                 ("VeRA rank r", f"{args.rank}{default}"),
                 ("VeRA alpha", "not used (VeRA has no scaling; lambda_d starts at 0.1, lambda_b at 0)"),
+            ]
+        elif self.adalora:
+            c = self.adalora_config
+            rows += [
+                ("AdaLoRA init_r -> target_r", f"{c.init_r} -> {c.target_r} per layer  "
+                 f"(budget {3 * c.init_r} -> {3 * c.target_r} triplets, LoRA r={c.target_r}'s)"),
+                ("AdaLoRA alpha", f"{args.alpha:.1f}  (scaling alpha / init_r = {self.adalora_layer_scaling():.4g}, "
+                 "as PEFT)"),
+                ("AdaLoRA schedule", f"total_step {c.total_step}, tinit {c.tinit}, tfinal {c.tfinal}, "
+                 f"deltaT {c.deltaT}"),
+                ("AdaLoRA importance / penalty", f"beta1 {c.beta1:g}, beta2 {c.beta2:g}, "
+                 f"orth_reg_weight {c.orth_reg_weight:g}"),
             ]
         else:
             rows += [
@@ -722,6 +801,11 @@ class Walkthrough:
         ]
         for name, value in rows:
             out(f"  {name:<30} {value}")
+
+    def adalora_layer_scaling(self) -> float:
+        """AdaLoRA's ``scaling / (init_r + 1e-5)`` (``scaling = alpha``, or ``init_r`` when ``alpha <= 0``)."""
+        init_r = self.adalora_config.init_r
+        return (self.args.alpha if self.args.alpha > 0 else init_r) / (init_r + 1e-5)
 
     def optimizer_name(self) -> str:
         if self.variant == "loraplus":
@@ -828,7 +912,7 @@ class Walkthrough:
         model = self.model = copy.deepcopy(self.base)
         weight_bytes = sum(getattr(model, n).weight.numel() * getattr(model, n).weight.element_size() for n in LAYERS)
         torch.manual_seed(self.seed + 3)
-        adapt(model, args.variant, args.rank, args.alpha)
+        adapt(model, args.variant, args.rank, args.alpha, adalora=self.adalora_config)
         rows, layers = [], []
         for name in LAYERS:
             layer = getattr(model, name)
@@ -837,6 +921,12 @@ class Walkthrough:
             if self.vera:
                 adapter = f"lambda_d {layer.vera_lambda_d.numel()} + lambda_b {layer.vera_lambda_b.numel()}"
                 info.update(lambda_d=layer.vera_lambda_d.numel(), lambda_b=layer.vera_lambda_b.numel())
+            elif self.adalora:
+                r = layer.r
+                adapter = f"A {r}x{layer.in_features} + E {r} + B {layer.out_features}x{r}"
+                info.update(
+                    init_r=r, lora_A=layer.lora_A.numel(), lora_E=layer.lora_E.numel(), lora_B=layer.lora_B.numel()
+                )
             else:
                 adapter = f"A {args.rank}x{layer.in_features} + B {layer.out_features}x{args.rank}"
                 info.update(lora_A=layer.lora_A.numel(), lora_B=layer.lora_B.numel())
@@ -867,6 +957,20 @@ class Walkthrough:
             )
             out("  (buffers, not parameters), sliced per layer. Each layer trains lambda_d [r] (init 0.1) and")
             out("  lambda_b [out] (init 0): W + diag(lambda_b) B_s diag(lambda_d) A_s.")
+        elif self.adalora:
+            c = self.adalora_config
+            out(
+                f"  apply_adalora(model, AdaLoRAConfig(init_r={c.init_r}, target_r={c.target_r}, tinit={c.tinit}, "
+                f"tfinal={c.tfinal},"
+            )
+            out(
+                f"      deltaT={c.deltaT}, total_step={c.total_step}, alpha={c.alpha:g}))"
+                "  # target_modules=None: every nn.Linear"
+            )
+            out("  allocator = RankAllocator(model, config)  # fastlora.AdaLoRARankAllocator")
+            out("  Each layer holds an SVD-form update P Lambda Q: B [out, r] (P), E [r] (Lambda, init 0) and")
+            out(f"  A [r, in] (Q), r = init_r = {c.init_r}; y = W x + (alpha / init_r) B (E * A) x. The allocator")
+            out("  zeroes the E entries of the least important triplets during training (section 5).")
         else:
             extra = {
                 "dora": ", use_dora=True",
@@ -928,6 +1032,24 @@ class Walkthrough:
             "initial_output_max_abs_diff_vs_base": self.init_diff,
             "base_replaced_by_residual": self.rewrites_base,
         }
+        if self.adalora:
+            c = self.adalora_config
+            self.result["adalora"] = {
+                "init_r": c.init_r,
+                "target_r": c.target_r,
+                "tinit": c.tinit,
+                "tfinal": c.tfinal,
+                "deltaT": c.deltaT,
+                "total_step": c.total_step,
+                "steps_per_epoch": self.steps_per_epoch,
+                "beta1": c.beta1,
+                "beta2": c.beta2,
+                "orth_reg_weight": c.orth_reg_weight,
+                "alpha": c.alpha,
+                "scaling": self.adalora_layer_scaling(),
+                "initial_budget": c.init_r * len(LAYERS),
+                "target_budget": c.target_r * len(LAYERS),
+            }
         if self.vera:
             self.result["vera"] = {
                 "r": args.rank,
@@ -964,9 +1086,31 @@ class Walkthrough:
         out(f"  {_epochs(args.epochs)} of {steps} {optimizer} steps (batch {args.batch_size}); a row {rows_every}.")
         out("  Losses are measured on the whole training / validation set after each epoch; the")
         out("  gradient norm is the epoch's mean over its steps; the time covers the training steps.")
+        allocator = regularizer = after_step = None
+        if self.adalora:
+            c = self.adalora_config
+            allocator = self.allocator = RankAllocator(model, c)
+            out("  AdaLoRA: each step's loss is cross-entropy + allocator.orthogonal_regularization(model)")
+            out(f"  (orth_reg_weight {c.orth_reg_weight:g}); after each optimizer.step() the allocator's")
+            out("  update_and_allocate(model, step) updates the importance scores and prunes triplets to")
+            out(f"  the step's budget: {c.init_r * len(LAYERS)} up to step {c.tinit}, then a cubic decrease to "
+                f"{c.target_r * len(LAYERS)} at step {c.total_step - c.tfinal},")
+            out(f"  then that final rank pattern for the last {c.tfinal} steps. 'active ranks' = the non-zero")
+            out("  E entries per layer (fc1 / fc2 / fc3) after the epoch, with their sum.")
+            regularizer = lambda: allocator.orthogonal_regularization(model)  # noqa: E731
+            self.budget = c.init_r * len(LAYERS)
+
+            def after_step(step: int) -> None:
+                self.budget = allocator.update_and_allocate(model, step)
+
+        self.budget_log = []
         out()
         headers = ["epoch", "train loss", "val loss", f"{label} grad norm", "epoch time"]
-        lines = format_table(headers, [["00000", "0.0000", "0.0000", "0.000000", "0000.0 ms"]], "rrrrr")
+        template = ["00000", "0.0000", "0.0000", "0.000000", "0000.0 ms"]
+        if self.adalora:
+            headers.append("active ranks")
+            template.append("00/00/00 (000)")
+        lines = format_table(headers, [template], "r" * len(headers))
         widths = [len(cell) for cell in lines[0].split(" | ")]
         out("  " + lines[0])
         out("  " + lines[1])
@@ -974,7 +1118,20 @@ class Walkthrough:
 
         def report(stats: EpochStats) -> None:
             progress.update(f"loss {stats.train_loss:.4f}")
-            if not out.quiet and (stats.epoch == 1 or stats.epoch % every == 0 or stats.epoch == args.epochs):
+            logged = stats.epoch == 1 or stats.epoch % every == 0 or stats.epoch == args.epochs
+            if self.adalora:
+                ranks = {n: getattr(model, n).active_rank for n in LAYERS}
+                self.budget_log.append(
+                    {
+                        "epoch": stats.epoch,
+                        "step": stats.epoch * self.steps_per_epoch - 1,
+                        "budget": self.budget,
+                        "active_ranks": ranks,
+                        "total_active": sum(ranks.values()),
+                        "logged": logged,
+                    }
+                )
+            if not out.quiet and logged:
                 cells = [
                     str(stats.epoch),
                     f"{stats.train_loss:.4f}",
@@ -982,6 +1139,9 @@ class Walkthrough:
                     f"{stats.grad_norm:.6f}",
                     f"{1000 * stats.epoch_time_s:.1f} ms",
                 ]
+                if self.adalora:
+                    ranks = self.budget_log[-1]["active_ranks"]
+                    cells.append("/".join(str(ranks[n]) for n in LAYERS) + f" ({sum(ranks.values())})")
                 progress.write("  " + " | ".join(c.rjust(w) for c, w in zip(cells, widths)))
 
         try:
@@ -995,6 +1155,8 @@ class Walkthrough:
                 seed=self.seed + 4,
                 on_epoch=report,
                 optimizer=self.make_optimizer(model, args.lr),
+                regularizer=regularizer,
+                after_step=after_step,
             )
         finally:
             progress.close()
@@ -1020,6 +1182,8 @@ class Walkthrough:
             summary.append(("initial output vs base network", f"max |diff| {self.init_diff:.2e}"))
         for name, value in summary:
             out(f"    {name:<32} {value}")
+        if self.adalora:
+            self.adalora_report()
         self.result["training"] = {
             "history": [asdict(h) for h in history],
             "initial_train_loss": self.initial_train_loss,
@@ -1033,6 +1197,53 @@ class Walkthrough:
             "avg_epoch_time_s": total_time / len(history),
             "base_weights_unchanged": unchanged,
         }
+
+    def adalora_report(self) -> None:
+        """The rank budget over training and the final rank pattern (section 5, AdaLoRA)."""
+        out, model, c, allocator = self.out, self.model, self.adalora_config, self.allocator
+        layers = adalora_layers(model)
+        final_step = c.total_step - c.tfinal
+        reached = allocator.rank_pattern is not None and self.budget_log[-1]["step"] >= final_step
+        pattern = {n: [bool(v) for v in allocator.rank_pattern[n]] for n in LAYERS} if reached else None
+        active = {n: layers[n].active_rank for n in LAYERS}
+        with torch.no_grad():
+            penalty = allocator.orthogonal_regularization(model).item()
+        out()
+        out("  Rank budget (triplets kept after the epoch's last step)")
+        rows = [
+            [str(e["epoch"]), str(e["step"]), str(e["budget"])]
+            + [str(e["active_ranks"][n]) for n in LAYERS]
+            + [str(e["total_active"])]
+            for e in self.budget_log
+            if e["logged"]
+        ]
+        out.table(["epoch", "step", "budget"] + list(LAYERS) + ["total"], rows, "rrrrrrr", indent="    ")
+        out()
+        if reached:
+            out(f"  Final rank pattern (from step {final_step}; # kept, . pruned, triplets 0..{c.init_r - 1}):")
+            for n in LAYERS:
+                marks = "".join("#" if keep else "." for keep in pattern[n])
+                out(f"    {n}  {marks}  {active[n]:>2} of {c.init_r}")
+            out(
+                f"    total {sum(active.values())} = target_r {c.target_r} x {len(LAYERS)} layers "
+                f"(LoRA r={c.target_r}'s budget), spread by importance"
+                if sum(active.values()) == c.target_r * len(LAYERS)
+                else f"    total {sum(active.values())} (target {c.target_r * len(LAYERS)})"
+            )
+        else:
+            out(f"  The final rank pattern (step {final_step}) was not reached.")
+        out(f"  Orthogonality penalty at the end: {penalty:.4g}")
+        self.result["adalora"].update(
+            {
+                "budget": self.budget_log,
+                "final_pattern_reached": reached,
+                "final_step": final_step,
+                "final_rank_pattern": pattern,
+                "final_active_ranks": active,
+                "final_total_active": sum(active.values()),
+                "final_orth_penalty": penalty,
+            }
+        )
 
     # 6 ---------------------------------------------------------------------------------
     def loss_curve(self) -> None:
@@ -1088,9 +1299,10 @@ class Walkthrough:
         if self.qlora:
             nf4_acc_a = evaluate(adapt(copy.deepcopy(self.base), "qlora", 1, 1.0), self.a_test)[1]
             rows.append(["NF4 base (no adaptation)", "0", pct(self.initial_val_acc), pct(nf4_acc_a)])
+        rank = f"{self.adalora_config.init_r}->{args.rank}" if self.adalora else str(args.rank)
         rows.append(
             [
-                f"{label} r={args.rank}, {args.epochs} epochs",
+                f"{label} r={rank}, {args.epochs} epochs",
                 f"{self.lora_params:,}",
                 pct(self.lora_acc),
                 pct(lora_acc_a),
@@ -1109,6 +1321,8 @@ class Walkthrough:
         else:
             out("  The base weights under the adapter are untouched: removing the adapter gives back")
             out(f"  the {'NF4 ' if self.qlora else ''}task A network, whereas full fine-tuning has overwritten it.")
+        if self.adalora:
+            self.result["adalora"]["val_accuracy"] = self.lora_acc
         self.result["accuracy"] = {
             "base_val_accuracy": self.base_acc_b,
             "adapted_before_training_val_accuracy": self.initial_val_acc,
@@ -1147,6 +1361,7 @@ class Walkthrough:
             "vera": "merge_vera(model): each layer becomes a plain nn.Linear with W + (lambda_b B_s)(lambda_d A_s)",
             "pissa": "merge_lora(model): each layer becomes a plain nn.Linear with W_residual + (alpha / r) B A",
             "olora": "merge_lora(model): each layer becomes a plain nn.Linear with W_residual + (alpha / r) B A",
+            "adalora": "merge_adalora(model): each layer becomes a plain nn.Linear with W + (alpha / init_r) B (E * A)",
         }
         out("  " + formulas.get(self.variant, "merge_lora(model): each layer becomes a plain nn.Linear with W + (alpha / r) B A"))
         out()
@@ -1159,6 +1374,8 @@ class Walkthrough:
         out(f"  (outputs reach {max_out:.1f}; one float32 rounding step at that size is {rounding:.1e})")
         out(f"  Parameters after merging: {params:,} (base network: {self.base_params:,}, {same})")
         out(f"  Validation accuracy after merging: {pct(acc)}, with no adapter left to run at inference")
+        if self.adalora:
+            self.result["adalora"]["merge_max_abs_diff"] = max_diff
         self.result["merge"] = {
             "max_abs_diff": max_diff,
             "max_abs_output": max_out,

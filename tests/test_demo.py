@@ -213,12 +213,15 @@ def test_qlora_variant():
 # One in-process run per variant, tiny epochs (the figures checked here do not depend on them).
 TINY = ["--epochs", "1", "--rank-epochs", "0", "--pretrain-epochs", "1", "--backend", "reference", "--no-progress"]
 OUTS = [o for _, o in SHAPES.values()]
+ADALORA_INIT_R, ADALORA_TARGET_R = 12, 8  # the demo's default: init_r 12 pruned to LoRA r=8's budget
 
 
 def expected_trainable(variant: str, r: int) -> list[int]:
     """Per-layer trainable counts, computed from the layer shapes alone."""
     if variant == "vera":
         return [r + o for o in OUTS]  # lambda_d [r] + lambda_b [out]
+    if variant == "adalora":
+        return [r * (i + o + 1) for i, o in SHAPES.values()]  # A [r, in] + E [r, 1] + B [out, r], r = init_r
     lora = [r * (i + o) for i, o in SHAPES.values()]  # A [r, in] + B [out, r]
     if variant in ("dora", "qdora"):
         return [n + o for n, o in zip(lora, OUTS)]  # + the magnitude m [out]
@@ -240,7 +243,7 @@ def variant_runs():
     return get
 
 
-VARIANT_CASES = ["dora", "qdora", "vera", "loraplus", "pissa", "olora"]
+VARIANT_CASES = ["dora", "qdora", "vera", "loraplus", "pissa", "olora", "adalora"]
 
 
 @pytest.mark.parametrize("variant", VARIANT_CASES)
@@ -249,7 +252,7 @@ def test_variant_parameter_counts(variant_runs, variant):
         pytest.importorskip("fastlora.qlora")
     result = variant_runs(variant)
     r = 256 if variant == "vera" else 8
-    per_layer = expected_trainable(variant, r)
+    per_layer = expected_trainable(variant, ADALORA_INIT_R if variant == "adalora" else r)
     lora = result["lora"]
     assert result["config"]["variant"] == variant
     assert result["config"]["rank"] == r
@@ -269,6 +272,12 @@ def test_variant_parameter_counts(variant_runs, variant):
         # One shared projection pair sized to the largest layer: [r, max in], [max out, r].
         assert result["vera"]["vera_A_shape"] == [256, 256]
         assert result["vera"]["vera_B_shape"] == [256, 256]
+    if variant == "adalora":
+        assert [(layer["lora_A"], layer["lora_E"], layer["lora_B"]) for layer in lora["layers"]] == [
+            (ADALORA_INIT_R * i, ADALORA_INIT_R, o * ADALORA_INIT_R) for i, o in SHAPES.values()
+        ]
+        assert per_layer == [4_620, 6_156, 3_204]
+        assert sum(per_layer) == 13_980
     # Merging leaves a plain network with the base's parameter count and the same outputs.
     merge = result["merge"]
     assert merge["parameters"] == BASE_PARAMS
@@ -340,3 +349,85 @@ def test_pissa_rank_too_large_is_a_clear_error():
         demo.main(["--variant", "pissa", "--rank", "16"])
     assert exc.value.code == 2
     assert "--rank must be <= 10" in err.getvalue()
+
+
+def _adalora_steps(epochs: int, batch_size: int) -> int:
+    """The demo's total_step: epochs x mini-batches per epoch (1,000 training samples)."""
+    return epochs * -(-1_000 // batch_size)
+
+
+def _check_adalora_budget(result: dict, epochs: int, batch_size: int) -> None:
+    ada = result["adalora"]
+    total_step = _adalora_steps(epochs, batch_size)
+    assert (ada["init_r"], ada["target_r"]) == (ADALORA_INIT_R, ADALORA_TARGET_R)
+    assert ada["total_step"] == total_step
+    assert ada["steps_per_epoch"] * epochs == total_step
+    assert ada["tfinal"] >= 1 and ada["tinit"] + ada["tfinal"] < total_step
+    assert (ada["initial_budget"], ada["target_budget"]) == (3 * ADALORA_INIT_R, 3 * ADALORA_TARGET_R)
+    # One budget entry per epoch, at the epoch's last step; the budget only shrinks.
+    budget = ada["budget"]
+    assert [e["epoch"] for e in budget] == list(range(1, epochs + 1))
+    assert [e["step"] for e in budget] == [total_step * e // epochs - 1 for e in range(1, epochs + 1)]
+    assert all(a["budget"] >= b["budget"] for a, b in zip(budget, budget[1:]))
+    for e in budget:
+        assert e["total_active"] == sum(e["active_ranks"].values()) <= e["budget"]
+        assert all(0 <= e["active_ranks"][n] <= ADALORA_INIT_R for n in SHAPES)
+    # The last step is past total_step - tfinal: the final pattern holds target_r x 3 triplets.
+    assert ada["final_step"] == total_step - ada["tfinal"] <= total_step - 1
+    assert ada["final_pattern_reached"] is True
+    assert budget[-1]["budget"] == 3 * ADALORA_TARGET_R
+    assert ada["final_total_active"] == budget[-1]["total_active"] == 3 * ADALORA_TARGET_R
+    pattern = ada["final_rank_pattern"]
+    assert {n: len(pattern[n]) for n in SHAPES} == {n: ADALORA_INIT_R for n in SHAPES}
+    assert {n: sum(pattern[n]) for n in SHAPES} == ada["final_active_ranks"]
+    assert ada["val_accuracy"] == result["accuracy"]["lora_val_accuracy"]
+    assert ada["merge_max_abs_diff"] == result["merge"]["max_abs_diff"]
+
+
+def test_adalora_reaches_the_target_budget(variant_runs):
+    result = variant_runs("adalora")  # TINY: 1 epoch of 20 steps
+    assert result["config"]["variant"] == "adalora"
+    _check_adalora_budget(result, epochs=1, batch_size=50)
+    # The rank comparison is LoRA-only for AdaLoRA, and the adapted model starts as the base (E = 0).
+    assert result["rank_comparison"]["variant"] == "lora"
+    assert result["lora"]["initial_output_max_abs_diff_vs_base"] == 0.0
+
+
+def test_adalora_budget_shrinks_over_epochs():
+    # 3 epochs of 4 steps: the budget falls from 36 during training and ends at 24.
+    argv = ["--variant", "adalora", "--json"] + TINY + ["--epochs", "3", "--batch-size", "250"]
+    code, out, err = run_demo(argv)
+    assert code == 0, err
+    result = json.loads(out)
+    _check_adalora_budget(result, epochs=3, batch_size=250)
+    budgets = [e["budget"] for e in result["adalora"]["budget"]]
+    assert 3 * ADALORA_INIT_R > budgets[0] and budgets[-1] == 3 * ADALORA_TARGET_R
+
+
+def test_adalora_text_reports_ranks():
+    code, out, err = run_demo(["--variant", "adalora"] + TINY)
+    assert code == 0, err
+    assert "4. Applying AdaLoRA adapters" in out
+    row = r"^  (fc\d) +\| AdaLoRALinear +\| [\d >-]+ \| +A 12x(\d+) \+ E 12 \+ B (\d+)x12 \| +([\d,]+)$"
+    rows = re.findall(row, out, re.M)
+    assert [(name, int(i), int(o), int(n.replace(",", ""))) for name, i, o, n in rows] == [
+        (name, i, o, t) for (name, (i, o)), t in zip(SHAPES.items(), expected_trainable("adalora", ADALORA_INIT_R))
+    ]
+    assert "Total AdaLoRA parameters:  13,980" in out
+    # The training table's extra column: active ranks fc1/fc2/fc3 (sum) after the epoch.
+    training_rows = re.findall(r"^ +1 \| .* ms \| +(\d+)/(\d+)/(\d+) \((\d+)\)$", out, re.M)
+    assert len(training_rows) == 1
+    *ranks, total = map(int, training_rows[0])
+    assert sum(ranks) == total == 3 * ADALORA_TARGET_R
+    pattern = re.findall(r"^    (fc\d)  ([#.]{12}) +(\d+) of 12$", out, re.M)
+    assert [name for name, *_ in pattern] == list(SHAPES)
+    assert [m.count("#") for _, m, _ in pattern] == [int(k) for *_, k in pattern] == ranks
+    assert "merge_adalora(model)" in out
+    assert re.search(r"^  AdaLoRA r=12->8, 1 epochs? +\| +13,980 \|", out, re.M)
+
+
+def test_adalora_needs_two_steps():
+    with pytest.raises(SystemExit) as exc, contextlib.redirect_stderr(io.StringIO()) as err:
+        demo.main(["--variant", "adalora", "--epochs", "1", "--batch-size", "1000"])
+    assert exc.value.code == 2
+    assert "at least 2 training steps" in err.getvalue()
