@@ -45,6 +45,7 @@ from torch import Tensor, nn
 
 from .functional import lora_linear
 from .model import target_linear_names
+from .modules import MergeableLinear
 
 RANKNUM_EPS = 1e-5  # PEFT adds this to ranknum before dividing
 
@@ -62,7 +63,7 @@ def _check_layer_args(init_r, alpha, dropout) -> None:
         raise ValueError(f"dropout must be a probability in [0, 1), got {dropout!r}")
 
 
-class AdaLoRALinear(nn.Linear):
+class AdaLoRALinear(MergeableLinear):
     """``nn.Linear`` with a frozen base weight and an AdaLoRA update (see the module docstring).
 
     ``y = x W^T + (D(x) (lora_E * lora_A)^T lora_B^T) * scaling / (ranknum + 1e-5) + bias``.
@@ -190,43 +191,6 @@ class AdaLoRALinear(nn.Linear):
         PEFT's ``get_delta_weight`` computes it (in the adapters' dtype)."""
         denom = torch.tensor(self.ranknum, dtype=self.lora_A.dtype, device=self.lora_A.device) + RANKNUM_EPS
         return (self.lora_B @ (self.lora_A * self.lora_E)) * self.scaling / denom
-
-    @torch.no_grad()
-    def merge(self) -> None:
-        """Add the update into the base weight (in the adapters' dtype, rounded once to the
-        weight's dtype); later forwards skip the AdaLoRA branch."""
-        if self.merged:
-            return
-        delta = self.delta_weight()
-        self.weight.copy_((self.weight.to(delta.dtype) + delta).to(self.weight.dtype))
-        self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        """Subtract the update again (exact up to the weight dtype's rounding)."""
-        if not self.merged:
-            return
-        delta = self.delta_weight()
-        self.weight.copy_((self.weight.to(delta.dtype) - delta).to(self.weight.dtype))
-        self.merged = False
-
-    @torch.no_grad()
-    def to_linear(self) -> nn.Linear:
-        """A plain ``nn.Linear`` with the update merged in (new tensors; this layer is unchanged)."""
-        out = nn.Linear(
-            self.in_features, self.out_features, bias=self.bias is not None, device=self.weight.device, dtype=self.weight.dtype
-        )
-        weight = self.weight.detach()
-        if not self.merged:
-            delta = self.delta_weight()
-            weight = (weight.to(delta.dtype) + delta).to(self.weight.dtype)
-        out.weight.copy_(weight)
-        if self.bias is not None:
-            out.bias.copy_(self.bias)
-            out.bias.requires_grad_(self.bias.requires_grad)
-        out.weight.requires_grad_(self.weight.requires_grad)
-        out.train(self.training)
-        return out
 
     def extra_repr(self) -> str:
         return (

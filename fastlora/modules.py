@@ -40,7 +40,57 @@ def _check_rank(r, alpha, dropout) -> None:
         raise ValueError(f"dropout must be a probability in [0, 1), got {dropout!r}")
 
 
-class LoRALinear(nn.Linear):
+class MergeableLinear(nn.Linear):
+    """Merge / unmerge / to_linear for an ``nn.Linear`` whose adapter update is
+    ``self.delta_weight()`` [out, in] (LoRA, VeRA, AdaLoRA layers): the update is
+    added in its own precision (float32 for 16-bit weights) and rounded once to
+    the weight's dtype. The base weight is shared with the nn.Linear the layer was
+    made from, so that module sees a merged weight too (as with PEFT)."""
+
+    merged: bool
+
+    def delta_weight(self) -> Tensor:  # pragma: no cover - every subclass defines it
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Add the update into the base weight (rounded once to the weight's dtype);
+        later forwards skip the adapter branch."""
+        if self.merged:
+            return
+        delta = self.delta_weight()
+        self.weight.copy_((self.weight.to(delta.dtype) + delta).to(self.weight.dtype))
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Subtract the update again (exact up to the weight dtype's rounding)."""
+        if not self.merged:
+            return
+        delta = self.delta_weight()
+        self.weight.copy_((self.weight.to(delta.dtype) - delta).to(self.weight.dtype))
+        self.merged = False
+
+    @torch.no_grad()
+    def to_linear(self) -> nn.Linear:
+        """A plain ``nn.Linear`` with the update merged in (new tensors; this layer is unchanged)."""
+        out = nn.Linear(
+            self.in_features, self.out_features, bias=self.bias is not None, device=self.weight.device, dtype=self.weight.dtype
+        )
+        weight = self.weight.detach()
+        if not self.merged:
+            delta = self.delta_weight()
+            weight = (weight.to(delta.dtype) + delta).to(self.weight.dtype)
+        out.weight.copy_(weight)
+        if self.bias is not None:
+            out.bias.copy_(self.bias)
+            out.bias.requires_grad_(self.bias.requires_grad)
+        out.weight.requires_grad_(self.weight.requires_grad)
+        out.train(self.training)
+        return out
+
+
+class LoRALinear(MergeableLinear):
     """``nn.Linear`` with a frozen base weight and a trainable low-rank update.
 
     ``y = x W^T + scaling * dropout(x) A^T B^T + bias`` with ``lora_A`` [r, in]
@@ -219,46 +269,6 @@ class LoRALinear(nn.Linear):
         """``scaling * B @ A`` [out, in], computed in float32 (float64 for float64 weights)."""
         acc = torch.float64 if self.weight.dtype == torch.float64 else torch.float32
         return (self.lora_B.to(acc) @ self.lora_A.to(acc)) * self.scaling
-
-    @torch.no_grad()
-    def merge(self) -> None:
-        """Add ``scaling * B @ A`` into the base weight (in float32, then rounded
-        once to the weight's dtype); later forwards skip the LoRA branch.
-
-        The base weight is shared with the nn.Linear this layer was made from, so
-        that module sees the merged weight too (as with PEFT)."""
-        if self.merged:
-            return
-        delta = self.delta_weight()
-        self.weight.copy_((self.weight.to(delta.dtype) + delta).to(self.weight.dtype))
-        self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        """Subtract the update again (exact up to the weight dtype's rounding)."""
-        if not self.merged:
-            return
-        delta = self.delta_weight()
-        self.weight.copy_((self.weight.to(delta.dtype) - delta).to(self.weight.dtype))
-        self.merged = False
-
-    @torch.no_grad()
-    def to_linear(self) -> nn.Linear:
-        """A plain ``nn.Linear`` with the update merged in (new tensors; this layer is unchanged)."""
-        out = nn.Linear(
-            self.in_features, self.out_features, bias=self.bias is not None, device=self.weight.device, dtype=self.weight.dtype
-        )
-        weight = self.weight.detach()
-        if not self.merged:
-            delta = self.delta_weight()
-            weight = (weight.to(delta.dtype) + delta).to(self.weight.dtype)
-        out.weight.copy_(weight)
-        if self.bias is not None:
-            out.bias.copy_(self.bias)
-            out.bias.requires_grad_(self.bias.requires_grad)
-        out.weight.requires_grad_(self.weight.requires_grad)
-        out.train(self.training)
-        return out
 
     def extra_repr(self) -> str:
         return (

@@ -38,6 +38,7 @@ from torch import Tensor, nn
 
 from .functional import lora_linear
 from .model import target_linear_names
+from .modules import MergeableLinear
 
 
 def _check_vera_args(r, d_initial, dropout) -> None:
@@ -130,7 +131,7 @@ class VeRAProjection(nn.Module):
         return f"r={self.r}, in_features={self.in_features}, out_features={self.out_features}"
 
 
-class VeRALinear(nn.Linear):
+class VeRALinear(MergeableLinear):
     """``nn.Linear`` with a frozen base weight and a VeRA update (see the module docstring).
 
     ``y = x W^T + D(x) (lambda_d[:, None] A_s)^T (lambda_b[:, None] B_s)^T + bias``
@@ -280,44 +281,6 @@ class VeRALinear(nn.Linear):
         ``get_delta_weight`` computes it (float32; float64 for float64 lambdas)."""
         lora_A, lora_B = self.scaled_adapters()
         return lora_B @ lora_A
-
-    @torch.no_grad()
-    def merge(self) -> None:
-        """Add the update into the base weight (in float32, rounded once to the
-        weight's dtype); later forwards skip the VeRA branch. The weight is
-        shared with the nn.Linear this layer was made from, as with PEFT."""
-        if self.merged:
-            return
-        delta = self.delta_weight()
-        self.weight.copy_((self.weight.to(delta.dtype) + delta).to(self.weight.dtype))
-        self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        """Subtract the update again (exact up to the weight dtype's rounding)."""
-        if not self.merged:
-            return
-        delta = self.delta_weight()
-        self.weight.copy_((self.weight.to(delta.dtype) - delta).to(self.weight.dtype))
-        self.merged = False
-
-    @torch.no_grad()
-    def to_linear(self) -> nn.Linear:
-        """A plain ``nn.Linear`` with the update merged in (new tensors; this layer is unchanged)."""
-        out = nn.Linear(
-            self.in_features, self.out_features, bias=self.bias is not None, device=self.weight.device, dtype=self.weight.dtype
-        )
-        weight = self.weight.detach()
-        if not self.merged:
-            delta = self.delta_weight()
-            weight = (weight.to(delta.dtype) + delta).to(self.weight.dtype)
-        out.weight.copy_(weight)
-        if self.bias is not None:
-            out.bias.copy_(self.bias)
-            out.bias.requires_grad_(self.bias.requires_grad)
-        out.weight.requires_grad_(self.weight.requires_grad)
-        out.train(self.training)
-        return out
 
     def extra_repr(self) -> str:
         return (
