@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .functional import lora_linear
-from .model import target_linear_names
+from .model import normalize_target_modules, target_linear_names
 from .modules import MergeableLinear
 
 RANKNUM_EPS = 1e-5  # PEFT adds this to ranknum before dividing
@@ -267,11 +267,7 @@ class AdaLoRAConfig:
         w = self.orth_reg_weight
         if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
             raise ValueError(f"AdaLoRAConfig.orth_reg_weight must be a finite number >= 0, got {w!r}")
-        tm = self.target_modules
-        if tm is not None and not isinstance(tm, str):
-            if not all(isinstance(t, str) for t in tm):
-                raise TypeError(f"target_modules must be a string or a list of strings, got {tm!r}")
-            self.target_modules = list(tm)
+        self.target_modules = normalize_target_modules(self.target_modules)
 
 
 def adalora_layers(model: nn.Module) -> dict[str, AdaLoRALinear]:

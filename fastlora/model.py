@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from .dora import DoRALinear, QDoRALinear
-from .modules import LoRALinear, _check_rank, check_init
+from .modules import LoRALinear, check_init, check_lora_hyperparameters
 from .qlora import QLoRALinear
 
 QUANT_TYPES = ("nf4", "fp4")
@@ -58,17 +58,23 @@ class LoRAConfig:
     alpha_pattern: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        _check_rank(self.r, self.alpha, self.dropout)
+        check_lora_hyperparameters(self.r, self.alpha, self.dropout)
         check_init(self.init, "LoRAConfig.init")
         if not isinstance(self.use_dora, bool):
             raise TypeError(f"LoRAConfig.use_dora must be True or False, got {self.use_dora!r}")
         if self.quantize not in (None, *QUANT_TYPES):
             raise ValueError(f"LoRAConfig.quantize must be None, 'nf4' or 'fp4', got {self.quantize!r}")
-        tm = self.target_modules
-        if tm is not None and not isinstance(tm, str):
-            if not all(isinstance(t, str) for t in tm):
-                raise TypeError(f"target_modules must be a string or a list of strings, got {tm!r}")
-            self.target_modules = list(tm)
+        self.target_modules = normalize_target_modules(self.target_modules)
+
+
+def normalize_target_modules(target_modules):
+    """PEFT's accepted forms: None, a regex string (or ``"all-linear"``), or an
+    iterable of module-name suffixes (returned as a list)."""
+    if target_modules is None or isinstance(target_modules, str):
+        return target_modules
+    if not all(isinstance(t, str) for t in target_modules):
+        raise TypeError(f"target_modules must be a string or a list of strings, got {target_modules!r}")
+    return list(target_modules)
 
 
 def _matches_suffix(name: str, key: str) -> bool:

@@ -31,7 +31,8 @@ def lora_scaling(r: int, alpha: float, use_rslora: bool) -> float:
     return alpha / math.sqrt(r) if use_rslora else alpha / r
 
 
-def _check_rank(r, alpha, dropout) -> None:
+def check_lora_hyperparameters(r, alpha, dropout) -> None:
+    """r an integer >= 1, alpha a finite number, dropout in [0, 1): else a ValueError naming it."""
     if isinstance(r, bool) or not isinstance(r, int) or r < 1:
         raise ValueError(f"r (the LoRA rank) must be an integer >= 1, got {r!r}")
     if not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
@@ -120,7 +121,7 @@ class LoRALinear(MergeableLinear):
         device=None,
         dtype=None,
     ) -> None:
-        _check_rank(r, alpha, dropout)
+        check_lora_hyperparameters(r, alpha, dropout)
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.weight.requires_grad_(False)
         if self.bias is not None:
@@ -238,7 +239,7 @@ class LoRALinear(MergeableLinear):
                 )
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
-        _check_rank(r, alpha, dropout)
+        check_lora_hyperparameters(r, alpha, dropout)
         self = cls.__new__(cls)
         nn.Module.__init__(self)
         self.in_features = linear.in_features

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from . import reference
 from ._backend import resolve_backend
 from .functional import check_lora_operands, dropout_seed
-from .modules import check_init, lora_scaling
+from .modules import check_init, check_lora_hyperparameters, lora_scaling
 from .quant import QuantizedWeight, dequantize_4bit, quantize_4bit
 
 # -- the reference ops ---------------------------------------------------------
@@ -265,15 +265,6 @@ _STATE_BUFFERS = (
 )
 
 
-def _check_lora_args(r, alpha, dropout) -> None:
-    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-        raise ValueError(f"r (the LoRA rank) must be an integer >= 1, got {r!r}")
-    if not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
-        raise ValueError(f"alpha must be a finite number, got {alpha!r}")
-    if not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout must be a probability in [0, 1), got {dropout!r}")
-
-
 class QLoRALinear(nn.Module):
     """A linear layer with a frozen 4-bit base weight and a trainable LoRA update.
 
@@ -315,7 +306,7 @@ class QLoRALinear(nn.Module):
             raise TypeError(f"qweight must be a fastlora.quant.QuantizedWeight, got {type(qweight).__name__}")
         if len(qweight.shape) != 2:
             raise ValueError(f"qweight must hold a 2-D [out_features, in_features] weight, got shape {qweight.shape}")
-        _check_lora_args(r, alpha, dropout)
+        check_lora_hyperparameters(r, alpha, dropout)
         if check_init(init) not in ("default", "gaussian"):
             raise NotImplementedError(
                 f"QLoRALinear(init={init!r}): PiSSA/OLoRA factorise and rewrite the base weight, which a 4-bit "
@@ -416,7 +407,7 @@ class QLoRALinear(nn.Module):
         take the weight's dtype and device. ``linear`` itself is unchanged."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
-        _check_lora_args(r, alpha, dropout)
+        check_lora_hyperparameters(r, alpha, dropout)
         qw = quantize_4bit(linear.weight.detach(), quant_type=quant_type, blocksize=blocksize, double_quant=double_quant)
         self = cls(
             qw, linear.bias, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora, init=init, compute_dtype=compute_dtype

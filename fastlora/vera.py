@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .functional import lora_linear
-from .model import target_linear_names
+from .model import normalize_target_modules, target_linear_names
 from .modules import MergeableLinear
 
 
@@ -318,11 +318,7 @@ class VeRAConfig:
         _check_vera_args(self.r, self.d_initial, self.dropout)
         if isinstance(self.projection_prng_key, bool) or not isinstance(self.projection_prng_key, int):
             raise TypeError(f"VeRAConfig.projection_prng_key must be an int, got {self.projection_prng_key!r}")
-        tm = self.target_modules
-        if tm is not None and not isinstance(tm, str):
-            if not all(isinstance(t, str) for t in tm):
-                raise TypeError(f"target_modules must be a string or a list of strings, got {tm!r}")
-            self.target_modules = list(tm)
+        self.target_modules = normalize_target_modules(self.target_modules)
 
 
 def vera_layers(model: nn.Module) -> dict[str, VeRALinear]:
