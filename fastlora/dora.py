@@ -122,9 +122,16 @@ def dora_row_norm(
         b = lora_B.detach().to(acc)
         if weight_sq is None:
             weight_sq = weight_sq_norm(weight, acc)
-        aw = torch.empty(a.shape[0], weight.shape[0], dtype=acc, device=a.device)  # A W^T [r, N]
-        for n0, n1, rows in _row_chunks(weight, acc):
-            torch.mm(a, rows.t(), out=aw[:, n0:n1])
+        if isinstance(weight, QuantizedWeight) and acc == torch.float32 and resolve_backend(a.device) == "triton":
+            # QDoRA on the kernels: A deq(W)^T [r, N] is the dequant-in-GEMM with A as
+            # its left operand and no LoRA term (1 launch, W never materialized).
+            from .kernels import nf4
+
+            aw = nf4.qlora_expand_gemm(a, weight, a.new_zeros(a.shape[0], 1), a.new_zeros(weight.shape[0], 1), 0.0)
+        else:
+            aw = torch.empty(a.shape[0], weight.shape[0], dtype=acc, device=a.device)  # A W^T [r, N]
+            for n0, n1, rows in _row_chunks(weight, acc):
+                torch.mm(a, rows.t(), out=aw[:, n0:n1])
         gram = a @ a.t()  # A A^T [r, r]
         cross = (b * aw.t()).sum(dim=1)  # B_n . (A W_n^T)
         quad = ((b @ gram) * b).sum(dim=1)  # B_n A A^T B_n^T

@@ -107,6 +107,16 @@ class LoRALinear(MergeableLinear):
 
     is_adapter_layer = True  # apply_lora / apply_vera never wrap it again
 
+    def __new__(cls, *args, use_dora: bool = False, **kwargs):
+        # NOTE: PEFT's spelling LoRALinear(..., use_dora=True) builds the DoRA
+        # subclass (which lives in its own module); __init__ then runs on it.
+        if use_dora:
+            from .dora import DoRALinear
+
+            if not issubclass(cls, DoRALinear):
+                cls = DoRALinear
+        return super().__new__(cls)
+
     def __init__(
         self,
         in_features: int,
@@ -118,6 +128,7 @@ class LoRALinear(MergeableLinear):
         dropout: float = 0.0,
         use_rslora: bool = False,
         init: str = "default",
+        use_dora: bool = False,
         device=None,
         dtype=None,
     ) -> None:

@@ -774,3 +774,20 @@ def test_qdora_matches_peft_dora_on_a_bitsandbytes_4bit_base():
         ("dm", layer.lora_magnitude.grad, src.lora_magnitude_vector["default"].weight.grad),
     ]:
         assert_close_to(a, b, 1e-4, name)  # sums over M=9 rows of fp32 products, |grad| ~ 1-10
+
+
+@pytest.mark.interpreter
+def test_qdora_row_norm_on_the_dequant_in_gemm_kernel():
+    """On the Triton backend A deq(W)^T comes from the dequant-in-GEMM kernel; the
+    norms must equal the chunked-dequantization path (float64 oracle of both)."""
+    from fastlora.dora import dora_row_norm
+    from fastlora.quant import dequantize_4bit, quantize_4bit
+
+    torch.manual_seed(3)
+    qw = quantize_4bit(torch.randn(40, 96), quant_type="nf4", blocksize=64, double_quant=True)
+    a, b = torch.randn(4, 96) / 10, torch.randn(40, 4) / 2
+    got = dora_row_norm(qw, a, b, 2.0)  # backend forced to triton by conftest
+    w = dequantize_4bit(qw, torch.float64)
+    want = torch.linalg.vector_norm(w + 2.0 * b.double() @ a.double(), dim=1)
+    # fp32 GEMM over K=96 then the identity's sums: ~1e-6 relative on norms of ~10.
+    assert_close_to(got, want, 1e-5 * want.abs().max().item(), "QDoRA row norms (kernel)")

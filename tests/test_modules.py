@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from fastlora import LoRALinear
@@ -151,3 +152,14 @@ def test_from_linear_with_use_dora_builds_a_dora_layer_equal_to_its_base():
     x = torch.randn(5, 24)
     # B = 0 and m = ||W||_row at init: g = 1 up to the norm's rounding (fp32 ulp scale).
     assert_close_to(layer(x), base(x), 1e-5, "fresh DoRA layer")
+
+
+def test_constructor_with_use_dora_builds_a_dora_layer():
+    from fastlora import DoRALinear
+
+    layer = LoRALinear(24, 12, r=4, use_dora=True)
+    assert type(layer) is DoRALinear and layer.lora_magnitude.shape == (12,)
+    x = torch.randn(3, 24)
+    # Fresh: B = 0 and m = ||W||_row, so g = 1 up to the norm's fp32 rounding.
+    assert_close_to(layer(x), F.linear(x, layer.weight, layer.bias), 1e-5, "fresh DoRA layer")
+    assert type(LoRALinear(24, 12, r=4)) is LoRALinear
