@@ -31,12 +31,11 @@ from pathlib import Path
 
 import pytest
 
+from _aot import ARCHS, REPO, check_compiled, compile_in_subprocess
+
 pytestmark = pytest.mark.aot
 
-REPO = Path(__file__).resolve().parents[1]
-ARCHS = (80, 90)
 # Largest dynamic shared memory per block: A100 (sm_80) 163 KiB, H100/H200 (sm_90) 227 KiB.
-SMEM_LIMIT = {80: 166912, 90: 232448}
 BLOCK_RS = (16, 64)  # the rank buckets r <= 16 and 32 < r <= 64 (BLOCK_R = rank padded to a power of two)
 
 
@@ -255,33 +254,8 @@ def _describe(r) -> str:
 
 def test_every_kernel_variant_compiles_without_spills():
     pytest.importorskip("triton")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO / "tests"), env.get("PYTHONPATH", "")])
-    proc = subprocess.run(
-        [sys.executable, str(Path(__file__).resolve())],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert proc.returncode == 0, f"AOT subprocess failed:\n{proc.stderr[-4000:]}"
-    results = [json.loads(ln) for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    kernels = {r["kernel"] for r in results}
-    assert kernels == set(_SPECS), f"missing kernels: {set(_SPECS) - kernels}"
-    assert {r["arch"] for r in results} == set(ARCHS)
-
-    print(f"\n{len(results)} variants compiled:")
-    for r in results:
-        if "error" not in r:
-            print(f"  {_describe(r)}  REG={r['reg']} STACK={r['stack']} SHARED={r['shared']}")
-    errors = [f"{_describe(r)}: {r['error']}" for r in results if "error" in r]
-    assert not errors, "compile errors:\n" + "\n".join(errors)
-    spills = [f"{_describe(r)}: STACK={r['stack']} REG={r['reg']}" for r in results if r["stack"] != 0]
-    assert not spills, "register spills (fix the config in kernels/configs.py):\n" + "\n".join(spills)
-    too_big = [f"{_describe(r)}: SHARED={r['shared']}" for r in results if r["shared"] > SMEM_LIMIT[r["arch"]]]
-    assert not too_big, "shared memory over the arch's limit:\n" + "\n".join(too_big)
+    results = compile_in_subprocess(__file__)
+    check_compiled(results, set(_SPECS), _describe, "fix the config in kernels/configs.py")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ Run alone for the AOT table: ``python tests/test_kernels_nf4.py`` (JSON lines).
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,9 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-ARCHS = (80, 90)
-SMEM_LIMIT = {80: 166912, 90: 232448}  # largest dynamic shared memory per block (A100, H100/H200)
+from _aot import ARCHS, REPO, check_compiled, compile_in_subprocess
+
 
 
 # ---------------------------------------------------------------------------
@@ -301,26 +299,8 @@ def _describe(r) -> str:
 @pytest.mark.aot
 def test_every_nf4_kernel_variant_compiles_without_spills():
     pytest.importorskip("triton")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO / "tests"), str(REPO), env.get("PYTHONPATH", "")])
-    proc = subprocess.run(
-        [sys.executable, str(Path(__file__).resolve())], cwd=REPO, env=env, capture_output=True, text=True, timeout=900
-    )
-    assert proc.returncode == 0, f"AOT subprocess failed:\n{proc.stderr[-4000:]}"
-    results = [json.loads(ln) for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    assert {r["kernel"] for r in results} == {"dequant", "fwd", "dx"}
-    assert {r["arch"] for r in results} == set(ARCHS)
-    print(f"\n{len(results)} variants compiled:")
-    for r in results:
-        if "error" not in r:
-            print(f"  {_describe(r)}  REG={r['reg']} STACK={r['stack']} SHARED={r['shared']}")
-    errors = [f"{_describe(r)}: {r['error']}" for r in results if "error" in r]
-    assert not errors, "compile errors:\n" + "\n".join(errors)
-    spills = [f"{_describe(r)}: STACK={r['stack']} REG={r['reg']}" for r in results if r["stack"] != 0]
-    assert not spills, "register spills (fix nf4.gemm_configs):\n" + "\n".join(spills)
-    too_big = [f"{_describe(r)}: SHARED={r['shared']}" for r in results if r["shared"] > SMEM_LIMIT[r["arch"]]]
-    assert not too_big, "shared memory over the arch's limit:\n" + "\n".join(too_big)
+    results = compile_in_subprocess(__file__)
+    check_compiled(results, {"dequant", "fwd", "dx"}, _describe, "fix nf4.gemm_configs")
 
 
 if __name__ == "__main__":
