@@ -48,7 +48,7 @@ from torch import Tensor, nn
 
 from . import reference
 from ._backend import resolve_backend
-from .functional import check_lora_operands, dropout_seed, lora_linear
+from .functional import check_lora_operands, lora_linear, prepare_call, with_leading_dims
 from .modules import LoRALinear
 from .qlora import QLoRALinear, qlora_linear
 from .quant import QuantizedWeight, unpack_codes
@@ -297,19 +297,10 @@ def dora_linear(
     _check_weight(x, weight)
     if magnitude.device != x.device:
         raise ValueError(f"magnitude is on {magnitude.device} but x is on {x.device}; all tensors must share a device")
-    scaling = float(scaling)
-    norm = dora_row_norm(weight, lora_A, lora_B, scaling, weight_sq)  # the adapters as given (fp32 if mixed)
-    p = float(dropout) if training else 0.0
-    seed = dropout_seed(p)
-    lead, k = x.shape[:-1], x.shape[-1]
-    backend = resolve_backend(x.device)
-    if backend == "triton" and lora_A.dtype != x.dtype:
-        # NOTE: as lora_linear: the kernels read the adapters in the activation
-        # dtype (fp32 accumulation); fp32 adapters are cast, autograd-tracked.
-        lora_A, lora_B = lora_A.to(x.dtype), lora_B.to(x.dtype)
-    y = DoRALinearFunction.apply(x.reshape(-1, k), weight, lora_A, lora_B, magnitude, bias, norm, scaling, p, seed, backend)
-    # NOTE: _unsafe_view, not view: the result is not a view (as lora_linear).
-    return y if x.dim() == 2 else torch.ops.aten._unsafe_view(y, (*lead, weight.shape[0]))
+    norm = dora_row_norm(weight, lora_A, lora_B, float(scaling), weight_sq)  # the adapters as given (fp32 if mixed)
+    x2d, lora_A, lora_B, scaling, p, seed, backend = prepare_call(x, lora_A, lora_B, scaling, dropout, training)
+    y = DoRALinearFunction.apply(x2d, weight, lora_A, lora_B, magnitude, bias, norm, scaling, p, seed, backend)
+    return with_leading_dims(y, x)
 
 
 class _DoRAMixin:

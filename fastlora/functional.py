@@ -234,18 +234,29 @@ def lora_linear(
         with torch.autocast(device_type, enabled=False):
             return lora_linear(x, weight, lora_A, lora_B, scaling, bias, dropout=dropout, training=training)
     _check_args(x, weight, lora_A, lora_B, bias, scaling, dropout)
-    scaling = float(scaling)
+    x2d, lora_A, lora_B, scaling, p, seed, backend = prepare_call(x, lora_A, lora_B, scaling, dropout, training)
+    y = LoRALinearFunction.apply(x2d, weight, lora_A, lora_B, bias, scaling, p, seed, backend)
+    return with_leading_dims(y, x)
+
+
+def prepare_call(x: Tensor, lora_A: Tensor, lora_B: Tensor, scaling, dropout: float, training: bool):
+    """What every fused op's autograd Function takes, after validation:
+    ``(x2d, lora_A, lora_B, scaling, p, seed, backend)``: x flattened to [M, K],
+    the dropout probability in effect and its seed, and the backend for x's
+    device (on which fp32 adapters are cast to x's dtype for the kernels)."""
     p = float(dropout) if training else 0.0
-    seed = dropout_seed(p)
-    lead, k = x.shape[:-1], x.shape[-1]
-    x2d = x.reshape(-1, k)
     backend = resolve_backend(x.device)
     if backend == "triton" and lora_A.dtype != x.dtype:
         # NOTE: the kernels read the adapters in the activation dtype (fp32
         # accumulation throughout); fp32 adapters are cast, autograd-tracked.
         lora_A, lora_B = lora_A.to(x.dtype), lora_B.to(x.dtype)
-    y = LoRALinearFunction.apply(x2d, weight, lora_A, lora_B, bias, scaling, p, seed, backend)
-    # NOTE: _unsafe_view (what torch.matmul uses) rather than view: the result is
-    # not a view, so in-place ops on it and FSDP2's pre-backward hook work, as
-    # with nn.Linear.
-    return y if x.dim() == 2 else torch.ops.aten._unsafe_view(y, (*lead, weight.shape[0]))
+    return x.reshape(-1, x.shape[-1]), lora_A, lora_B, float(scaling), p, dropout_seed(p), backend
+
+
+def with_leading_dims(y: Tensor, x: Tensor) -> Tensor:
+    """y [M, N] back to x's leading dims [..., N].
+
+    NOTE: _unsafe_view (what torch.matmul uses) rather than view: the result is
+    not a view, so in-place ops on it and FSDP2's pre-backward hook work, as with
+    nn.Linear."""
+    return y if x.dim() == 2 else torch.ops.aten._unsafe_view(y, (*x.shape[:-1], y.shape[-1]))

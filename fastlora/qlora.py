@@ -23,8 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from . import reference
-from ._backend import resolve_backend
-from .functional import check_lora_operands, dropout_seed
+from .functional import check_lora_operands, prepare_call, with_leading_dims
 from .modules import check_init, check_lora_hyperparameters, lora_scaling
 from .quant import QuantizedWeight, dequantize_4bit, quantize_4bit
 
@@ -238,18 +237,9 @@ def qlora_linear(
         with torch.autocast(device_type, enabled=False):
             return qlora_linear(x, qweight, lora_A, lora_B, scaling, bias, dropout=dropout, training=training)
     _check_args(x, qweight, lora_A, lora_B, bias, scaling, dropout)
-    scaling = float(scaling)
-    p = float(dropout) if training else 0.0
-    seed = dropout_seed(p)
-    lead, k = x.shape[:-1], x.shape[-1]
-    x2d = x.reshape(-1, k)
-    backend = resolve_backend(x.device)
-    if backend == "triton" and lora_A.dtype != x.dtype:
-        # NOTE: the kernels read the adapters in the activation dtype (see lora_linear).
-        lora_A, lora_B = lora_A.to(x.dtype), lora_B.to(x.dtype)
+    x2d, lora_A, lora_B, scaling, p, seed, backend = prepare_call(x, lora_A, lora_B, scaling, dropout, training)
     y = QLoRALinearFunction.apply(x2d, lora_A, lora_B, bias, qweight, scaling, p, seed, backend)
-    # NOTE: not a view (see fastlora.functional.lora_linear).
-    return y if x.dim() == 2 else torch.ops.aten._unsafe_view(y, (*lead, qweight.shape[0]))
+    return with_leading_dims(y, x)
 
 
 # -- the module ----------------------------------------------------------------
