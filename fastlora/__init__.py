@@ -11,7 +11,7 @@ from .modules import LoRALinear
 from .peft_io import from_peft, load_adapter, save_adapter
 from .qlora import QLoRALinear, qlora_linear
 from .vera import VeRAConfig, VeRALinear, VeRAProjection, apply_vera, merge_vera, vera_layers
-from . import quant
+from . import quant, registry
 
 __version__ = "0.1.0"
 
@@ -44,6 +44,7 @@ __all__ = [
     "merge_vera",
     "qlora_linear",
     "quant",
+    "registry",
     "save_adapter",
     "set_backend",
     "vera_layers",

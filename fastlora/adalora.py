@@ -44,23 +44,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .functional import lora_linear
-from .model import normalize_target_modules, target_linear_names
 from .modules import MergeableLinear
+from .registry import adapter_layers, apply_adapter, merge_adapters, normalize_target_modules, register_adapter_kind, register_layer
+from .validation import check_dropout, check_finite, check_rank, is_int
 
 RANKNUM_EPS = 1e-5  # PEFT adds this to ranknum before dividing
 
 
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
 def _check_layer_args(init_r, alpha, dropout) -> None:
-    if not _is_int(init_r) or init_r < 1:
-        raise ValueError(f"init_r (the initial AdaLoRA rank) must be an integer >= 1, got {init_r!r}")
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
-        raise ValueError(f"alpha must be a finite number, got {alpha!r}")
-    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout must be a probability in [0, 1), got {dropout!r}")
+    check_rank(init_r, "init_r (the initial AdaLoRA rank)")
+    check_finite(alpha, "alpha")
+    check_dropout(dropout)
 
 
 class AdaLoRALinear(MergeableLinear):
@@ -242,7 +236,7 @@ class AdaLoRAConfig:
             )
         for name in ("total_step", "target_r", "tinit", "tfinal", "deltaT"):
             v = getattr(self, name)
-            if not _is_int(v):
+            if not is_int(v):
                 raise TypeError(f"AdaLoRAConfig.{name} must be an integer, got {v!r}")
         if self.total_step < 1:
             raise ValueError(f"AdaLoRAConfig.total_step must be >= 1, got {self.total_step}")
@@ -272,24 +266,26 @@ class AdaLoRAConfig:
 
 def adalora_layers(model: nn.Module) -> dict[str, AdaLoRALinear]:
     """The model's :class:`AdaLoRALinear` layers by module name (model order)."""
-    return {n: m for n, m in model.named_modules() if isinstance(m, AdaLoRALinear)}
+    return adapter_layers(model, "adalora")
+
+
+def _build_linear(linear: nn.Linear, name: str, config: AdaLoRAConfig, shared) -> AdaLoRALinear:
+    return AdaLoRALinear.from_linear(linear, init_r=config.init_r, alpha=config.alpha, dropout=config.dropout)
+
+
+register_adapter_kind("adalora", AdaLoRAConfig, label="AdaLoRA", one_per_model=True)
+register_layer(AdaLoRAConfig, nn.Linear, _build_linear, AdaLoRALinear)
 
 
 def apply_adalora(model: nn.Module, config: AdaLoRAConfig | None = None, **overrides) -> nn.Module:
     """Replace the targeted nn.Linear modules of ``model`` by :class:`AdaLoRALinear`
-    in place; freeze every parameter that is not ``lora_A`` / ``lora_E`` / ``lora_B``
-    (except ``modules_to_save``); return ``model``.
+    in place; freeze every parameter that is not an adapter's (except
+    ``modules_to_save``); return ``model``.
 
     ``overrides`` replace fields of ``config``: ``apply_adalora(model, init_r=12,
     target_r=4, total_step=1000)``. Train with a :class:`RankAllocator` built on the
     same config, and add :func:`orthogonal_regularization` to the loss.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    if isinstance(model, nn.Linear):
-        raise TypeError(
-            "apply_adalora works on a model containing nn.Linear modules; wrap a bare layer with AdaLoRALinear.from_linear"
-        )
     if config is None:
         if "total_step" not in overrides:
             raise ValueError("apply_adalora needs total_step (the number of training steps): pass a config or total_step=...")
@@ -298,32 +294,7 @@ def apply_adalora(model: nn.Module, config: AdaLoRAConfig | None = None, **overr
         raise TypeError(f"config must be a fastlora.adalora.AdaLoRAConfig, got {type(config).__name__}")
     elif overrides:
         config = dataclasses.replace(config, **_known(overrides))
-    if adalora_layers(model):
-        raise ValueError("model already has AdaLoRA layers; fastlora keeps one AdaLoRA adapter per model")
-    names = target_linear_names(
-        model, config.target_modules, exclude_modules=config.exclude_modules, modules_to_save=config.modules_to_save
-    )
-    if not names:
-        available = [n for n, m in model.named_modules() if type(m) is nn.Linear]
-        raise ValueError(
-            f"target_modules={config.target_modules!r} matched no nn.Linear module; the model's nn.Linear modules are {available}"
-        )
-    for key in config.modules_to_save or []:
-        if not any(n and (n == key or n.endswith("." + key)) for n, _ in model.named_modules()):
-            raise ValueError(f"modules_to_save entry {key!r} matches no module of the model")
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for name in names:
-        layer = AdaLoRALinear.from_linear(
-            model.get_submodule(name), init_r=config.init_r, alpha=config.alpha, dropout=config.dropout
-        )
-        model.set_submodule(name, layer, strict=True)
-    for key in config.modules_to_save or []:
-        for n, m in model.named_modules():
-            if n and (n == key or n.endswith("." + key)):
-                for p in m.parameters():
-                    p.requires_grad_(True)
-    return model
+    return apply_adapter(model, config, what="apply_adalora")
 
 
 def _known(overrides: dict) -> dict:
@@ -336,11 +307,7 @@ def _known(overrides: dict) -> dict:
 def merge_adalora(model: nn.Module) -> nn.Module:
     """Replace every :class:`AdaLoRALinear` by a plain ``nn.Linear`` with the update
     merged in (in place); returns ``model`` (a bare AdaLoRALinear becomes an nn.Linear)."""
-    if isinstance(model, AdaLoRALinear):
-        return model.to_linear()
-    for name, layer in adalora_layers(model).items():
-        model.set_submodule(name, layer.to_linear(), strict=True)
-    return model
+    return merge_adapters(model, "adalora")
 
 
 def orthogonal_regularization(model: nn.Module, orth_reg_weight: float = 1.0) -> Tensor:
@@ -490,7 +457,7 @@ class RankAllocator:
     def update_and_allocate(self, model: nn.Module, global_step: int) -> int:
         """One step of the schedule (see the class docstring); returns this step's budget.
         ``self.rank_pattern`` holds the latest pattern (``{layer name: [kept?] * r}``)."""
-        if not _is_int(global_step) or global_step < 0:
+        if not is_int(global_step) or global_step < 0:
             raise ValueError(f"global_step must be an integer >= 0, got {global_step!r}")
         c = self.config
         end = c.total_step - c.tfinal

@@ -46,12 +46,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import reference
 from ._backend import resolve_backend
-from .functional import check_lora_operands, lora_linear, prepare_call, with_leading_dims
+from ._fused import FusedOp, autocast_dtype, backend_module
+from .functional import lora_linear
 from .modules import LoRALinear
 from .qlora import QLoRALinear, qlora_linear
 from .quant import QuantizedWeight, unpack_codes
+from .validation import check_dense_operands, check_dense_weight, check_same_device, check_vector
 
 # Rows of the base weight dequantized (or upcast) at a time for the norms:
 # about this many elements per chunk (4 MiB of fp32).
@@ -159,35 +160,67 @@ def _scale_columns(y_pre: Tensor, magnitude: Tensor, norm: Tensor, bias: Tensor 
     return torch.addcmul(bias.to(y_pre.dtype), y_pre, scale)
 
 
-def _ops(backend: str):
-    """The ``dora_forward`` / ``lora_backward`` pair of a backend."""
-    if backend == "triton":
-        from .kernels import lora as triton_lora  # imported on first use only
-
-        return triton_lora
-    return reference
+# -- the op --------------------------------------------------------------------
 
 
-# torch.compile: DoRA's forward is a custom op with a fake (shape-only)
-# implementation, as fastlora.functional registers the LoRA op's halves; the
-# backward is fastlora::lora_bwd (registered there) plus traceable torch ops.
-@torch.library.custom_op("fastlora::dora_fwd", mutates_args=())
-def _dora_fwd_op(
-    x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, col_scale: Tensor, bias: Tensor | None,
-    scaling: float, dropout_p: float, seed_t: Tensor | None, backend: str,
-) -> tuple[Tensor, Tensor, Tensor]:
-    seed = int(seed_t.item()) if seed_t is not None else 0
-    return _ops(backend).dora_forward(x, weight, lora_A, lora_B, scaling, col_scale, bias, dropout_p, seed)
+def _forward(backend, seed, x, weight, lora_A, lora_B, magnitude, bias, norm, scaling, dropout_p):
+    g = magnitude.detach().to(norm.dtype) / norm  # [N], fp32 (float64)
+    return backend_module(backend).dora_forward(x, weight, lora_A, lora_B, scaling, g, bias, dropout_p, seed)
 
 
-@_dora_fwd_op.register_fake
-def _(x, weight, lora_A, lora_B, col_scale, bias, scaling, dropout_p, seed_t, backend):
+def _backward(backend, seed, needs, dy, saved, new, consts):
+    x, weight, lora_A, lora_B, magnitude, norm = saved
+    z, s = new
+    scaling, dropout_p = consts
+    lora_needs = (needs[0], needs[1], needs[2], needs[3], False)
+    dx = dw = da = db = dm = dbias = None
+    if any(lora_needs):
+        g = magnitude.detach().to(norm.dtype) / norm  # the forward's g, recomputed (same op, same bits)
+        dz = dy * g.to(dy.dtype)
+        dx, dw, da, db, _ = backend_module(backend).lora_backward(
+            dz, x, weight, lora_A, lora_B, s, scaling, dropout_p, seed, lora_needs
+        )
+    if needs[4]:
+        dm = (dy * z).sum(0, dtype=norm.dtype).div_(norm).to(magnitude.dtype)
+    if needs[5]:
+        dbias = dy.sum(0)
+    return dx, dw, da, db, dm, dbias, None
+
+
+def _fake_forward(x, weight, lora_A, lora_B, magnitude, bias, norm, scaling, dropout_p):
     m, n = x.shape[0], weight.shape[0]
-    return x.new_empty(m, n), x.new_empty(m, n), x.new_empty(m, lora_A.shape[0], dtype=lora_A.dtype)
+    return x.new_empty(m, n), x.new_empty(m, n), lora_A.new_empty(m, lora_A.shape[0])
 
 
-class DoRALinearFunction(torch.autograd.Function):
-    """``y = g * z + bias`` on 2-D x [M, K], with ``z = x W^T + scaling * D(x) A^T B^T``
+def _fake_backward(needs, dy, saved, new, consts):
+    x, weight, lora_A, lora_B, magnitude, _ = saved
+    grads = [t.new_empty(t.shape) if n else None for t, n in zip((x, weight, lora_A, lora_B, magnitude), needs)]
+    return grads + [dy.new_empty(dy.shape[1]) if needs[5] else None, None]
+
+
+def _validate(x, inputs, consts) -> None:
+    check_dense_operands(
+        x, inputs["weight"], inputs["lora_A"], inputs["lora_B"], inputs["bias"], consts["scaling"], consts["dropout_p"]
+    )
+    check_same_device(x, magnitude=inputs["magnitude"])
+
+
+DORA = FusedOp(
+    "dora",
+    function_name="DoRALinearFunction",
+    inputs=[
+        ("x", "Tensor"), ("weight", "Tensor"), ("lora_A", "Tensor"), ("lora_B", "Tensor"), ("magnitude", "Tensor"),
+        ("bias", "Tensor?"), ("norm", "Tensor"),
+    ],
+    saved=("x", "weight", "lora_A", "lora_B", "magnitude", "norm"),
+    n_new=2,
+    forward=_forward,
+    backward=_backward,
+    fake_forward=_fake_forward,
+    fake_backward=_fake_backward,
+    validate=_validate,
+    autocast=(),  # dora_linear runs the composed form under autocast
+    doc="""``y = g * z + bias`` on 2-D x [M, K], with ``z = x W^T + scaling * D(x) A^T B^T``
     and ``g = m / norm`` [N], the row norm ``||W + scaling B A||`` given (detached).
 
     Saved for backward: x (the caller's tensor), S = D(x) A^T [M, r], z [M, N] in
@@ -197,61 +230,9 @@ class DoRALinearFunction(torch.autograd.Function):
         (``lora_backward``: dS = scaling dZ B, dB = scaling dZ^T S, dA = dS^T D(x),
         dx = dZ W + D(dS A), dW = dZ^T x);
       dbias = sum_m dY;  dm = sum_m dY * z / norm (dy/dm_n = z_n / norm_n; summed in fp32).
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight, lora_A, lora_B, magnitude, bias, norm, scaling, dropout_p, seed, backend):  # type: ignore[override]
-        g = magnitude.detach().to(norm.dtype) / norm  # [N], fp32 (float64)
-        if isinstance(seed, Tensor) or torch.compiler.is_compiling():
-            seed_t = seed if isinstance(seed, Tensor) else None
-            y, z, s = _dora_fwd_op(x, weight, lora_A, lora_B, g, bias, scaling, dropout_p, seed_t, backend)
-            ctx.save_for_backward(x, weight, lora_A, lora_B, magnitude, s, z, norm, seed_t)
-            ctx.compiled = True
-        else:
-            y, z, s = _ops(backend).dora_forward(x, weight, lora_A, lora_B, scaling, g, bias, dropout_p, seed)
-            ctx.save_for_backward(x, weight, lora_A, lora_B, magnitude, s, z, norm)
-            ctx.compiled = False
-        ctx.scaling = scaling
-        ctx.dropout_p = dropout_p
-        ctx.seed = seed
-        ctx.backend = backend
-        ctx.has_bias = bias is not None
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):  # type: ignore[override]
-        x, weight, lora_A, lora_B, magnitude, s, z, norm, *seed_t = ctx.saved_tensors
-        need = ctx.needs_input_grad
-        needs = (need[0], need[1], need[2], need[3], False)
-        dx = dw = da = db = dm = dbias = None
-        if any(needs):
-            g = magnitude.detach().to(norm.dtype) / norm  # the forward's g, recomputed (same op, same bits)
-            dz = dy * g.to(dy.dtype)
-            if ctx.compiled:
-                grads = torch.ops.fastlora.lora_bwd(
-                    dz, x, weight, lora_A, lora_B, s, ctx.scaling, ctx.dropout_p, seed_t[0], ctx.backend, list(needs)
-                )
-                dx, dw, da, db, _ = (gr if n else None for gr, n in zip(grads, needs))
-            else:
-                dx, dw, da, db, _ = _ops(ctx.backend).lora_backward(
-                    dz, x, weight, lora_A, lora_B, s, ctx.scaling, ctx.dropout_p, ctx.seed, needs
-                )
-        if need[4]:
-            dm = (dy * z).sum(0, dtype=norm.dtype).div_(norm).to(magnitude.dtype)
-        if ctx.has_bias and need[5]:
-            dbias = dy.sum(0)
-        return dx, dw, da, db, dm, dbias, None, None, None, None, None
-
-
-def _check_weight(x: Tensor, weight: Tensor) -> None:
-    """The base weight's checks of :func:`fastlora.lora_linear` (x's device and dtype)."""
-    if weight.device != x.device:
-        raise ValueError(f"weight is on {weight.device} but x is on {x.device}; all tensors must share a device")
-    if weight.dtype != x.dtype:
-        raise TypeError(
-            f"weight has dtype {weight.dtype} but x has dtype {x.dtype}; x, weight and bias must share a dtype "
-            "(or run under torch.autocast, which casts them as nn.Linear does)"
-        )
+    """,
+)  # fmt: skip
+DoRALinearFunction = DORA.function
 
 
 def dora_linear(
@@ -278,29 +259,19 @@ def dora_linear(
     The row norm is detached (PEFT's DoRA). Returns [..., N] in x's dtype
     (the autocast dtype under ``torch.autocast``).
 
-    Outside autocast this is :class:`DoRALinearFunction` (the column scale in
-    the GEMM's epilogue on the Triton backend; saves x, S, Z and the norm);
-    under ``torch.autocast`` the composed form (see the module docstring).
+    Outside autocast this is :data:`DORA` (the column scale in the GEMM's
+    epilogue on the Triton backend; saves x, S, Z and the norm); under
+    ``torch.autocast`` the composed form (see the module docstring).
     """
-    if not isinstance(magnitude, Tensor) or magnitude.dim() != 1 or magnitude.shape[0] != weight.shape[0]:
-        got = tuple(magnitude.shape) if isinstance(magnitude, Tensor) else type(magnitude).__name__
-        raise ValueError(f"magnitude must have shape [{weight.shape[0]}] (out_features), got {got}")
-    device_type = x.device.type if isinstance(x, Tensor) else "cpu"
-    if isinstance(x, Tensor) and x.is_floating_point() and torch.is_autocast_enabled(device_type):
+    check_dense_weight(None, weight)  # 2-D; its dtype and device are checked with x's below
+    check_vector(magnitude, weight.shape[0], "magnitude")
+    if autocast_dtype(x) is not None:
         y_pre = lora_linear(x, weight, lora_A, lora_B, scaling, None, dropout=dropout, training=training)
         norm = dora_row_norm(weight, lora_A, lora_B, scaling, weight_sq)
         return _scale_columns(y_pre, magnitude, norm, bias)
-    if not isinstance(weight, Tensor) or weight.dim() != 2:
-        shape = tuple(weight.shape) if isinstance(weight, Tensor) else type(weight).__name__
-        raise ValueError(f"weight must be a 2-D tensor [out_features, in_features], got {shape}")
-    check_lora_operands(x, "weight", tuple(weight.shape), lora_A, lora_B, bias, scaling, dropout)
-    _check_weight(x, weight)
-    if magnitude.device != x.device:
-        raise ValueError(f"magnitude is on {magnitude.device} but x is on {x.device}; all tensors must share a device")
+    check_dense_operands(x, weight, lora_A, lora_B, bias, scaling, dropout)
     norm = dora_row_norm(weight, lora_A, lora_B, float(scaling), weight_sq)  # the adapters as given (fp32 if mixed)
-    x2d, lora_A, lora_B, scaling, p, seed, backend = prepare_call(x, lora_A, lora_B, scaling, dropout, training)
-    y = DoRALinearFunction.apply(x2d, weight, lora_A, lora_B, magnitude, bias, norm, scaling, p, seed, backend)
-    return with_leading_dims(y, x)
+    return DORA(x, weight, lora_A, lora_B, magnitude, bias, norm, scaling=scaling, dropout=dropout, training=training)
 
 
 class _DoRAMixin:
@@ -437,6 +408,9 @@ class DoRALinear(_DoRAMixin, LoRALinear):
         return super().extra_repr() + ", dora=True"
 
 
+LoRALinear.register_variant("dora", DoRALinear)
+
+
 class QDoRALinear(_DoRAMixin, QLoRALinear):
     """QDoRA: :class:`QLoRALinear` (a frozen 4-bit base) with DoRA's magnitude
     ``lora_magnitude`` [out]: ``y = (m / ||deq(W) + s B A||_row) * (x deq(W)^T +
@@ -487,4 +461,4 @@ class QDoRALinear(_DoRAMixin, QLoRALinear):
         return super().extra_repr() + ", dora=True"
 
 
-__all__ = ["DoRALinear", "DoRALinearFunction", "QDoRALinear", "dora_linear", "dora_row_norm", "weight_sq_norm"]
+__all__ = ["DORA", "DoRALinear", "DoRALinearFunction", "QDoRALinear", "dora_linear", "dora_row_norm", "weight_sq_norm"]

@@ -3,43 +3,13 @@
 from __future__ import annotations
 
 import math
-import re
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .functional import lora_linear
-
-
-_PISSA_NITER = re.compile(r"pissa_niter_(\d+)")
-# "pissa", "pissa_niter_<N>" (any integer N >= 0) and "olora" initialise A and B
-# from the base weight and replace it by the residual (see
-# LoRALinear.reset_lora_parameters); "default" and "gaussian" start at B = 0.
-INITS = ("default", "gaussian", "pissa", "pissa_niter_<N>", "olora")
-
-
-def check_init(init, what: str = "init") -> str:
-    """``init`` if it names one of :data:`INITS` (``pissa_niter_<N>`` for any N), else a ValueError."""
-    if init in ("default", "gaussian", "pissa", "olora") or (isinstance(init, str) and _PISSA_NITER.fullmatch(init)):
-        return init
-    raise ValueError(f"{what} must be one of {INITS}, got {init!r}")
-
-
-def lora_scaling(r: int, alpha: float, use_rslora: bool) -> float:
-    """PEFT's scale: ``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA."""
-    return alpha / math.sqrt(r) if use_rslora else alpha / r
-
-
-def check_lora_hyperparameters(r, alpha, dropout) -> None:
-    """r an integer >= 1, alpha a finite number, dropout in [0, 1): else a ValueError naming it."""
-    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-        raise ValueError(f"r (the LoRA rank) must be an integer >= 1, got {r!r}")
-    if not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
-        raise ValueError(f"alpha must be a finite number, got {alpha!r}")
-    if not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout must be a probability in [0, 1), got {dropout!r}")
-
+from .validation import INITS, check_init, check_lora_hyperparameters, lora_scaling, pissa_niter
 
 class MergeableLinear(nn.Linear):
     """Merge / unmerge / to_linear for an ``nn.Linear`` whose adapter update is
@@ -107,15 +77,28 @@ class LoRALinear(MergeableLinear):
 
     is_adapter_layer = True  # apply_lora / apply_vera never wrap it again
 
-    def __new__(cls, *args, use_dora: bool = False, **kwargs):
-        # NOTE: PEFT's spelling LoRALinear(..., use_dora=True) builds the DoRA
-        # subclass (which lives in its own module); __init__ then runs on it.
-        if use_dora:
-            from .dora import DoRALinear
+    # Variants that live in their own modules register here (``"dora"``:
+    # fastlora.dora.DoRALinear), so that PEFT's spelling ``LoRALinear(...,
+    # use_dora=True)`` builds the subclass without this module importing it.
+    variants: dict[str, type] = {}
 
-            if not issubclass(cls, DoRALinear):
-                cls = DoRALinear
-        return super().__new__(cls)
+    @classmethod
+    def register_variant(cls, name: str, subclass: type) -> None:
+        """Make ``use_<name>=True`` build ``subclass`` (a subclass of this class)."""
+        if not issubclass(subclass, cls):
+            raise TypeError(f"register_variant: {subclass.__name__} is not a subclass of {cls.__name__}")
+        cls.variants[name] = subclass
+
+    @classmethod
+    def _variant(cls, name: str) -> type:
+        sub = cls.variants.get(name)
+        if sub is None:
+            raise RuntimeError(f"the {name!r} variant of LoRALinear is not registered (import fastlora first)")
+        return cls if issubclass(cls, sub) else sub
+
+    def __new__(cls, *args, use_dora: bool = False, **kwargs):
+        # NOTE: __init__ then runs on the subclass.
+        return super().__new__(cls._variant("dora") if use_dora else cls)
 
     def __init__(
         self,
@@ -205,12 +188,12 @@ class LoRALinear(MergeableLinear):
         else:
             if scaling <= 0:
                 raise ValueError(f"init={init!r} takes sqrt(S / scaling): alpha must be > 0, got {self.alpha:g}")
-            niter = _PISSA_NITER.fullmatch(init)
+            niter = pissa_niter(init)
             if niter is None:
                 u, s, vh = torch.linalg.svd(w, full_matrices=False)  # w = u diag(s) vh, s descending
                 u_r, s_r, vh_r = u[:, :r], s[:r], vh[:r]
             else:
-                u_r, s_r, v_r = torch.svd_lowrank(w, r, niter=int(niter.group(1)))
+                u_r, s_r, v_r = torch.svd_lowrank(w, r, niter=niter)
                 vh_r = v_r.t()
             s_r = s_r / scaling
             lora_A = torch.diag(torch.sqrt(s_r)) @ vh_r  # [r, in]
@@ -241,13 +224,8 @@ class LoRALinear(MergeableLinear):
         :meth:`reset_lora_parameters`), so ``linear`` alone no longer computes the
         original layer; the returned layer does (up to rounding). ``use_dora=True``
         returns a :class:`fastlora.dora.DoRALinear` (PEFT's ``use_dora``)."""
-        if use_dora:
-            from .dora import DoRALinear  # the subclass lives in its own module
-
-            if not issubclass(cls, DoRALinear):
-                return DoRALinear.from_linear(
-                    linear, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora, init=init
-                )
+        if use_dora and cls._variant("dora") is not cls:
+            return cls._variant("dora").from_linear(linear, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora, init=init)
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
         check_lora_hyperparameters(r, alpha, dropout)

@@ -22,9 +22,10 @@ import torch
 from torch import nn
 
 from .dora import DoRALinear, QDoRALinear
-from .model import _pattern_value, _selected, _set_submodule, lora_layers, target_linear_names
+from .model import LoRAConfig, lora_layers
 from .modules import LoRALinear
-from .qlora import QLoRALinear
+from .qlora import QLoRALinear, is_bnb_4bit
+from .registry import kind_for, pattern_value, selected, set_submodule, target_names
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -103,7 +104,7 @@ def _module_key(names: list[str], all_linear: list[str]) -> list[str] | str:
     ``all_linear``: leaf names if they suffice, else an anchored regex."""
     wanted = set(names)
     leaves = sorted({n.split(".")[-1] for n in names})
-    if {n for n in all_linear if _selected(n, leaves, default=False)} == wanted:
+    if {n for n in all_linear if selected(n, leaves, default=False)} == wanted:
         return leaves
     return "^(" + "|".join(re.escape(n) for n in sorted(names)) + ")$"
 
@@ -246,13 +247,17 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     r_default, alpha_default = config.get("r", 8), config.get("lora_alpha", 8)
     use_dora = bool(config.get("use_dora", False))
     wanted = {"lora_A", "lora_B", MAGNITUDE} if use_dora else {"lora_A", "lora_B"}
-    targets = target_linear_names(
-        model,
-        config.get("target_modules"),
-        exclude_modules=config.get("exclude_modules"),
-        modules_to_save=config.get("modules_to_save"),
-        include_lora=True,
-    )
+    try:
+        targets = target_names(
+            model,
+            kind_for(LoRAConfig),
+            config.get("target_modules"),
+            exclude_modules=config.get("exclude_modules"),
+            modules_to_save=config.get("modules_to_save"),
+            include_adapters=True,
+        )
+    except ValueError as exc:
+        raise AdapterFormatError(f"{path}: {exc}") from None
     by_module: dict[str, dict[str, torch.Tensor]] = {}
     saved_params: dict[str, torch.Tensor] = {}
     bad_keys = []
@@ -288,8 +293,8 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         if isinstance(module, (LoRALinear, QLoRALinear)) and module.merged:
             raise AdapterFormatError(f"{path}: the model's layer {name!r} is merged; unmerge() it before loading")
         a, b = pair["lora_A"], pair["lora_B"]
-        r = _pattern_value(name, config.get("rank_pattern") or {}, r_default)
-        alpha = _pattern_value(name, config.get("alpha_pattern") or {}, alpha_default)
+        r = pattern_value(name, config.get("rank_pattern") or {}, r_default)
+        alpha = pattern_value(name, config.get("alpha_pattern") or {}, alpha_default)
         if isinstance(module, QLoRALinear) and module.r != r:
             raise AdapterFormatError(
                 f"{path}: {name} is a QLoRALinear of rank {module.r}; the adapter has rank {r} (rebuild the layer "
@@ -341,11 +346,11 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
                 compute_dtype=module.compute_dtype, lora_dtype=module.lora_A.dtype,
             )  # fmt: skip
             layer.train(module.training)
-            _set_submodule(model, name, layer)
+            set_submodule(model, name, layer)
         else:  # a plain nn.Linear, or a LoRA layer of another rank or kind (its old adapter is dropped)
             cls = DoRALinear if use_dora else LoRALinear
             layer = cls.from_linear(module, r=r, alpha=alpha, dropout=dropout, use_rslora=rslora)
-            _set_submodule(model, name, layer)
+            set_submodule(model, name, layer)
         with torch.no_grad():
             layer.lora_A.copy_(a)
             layer.lora_B.copy_(b)
@@ -375,14 +380,12 @@ def _peft_layer_problem(layer) -> str | None:
     """Why fastlora cannot run this PEFT LoRA layer (None when it can)."""
     import peft.tuners.lora as peft_lora
 
-    from .model import _is_bnb_4bit
-
     # PEFT wraps a bitsandbytes Linear4bit in its bnb.Linear4bit layer where
     # bitsandbytes reports a GPU backend, else (CPU) in its plain Linear.
     if type(layer) not in (peft_lora.Linear, _peft_4bit_class()):
         return f"layer type {type(layer).__name__} (fastlora runs peft.tuners.lora.Linear and its bitsandbytes Linear4bit)"
     base = layer.get_base_layer()
-    if type(base) is not nn.Linear and not _is_bnb_4bit(base):
+    if type(base) is not nn.Linear and not is_bnb_4bit(base):
         return f"base layer type {type(base).__name__}"
     active = list(layer.active_adapters)
     if len(active) != 1:
@@ -406,7 +409,6 @@ def _fused_forward(layer, adapter: str, original):
     op on a bitsandbytes 4-bit base), falling back to PEFT's own forward whenever
     the layer's state no longer fits."""
     from .functional import lora_linear
-    from .model import _is_bnb_4bit
     from .qlora import qlora_linear
     from .quant import QuantizedWeight
 
@@ -425,7 +427,7 @@ def _fused_forward(layer, adapter: str, original):
         lora_A, lora_B = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
         drop = layer.lora_dropout[adapter]
         p = drop.p if isinstance(drop, nn.Dropout) else 0.0
-        if _is_bnb_4bit(base):
+        if is_bnb_4bit(base):
             # bitsandbytes computes in its compute_dtype and returns x's dtype; so do we.
             dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else (
                 getattr(base, "compute_dtype", None) or x.dtype

@@ -3,13 +3,10 @@
 ``y = x deq(W)^T + scaling * dropout(x) A^T B^T + bias`` with W stored in
 bitsandbytes' 4-bit format (:mod:`fastlora.quant`).
 
-* :func:`qlora_forward` / :func:`qlora_backward` - the reference ops (the CPU
-  path and the oracle of ``fastlora.kernels.nf4``): they dequantize W to a
-  temporary in the compute dtype, use it, and drop it; it is never saved for
-  backward (backward dequantizes again).
-* :class:`QLoRALinearFunction` and :func:`qlora_linear` - autograd, dispatched
-  per call to the Triton kernels (W dequantized inside the GEMM tiles) or to
-  the reference ops, as :func:`fastlora.functional.lora_linear` does.
+* :func:`qlora_linear` - the op: one :class:`fastlora._fused.FusedOp` whose
+  forward/backward are ``qlora_forward`` / ``qlora_backward`` of the backend
+  (``fastlora.reference``: W dequantized to a temporary, never saved;
+  ``fastlora.kernels.nf4``: W dequantized inside the GEMM tiles).
 * :class:`QLoRALinear` - the module: only the 4-bit weight (as buffers, in
   bitsandbytes' state-dict layout), ``lora_A``, ``lora_B`` and the bias.
 """
@@ -17,193 +14,106 @@ bitsandbytes' 4-bit format (:mod:`fastlora.quant`).
 from __future__ import annotations
 
 import math
-from types import ModuleType
 
 import torch
 from torch import Tensor, nn
 
-from . import reference
-from .functional import check_lora_operands, prepare_call, with_leading_dims
-from .modules import check_init, check_lora_hyperparameters, lora_scaling
+from ._fused import FusedOp, backend_module
 from .quant import QuantizedWeight, dequantize_4bit, quantize_4bit
+from .reference import qlora_backward, qlora_forward
+from .validation import check_init, check_lora_hyperparameters, check_lora_operands, check_same_device, lora_scaling
 
-# -- the reference ops ---------------------------------------------------------
+# -- the op --------------------------------------------------------------------
 
-
-def qlora_forward(
-    x: Tensor,
-    qweight: QuantizedWeight,
-    lora_A: Tensor,
-    lora_B: Tensor,
-    scaling: float,
-    bias: Tensor | None = None,
-    dropout_p: float = 0.0,
-    seed: int = 0,
-) -> tuple[Tensor, Tensor]:
-    """``y = x deq(W)^T + scaling * (dropout(x) A^T) B^T + bias``; returns ``(y, s)``.
-
-    x [M, K], qweight [N, K], lora_A [r, K], lora_B [N, r], bias [N] -> y [M, N],
-    s = dropout(x) A^T [M, r]. deq(W) is a temporary in x's dtype, freed on return.
-    """
-    weight = dequantize_4bit(qweight, x.dtype)
-    return reference.lora_forward(x, weight, lora_A, lora_B, scaling, bias, dropout_p, seed)
+# A QuantizedWeight is not an op argument type: it travels as its tensors (op
+# inputs without gradients) plus its metadata (op constants).
+_QW_TENSORS = ("packed", "absmax", "quant_map", "nested_absmax", "nested_quant_map", "offset")
+_QW_META = ("quant_type", "blocksize", "shape", "dtype", "nested_blocksize")
 
 
-def qlora_backward(
-    dy: Tensor,
-    x: Tensor,
-    qweight: QuantizedWeight,
-    lora_A: Tensor,
-    lora_B: Tensor,
-    s: Tensor,
-    scaling: float,
-    dropout_p: float = 0.0,
-    seed: int = 0,
-    needs: tuple[bool, bool, bool, bool, bool] = (True, False, True, True, False),
-) -> tuple[Tensor | None, None, Tensor | None, Tensor | None, Tensor | None]:
-    """Gradients ``(dx, None, dA, dB, dbias)`` of :func:`qlora_forward`; the
-    4-bit weight is frozen (its slot is always None). With dS = scaling * dY B:
-    dB = scaling * dY^T S; dA = dS^T D(x); dx = dY deq(W) + D(dS A); dbias = sum_m dY.
-    deq(W) is rebuilt here (only when dx is needed) and freed on return."""
-    need_x, need_w, need_a, need_b, need_bias = needs
-    if need_w:
-        raise ValueError("qlora_backward: the 4-bit base weight is frozen; it has no gradient")
-    weight = dequantize_4bit(qweight, dy.dtype) if need_x else None
-    dx, _, da, db, dbias = reference.lora_backward(
-        dy, x, weight, lora_A, lora_B, s, scaling, dropout_p, seed, (need_x, False, need_a, need_b, need_bias)
-    )
-    return dx, None, da, db, dbias
+def _qw_tensors(qw: QuantizedWeight) -> tuple:
+    return tuple(getattr(qw, f) for f in _QW_TENSORS)
 
 
-# -- autograd ------------------------------------------------------------------
+def _qw_meta(qw: QuantizedWeight) -> tuple:
+    return (qw.quant_type, qw.blocksize, list(qw.shape), qw.dtype, qw.nested_blocksize)
 
 
-def _ops(backend: str) -> ModuleType:
-    if backend == "triton":
-        from .kernels import nf4  # imported on first use only
-
-        return nf4
-    import sys
-
-    return sys.modules[__name__]
-
-
-# torch.compile: as for LoRA (fastlora.functional), the two halves run as
-# torch.library custom ops with shape-only fake implementations, so the compiler
-# never traces into the dequantization or the kernels. A QuantizedWeight is not
-# an op argument type, so it travels as its tensors plus its metadata.
-def _qw_args(qw: QuantizedWeight) -> tuple:
-    return (
-        qw.packed, qw.absmax, qw.quant_map, qw.nested_absmax, qw.nested_quant_map, qw.offset,
-        qw.quant_type, qw.blocksize, list(qw.shape), qw.dtype, qw.nested_blocksize,
-    )
-
-
-def _qw_from_args(packed, absmax, quant_map, nested_absmax, nested_quant_map, offset, quant_type, blocksize, shape, dtype, nested_blocksize):
+def _qw_from(tensors, meta) -> QuantizedWeight:
+    fields = dict(zip(_QW_TENSORS, tensors))
+    quant_type, blocksize, shape, dtype, nested_blocksize = meta
     return QuantizedWeight(
-        packed=packed, absmax=absmax, quant_map=quant_map, quant_type=quant_type, blocksize=blocksize,
-        shape=tuple(shape), dtype=dtype, nested_absmax=nested_absmax, nested_quant_map=nested_quant_map,
-        offset=offset, nested_blocksize=nested_blocksize,
+        quant_type=quant_type, blocksize=blocksize, shape=tuple(shape), dtype=dtype, nested_blocksize=nested_blocksize,
+        **fields,
+    )  # fmt: skip
+
+
+def _forward(backend, seed, x, lora_A, lora_B, bias, *rest):
+    tensors, (scaling, dropout_p, *meta) = rest[: len(_QW_TENSORS)], rest[len(_QW_TENSORS) :]
+    qw = _qw_from(tensors, meta)
+    return backend_module(backend, "nf4").qlora_forward(x, qw, lora_A, lora_B, scaling, bias, dropout_p, seed)
+
+
+def _backward(backend, seed, needs, dy, saved, new, consts):
+    x, lora_A, lora_B, *tensors = saved
+    (s,) = new
+    scaling, dropout_p, *meta = consts
+    qw = _qw_from(tensors, meta)
+    need = (needs[0], False, needs[1], needs[2], needs[3])
+    dx, _, da, db, dbias = backend_module(backend, "nf4").qlora_backward(
+        dy, x, qw, lora_A, lora_B, s, scaling, dropout_p, seed, need
     )
+    return (dx, da, db, dbias) + (None,) * len(_QW_TENSORS)
 
 
-@torch.library.custom_op("fastlora::qlora_fwd", mutates_args=())
-def _qlora_fwd_op(
-    x: Tensor, lora_A: Tensor, lora_B: Tensor, bias: Tensor | None,
-    packed: Tensor, absmax: Tensor, quant_map: Tensor, nested_absmax: Tensor | None,
-    nested_quant_map: Tensor | None, offset: Tensor | None, quant_type: str, blocksize: int,
-    shape: list[int], dtype: torch.dtype, nested_blocksize: int,
-    scaling: float, dropout_p: float, seed_t: Tensor | None, backend: str,
-) -> tuple[Tensor, Tensor]:
-    qw = _qw_from_args(packed, absmax, quant_map, nested_absmax, nested_quant_map, offset, quant_type, blocksize, shape, dtype, nested_blocksize)
-    seed = int(seed_t.item()) if seed_t is not None else 0
-    y, s = _ops(backend).qlora_forward(x, qw, lora_A, lora_B, scaling, bias, dropout_p, seed)
-    return y, s
+def _fake_forward(x, lora_A, lora_B, bias, *rest):
+    shape = rest[len(_QW_TENSORS) + 4]
+    return x.new_empty(x.shape[0], shape[0]), lora_A.new_empty(x.shape[0], lora_A.shape[0])
 
 
-@_qlora_fwd_op.register_fake
-def _(x, lora_A, lora_B, bias, packed, absmax, quant_map, nested_absmax, nested_quant_map, offset,
-      quant_type, blocksize, shape, dtype, nested_blocksize, scaling, dropout_p, seed_t, backend):
-    return x.new_empty(x.shape[0], shape[0]), x.new_empty(x.shape[0], lora_A.shape[0])
+def _fake_backward(needs, dy, saved, new, consts):
+    x, lora_A, lora_B = saved[:3]
+    grads = [t.new_empty(t.shape) if n else None for t, n in zip((x, lora_A, lora_B), needs)]
+    return grads + [dy.new_empty(dy.shape[1]) if needs[3] else None] + [None] * len(_QW_TENSORS)
 
 
-@torch.library.custom_op("fastlora::qlora_bwd", mutates_args=())
-def _qlora_bwd_op(
-    dy: Tensor, x: Tensor, lora_A: Tensor, lora_B: Tensor, s: Tensor,
-    packed: Tensor, absmax: Tensor, quant_map: Tensor, nested_absmax: Tensor | None,
-    nested_quant_map: Tensor | None, offset: Tensor | None, quant_type: str, blocksize: int,
-    shape: list[int], dtype: torch.dtype, nested_blocksize: int,
-    scaling: float, dropout_p: float, seed_t: Tensor | None, backend: str, needs: list[bool],
-) -> list[Tensor]:
-    qw = _qw_from_args(packed, absmax, quant_map, nested_absmax, nested_quant_map, offset, quant_type, blocksize, shape, dtype, nested_blocksize)
-    seed = int(seed_t.item()) if seed_t is not None else 0
-    grads = _ops(backend).qlora_backward(dy, x, qw, lora_A, lora_B, s, scaling, dropout_p, seed, tuple(needs))
-    return [g if g is not None else dy.new_empty(0) for g in grads]  # custom ops return no None
+def _validate(x, inputs, consts) -> None:
+    shape = tuple(consts["shape"])
+    check_lora_operands(
+        x, "qweight", shape, inputs["lora_A"], inputs["lora_B"], inputs["bias"], consts["scaling"], consts["dropout_p"]
+    )
+    check_same_device(x, qweight=inputs["packed"])
 
 
-@_qlora_bwd_op.register_fake
-def _(dy, x, lora_A, lora_B, s, packed, absmax, quant_map, nested_absmax, nested_quant_map, offset,
-      quant_type, blocksize, shape, dtype, nested_blocksize, scaling, dropout_p, seed_t, backend, needs):
-    shapes = [x.shape, tuple(shape), lora_A.shape, lora_B.shape, (dy.shape[1],)]
-    return [dy.new_empty(sh if need else (0,)) for sh, need in zip(shapes, needs)]
+QLORA = FusedOp(
+    "qlora",
+    function_name="QLoRALinearFunction",
+    inputs=[
+        ("x", "Tensor"), ("lora_A", "Tensor"), ("lora_B", "Tensor"), ("bias", "Tensor?"),
+        ("packed", "Tensor"), ("absmax", "Tensor"), ("quant_map", "Tensor"), ("nested_absmax", "Tensor?"),
+        ("nested_quant_map", "Tensor?"), ("offset", "Tensor?"),
+    ],
+    consts=[("quant_type", "str"), ("blocksize", "int"), ("shape", "int[]"), ("dtype", "ScalarType"), ("nested_blocksize", "int")],
+    saved=("x", "lora_A", "lora_B"),
+    held=_QW_TENSORS,
+    n_new=1,
+    forward=_forward,
+    backward=_backward,
+    fake_forward=_fake_forward,
+    fake_backward=_fake_backward,
+    validate=_validate,
+    autocast=("x", "lora_A", "lora_B", "bias"),
+    doc="""``y = x deq(W)^T + scaling * dropout(x) A^T B^T + bias`` on 2-D x [M, K].
 
-
-class QLoRALinearFunction(torch.autograd.Function):
-    """``y = x deq(W)^T + scaling * dropout(x) A^T B^T + bias`` on 2-D x [M, K].
-
-    Saved for backward: x (the caller's tensor), S = dropout(x) A^T [M, r],
-    lora_A, lora_B and the integer seed; the 4-bit weight is held by reference
-    (the module's buffers), never dequantized into a saved tensor. Gradients
-    (D = the dropout, linear and self-adjoint; W frozen):
+    Saved for backward: x (the caller's tensor), S = dropout(x) A^T [M, r], the
+    adapters and the 4-bit weight's tensors (by reference: the module's buffers,
+    never a dequantized weight) and the integer seed. Gradients (D = the
+    dropout, linear and self-adjoint; W frozen):
       dS = scaling * dY B;  dB = scaling * dY^T S;  dA = dS^T D(x);
       dx = dY deq(W) + D(dS A);  dbias = sum_m dY.
-    Under torch.compile (or with a tensor seed) both halves run as the custom ops above.
-    """
-
-    @staticmethod
-    def forward(ctx, x, lora_A, lora_B, bias, qweight, scaling, dropout_p, seed, backend):  # type: ignore[override]
-        ctx.compiled = isinstance(seed, Tensor) or torch.compiler.is_compiling()
-        if ctx.compiled:
-            seed_t = seed if isinstance(seed, Tensor) else None
-            y, s = _qlora_fwd_op(x, lora_A, lora_B, bias, *_qw_args(qweight), scaling, dropout_p, seed_t, backend)
-            ctx.save_for_backward(x, lora_A, lora_B, s, seed_t)
-        else:
-            y, s = _ops(backend).qlora_forward(x, qweight, lora_A, lora_B, scaling, bias, dropout_p, seed)
-            ctx.save_for_backward(x, lora_A, lora_B, s)
-        ctx.qweight = qweight
-        ctx.scaling = scaling
-        ctx.dropout_p = dropout_p
-        ctx.seed = seed
-        ctx.backend = backend
-        ctx.has_bias = bias is not None
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):  # type: ignore[override]
-        x, lora_A, lora_B, s, *seed_t = ctx.saved_tensors
-        need = ctx.needs_input_grad
-        needs = (need[0], False, need[1], need[2], ctx.has_bias and need[3])
-        if ctx.compiled:
-            grads = _qlora_bwd_op(
-                dy, x, lora_A, lora_B, s, *_qw_args(ctx.qweight), ctx.scaling, ctx.dropout_p, seed_t[0], ctx.backend,
-                list(needs),
-            )
-            dx, _, da, db, dbias = (g if n else None for g, n in zip(grads, needs))
-        else:
-            dx, _, da, db, dbias = _ops(ctx.backend).qlora_backward(
-                dy, x, ctx.qweight, lora_A, lora_B, s, ctx.scaling, ctx.dropout_p, ctx.seed, needs
-            )
-        return dx, da, db, dbias, None, None, None, None, None
-
-
-def _check_args(x, qweight, lora_A, lora_B, bias, scaling, dropout) -> None:
-    if not isinstance(qweight, QuantizedWeight):
-        raise TypeError(f"qweight must be a fastlora.quant.QuantizedWeight, got {type(qweight).__name__}")
-    if len(qweight.shape) != 2:
-        raise ValueError(f"qweight must hold a 2-D [out_features, in_features] weight, got shape {qweight.shape}")
-    check_lora_operands(x, "qweight", qweight.shape, lora_A, lora_B, bias, scaling, dropout)
-    if qweight.device != x.device:
-        raise ValueError(f"qweight is on {qweight.device} but x is on {x.device}; all tensors must share a device")
+    """,
+)  # fmt: skip
+QLoRALinearFunction = QLORA.function
 
 
 def qlora_linear(
@@ -229,17 +139,19 @@ def qlora_linear(
     Returns [..., N] in x's dtype (under ``torch.autocast``: the autocast dtype,
     every tensor cast first, as nn.Linear does).
     """
-    device_type = x.device.type if isinstance(x, Tensor) else "cpu"
-    if isinstance(x, Tensor) and x.is_floating_point() and torch.is_autocast_enabled(device_type):
-        dtype = torch.get_autocast_dtype(device_type)
-        x, lora_A, lora_B = (t.to(dtype) for t in (x, lora_A, lora_B))
-        bias = bias.to(dtype) if bias is not None else None
-        with torch.autocast(device_type, enabled=False):
-            return qlora_linear(x, qweight, lora_A, lora_B, scaling, bias, dropout=dropout, training=training)
-    _check_args(x, qweight, lora_A, lora_B, bias, scaling, dropout)
-    x2d, lora_A, lora_B, scaling, p, seed, backend = prepare_call(x, lora_A, lora_B, scaling, dropout, training)
-    y = QLoRALinearFunction.apply(x2d, lora_A, lora_B, bias, qweight, scaling, p, seed, backend)
-    return with_leading_dims(y, x)
+    if not isinstance(qweight, QuantizedWeight):
+        raise TypeError(f"qweight must be a fastlora.quant.QuantizedWeight, got {type(qweight).__name__}")
+    if len(qweight.shape) != 2:
+        raise ValueError(f"qweight must hold a 2-D [out_features, in_features] weight, got shape {qweight.shape}")
+    return QLORA(
+        x, lora_A, lora_B, bias, *_qw_tensors(qweight),
+        scaling=scaling, dropout=dropout, training=training, consts=_qw_meta(qweight),
+    )  # fmt: skip
+
+
+def is_bnb_4bit(module: nn.Module) -> bool:
+    """True for a bitsandbytes ``Linear4bit`` (checked by name: bitsandbytes is optional)."""
+    return type(module).__name__ == "Linear4bit" and type(module).__module__.startswith("bitsandbytes")
 
 
 # -- the module ----------------------------------------------------------------
@@ -565,6 +477,11 @@ class QLoRALinear(nn.Module):
         self.merged = bool(state_dict.get(merged_key, torch.tensor(False)).item())
 
     # -- reporting ---------------------------------------------------------------
+    def quantized_parameter_count(self) -> int:
+        """The parameters the 4-bit weight represents (``out * in``), for
+        :func:`fastlora.count_parameters` (the weight is stored in buffers)."""
+        return self.out_features * self.in_features
+
     def weight_nbytes(self) -> int:
         """Bytes of the base weight's storage: packed codes + absmax (+ nested
         absmax and offset); code tables excluded (shared constants)."""
@@ -582,8 +499,10 @@ class QLoRALinear(nn.Module):
 
 
 __all__ = [
+    "QLORA",
     "QLoRALinear",
     "QLoRALinearFunction",
+    "is_bnb_4bit",
     "qlora_backward",
     "qlora_forward",
     "qlora_linear",

@@ -24,6 +24,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .quant import QuantizedWeight, dequantize_4bit
+
 # NOTE: dropout draws 16 random bits per element. Drawing them as int64 words
 # and reinterpreting is ~5x cheaper on CPU than ``bernoulli_`` (which is what
 # makes a regenerated mask affordable). The keep probability is therefore
@@ -182,6 +184,51 @@ def lora_backward(
     if need_bias:
         dbias = dy.sum(0)
     return dx, dw, da, db, dbias
+
+
+def qlora_forward(
+    x: Tensor,
+    qweight: QuantizedWeight,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    scaling: float,
+    bias: Tensor | None = None,
+    dropout_p: float = 0.0,
+    seed: int = 0,
+) -> tuple[Tensor, Tensor]:
+    """QLoRA: ``y = x deq(W)^T + scaling * (dropout(x) A^T) B^T + bias``; returns ``(y, s)``.
+
+    x [M, K], qweight [N, K] (4-bit), lora_A [r, K], lora_B [N, r], bias [N] -> y
+    [M, N], s [M, r]. deq(W) is a temporary in x's dtype, freed on return (the
+    twin of ``fastlora.kernels.nf4.qlora_forward``, which dequantizes in the tiles).
+    """
+    weight = dequantize_4bit(qweight, x.dtype)
+    return lora_forward(x, weight, lora_A, lora_B, scaling, bias, dropout_p, seed)
+
+
+def qlora_backward(
+    dy: Tensor,
+    x: Tensor,
+    qweight: QuantizedWeight,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    s: Tensor,
+    scaling: float,
+    dropout_p: float = 0.0,
+    seed: int = 0,
+    needs: tuple[bool, bool, bool, bool, bool] = (True, False, True, True, False),
+) -> tuple[Tensor | None, None, Tensor | None, Tensor | None, Tensor | None]:
+    """Gradients ``(dx, None, dA, dB, dbias)`` of :func:`qlora_forward`; the 4-bit
+    weight is frozen (its slot is always None). As :func:`lora_backward` with
+    deq(W) rebuilt here (only when dx is needed) and freed on return."""
+    need_x, need_w, need_a, need_b, need_bias = needs
+    if need_w:
+        raise ValueError("qlora_backward: the 4-bit base weight is frozen; it has no gradient")
+    weight = dequantize_4bit(qweight, dy.dtype) if need_x else None
+    dx, _, da, db, dbias = lora_backward(
+        dy, x, weight, lora_A, lora_B, s, scaling, dropout_p, seed, (need_x, False, need_a, need_b, need_bias)
+    )
+    return dx, None, da, db, dbias
 
 
 def lora_linear_float64(

@@ -37,17 +37,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .functional import lora_linear
-from .model import normalize_target_modules, target_linear_names
 from .modules import MergeableLinear
+from .registry import adapter_layers, apply_adapter, merge_adapters, normalize_target_modules, register_adapter_kind, register_layer
+from .validation import check_dropout, check_finite, check_rank, is_int
 
 
 def _check_vera_args(r, d_initial, dropout) -> None:
-    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-        raise ValueError(f"r (the VeRA rank) must be an integer >= 1, got {r!r}")
-    if isinstance(d_initial, bool) or not isinstance(d_initial, (int, float)) or not math.isfinite(d_initial):
-        raise ValueError(f"d_initial must be a finite number, got {d_initial!r}")
-    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout must be a probability in [0, 1), got {dropout!r}")
+    check_rank(r, "r (the VeRA rank)")
+    check_finite(d_initial, "d_initial")
+    check_dropout(dropout)
 
 
 def _kaiming_uniform(shape: tuple[int, int], generator: torch.Generator) -> Tensor:
@@ -316,60 +314,25 @@ class VeRAConfig:
 
     def __post_init__(self) -> None:
         _check_vera_args(self.r, self.d_initial, self.dropout)
-        if isinstance(self.projection_prng_key, bool) or not isinstance(self.projection_prng_key, int):
+        if not is_int(self.projection_prng_key):
             raise TypeError(f"VeRAConfig.projection_prng_key must be an int, got {self.projection_prng_key!r}")
         self.target_modules = normalize_target_modules(self.target_modules)
 
 
 def vera_layers(model: nn.Module) -> dict[str, VeRALinear]:
     """The model's :class:`VeRALinear` layers by module name."""
-    return {n: m for n, m in model.named_modules() if isinstance(m, VeRALinear)}
+    return adapter_layers(model, "vera")
 
 
-def apply_vera(
-    model: nn.Module, config: VeRAConfig | None = None, *, projection: VeRAProjection | None = None, **overrides
-) -> nn.Module:
-    """Replace the targeted nn.Linear modules of ``model`` by :class:`VeRALinear`
-    sharing one :class:`VeRAProjection`, in place; freeze every parameter that
-    is not a ``vera_lambda_*`` (except ``modules_to_save``); return ``model``.
-
-    The projection is generated from ``config.projection_prng_key`` sized to the
-    largest targeted layer (``[r, max in_features]``, ``[max out_features, r]``),
-    exactly as PEFT's ``VeraModel`` does. Pass ``projection`` to use given
-    matrices instead (e.g. ``vera_A`` / ``vera_B`` from a PEFT checkpoint); it
-    must have rank ``config.r`` and cover every targeted layer.
-    ``overrides`` replace fields of ``config``: ``apply_vera(model, r=64)``.
-    """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    if isinstance(model, nn.Linear):
-        raise TypeError("apply_vera works on a model containing nn.Linear modules; wrap a bare layer with VeRALinear.from_linear")
-    config = config if config is not None else VeRAConfig()
-    if overrides:
-        unknown = set(overrides) - {f.name for f in dataclasses.fields(VeRAConfig)}
-        if unknown:
-            raise TypeError(f"apply_vera got unknown VeRAConfig fields: {sorted(unknown)}")
-        config = dataclasses.replace(config, **overrides)
-    if vera_layers(model):
-        raise ValueError("model already has VeRA layers; fastlora keeps one VeRA adapter (one shared projection) per model")
-    names = target_linear_names(
-        model, config.target_modules, exclude_modules=config.exclude_modules, modules_to_save=config.modules_to_save
-    )
-    if not names:
-        available = [n for n, m in model.named_modules() if type(m) is nn.Linear]
-        raise ValueError(
-            f"target_modules={config.target_modules!r} matched no nn.Linear module; the model's nn.Linear modules are {available}"
-        )
-    linears = {name: model.get_submodule(name) for name in names}
-    max_out = max(m.out_features for m in linears.values())
-    max_in = max(m.in_features for m in linears.values())
+def _prepare_projection(model: nn.Module, config: VeRAConfig, bases: dict, projection) -> VeRAProjection:
+    """PEFT's shared projections sized to the largest targeted layer, or the given ones checked."""
+    max_out = max(m.out_features for m in bases.values())
+    max_in = max(m.in_features for m in bases.values())
     if projection is None:
-        projection = VeRAProjection.generate(
-            config.r, max_in, max_out, config.projection_prng_key, persistent=config.save_projection
-        )
-    elif not isinstance(projection, VeRAProjection):
+        return VeRAProjection.generate(config.r, max_in, max_out, config.projection_prng_key, persistent=config.save_projection)
+    if not isinstance(projection, VeRAProjection):
         raise TypeError(f"projection must be a fastlora.vera.VeRAProjection, got {type(projection).__name__}")
-    elif projection.r != config.r:
+    if projection.r != config.r:
         raise ValueError(
             f"the given projection has rank {projection.r} (vera_A {tuple(projection.vera_A.shape)}) but config.r={config.r}"
         )
@@ -379,26 +342,43 @@ def apply_vera(
             f"is smaller than the largest targeted layer (in_features={max_in}, out_features={max_out}); it needs "
             f"vera_A of at least [{config.r}, {max_in}] and vera_B of at least [{max_out}, {config.r}]"
         )
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for name, linear in linears.items():
-        layer = VeRALinear.from_linear(linear, projection, r=config.r, d_initial=config.d_initial, dropout=config.dropout)
-        model.set_submodule(name, layer, strict=True)
-    for key in config.modules_to_save or []:
-        hits = [m for n, m in model.named_modules() if n and (n == key or n.endswith("." + key))]
-        if not hits:
-            raise ValueError(f"modules_to_save entry {key!r} matches no module of the model")
-        for m in hits:
-            for p in m.parameters():
-                p.requires_grad_(True)
-    return model
+    return projection
+
+
+def _build_linear(linear: nn.Linear, name: str, config: VeRAConfig, projection: VeRAProjection) -> VeRALinear:
+    return VeRALinear.from_linear(linear, projection, r=config.r, d_initial=config.d_initial, dropout=config.dropout)
+
+
+register_adapter_kind("vera", VeRAConfig, label="VeRA", prepare=_prepare_projection, one_per_model=True)
+register_layer(VeRAConfig, nn.Linear, _build_linear, VeRALinear)
+
+
+def apply_vera(
+    model: nn.Module, config: VeRAConfig | None = None, *, projection: VeRAProjection | None = None, **overrides
+) -> nn.Module:
+    """Replace the targeted nn.Linear modules of ``model`` by :class:`VeRALinear`
+    sharing one :class:`VeRAProjection`, in place; freeze every parameter that
+    is not an adapter's (except ``modules_to_save``); return ``model``.
+
+    The projection is generated from ``config.projection_prng_key`` sized to the
+    largest targeted layer (``[r, max in_features]``, ``[max out_features, r]``),
+    exactly as PEFT's ``VeraModel`` does. Pass ``projection`` to use given
+    matrices instead (e.g. ``vera_A`` / ``vera_B`` from a PEFT checkpoint); it
+    must have rank ``config.r`` and cover every targeted layer.
+    ``overrides`` replace fields of ``config``: ``apply_vera(model, r=64)``.
+    """
+    config = config if config is not None else VeRAConfig()
+    if not isinstance(config, VeRAConfig):
+        raise TypeError(f"apply_vera: config must be a fastlora.VeRAConfig, got {type(config).__name__}")
+    if overrides:
+        unknown = set(overrides) - {f.name for f in dataclasses.fields(VeRAConfig)}
+        if unknown:
+            raise TypeError(f"apply_vera got unknown VeRAConfig fields: {sorted(unknown)}")
+        config = dataclasses.replace(config, **overrides)
+    return apply_adapter(model, config, shared=projection, what="apply_vera")
 
 
 def merge_vera(model: nn.Module) -> nn.Module:
     """Replace every :class:`VeRALinear` by a plain ``nn.Linear`` with the update
     merged in (in place); returns ``model`` (a bare VeRALinear becomes an nn.Linear)."""
-    if isinstance(model, VeRALinear):
-        return model.to_linear()
-    for name, layer in vera_layers(model).items():
-        model.set_submodule(name, layer.to_linear(), strict=True)
-    return model
+    return merge_adapters(model, "vera")

@@ -30,6 +30,18 @@ def float64_grads(x, weight, lora_A, lora_B, scaling, bias, dy, keep_mask=None, 
     return y.detach(), grads
 
 
+def tolerance_2x(own, oracle64, dtype, floor_ulps: float = 4) -> float:
+    """The project's tolerance rule, written once: 2x the error of ``own`` (PyTorch's
+    or PEFT's result for the same computation in the same dtype) against the
+    float64 ``oracle64``, plus ``floor_ulps`` units in the last place of ``dtype``
+    at the oracle's largest magnitude (so a reference that is exact by luck
+    cannot make the tolerance zero)."""
+    if oracle64.numel() == 0:
+        return 0.0
+    err = (own.double() - oracle64.double()).abs().max().item()
+    return 2 * err + floor_ulps * torch.finfo(dtype).eps * oracle64.abs().max().item()
+
+
 def assert_close_to(actual, oracle, tol, what):
     """|actual - oracle| <= tol elementwise, printing the worst elements on failure."""
     diff = (actual.double() - oracle.double()).abs()

@@ -14,7 +14,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from _oracles import assert_close_to
+from _oracles import assert_close_to, tolerance_2x
 from torch import nn
 
 from fastlora.adalora import (
@@ -99,8 +99,7 @@ def run(model, x, dy, names, bias):
 def tolerance(peft32: torch.Tensor, peft64: torch.Tensor, ulps: int = 4) -> float:
     # 2x PEFT's own fp32 error vs float64 (STYLE.md), that error floored at `ulps` fp32 ulps of the largest value
     # (the floor keeps a lucky near-exact PEFT result from demanding more of us than of PEFT)
-    err = (peft32.double() - peft64).abs().max().item()
-    return 2 * max(err, ulps * EPS32 * peft64.abs().max().item())
+    return tolerance_2x(peft32, peft64, torch.float32, floor_ulps=2 * ulps)
 
 
 def enable_bias_grads(model):
@@ -200,12 +199,10 @@ def test_bf16_base_with_fp32_adapters_matches_peft(seed):
     got = run(ours, x, dy, TARGETS, False)
     want = run(theirs.base_model.model, x, dy, TARGETS, False)
     want64 = run(theirs64.base_model.model, x.double(), dy.double(), TARGETS, False)
-    eps16 = torch.finfo(torch.bfloat16).eps
     for what in got:
         assert got[what].dtype == want[what].dtype, what
-        # 2x PEFT's own bf16 error vs float64, that error floored at 2 bf16 ulps of the largest value
-        err = (want[what].double() - want64[what]).abs().max().item()
-        tol = 2 * max(err, 2 * eps16 * want64[what].abs().max().item())
+        # 2x PEFT's own bf16 error vs float64 + 4 bf16 ulps of the largest value (PEFT may be exact by luck)
+        tol = tolerance_2x(want[what], want64[what], torch.bfloat16, floor_ulps=4)
         assert_close_to(got[what], want64[what], tol, f"{what} (bf16 base) vs PEFT float64")
 
 
@@ -438,14 +435,14 @@ def test_apply_errors():
         apply_adalora(Toy(), init_r=4)
     with pytest.raises(TypeError, match="total_step must be an integer"):
         AdaLoRAConfig(total_step=10.0)
-    with pytest.raises(ValueError, match="matched no nn.Linear"):
+    with pytest.raises(ValueError, match="matched no module"):
         apply_adalora(Toy(), total_step=10, target_modules=["nope"])
     with pytest.raises(TypeError, match="unknown AdaLoRAConfig fields"):
         apply_adalora(Toy(), total_step=10, lora_alpha=16)
     model = apply_adalora(Toy(), total_step=10, target_modules=TARGETS)
     with pytest.raises(ValueError, match="already has AdaLoRA layers"):
         apply_adalora(model, total_step=10)
-    with pytest.raises(TypeError, match="bare layer"):
+    with pytest.raises(TypeError, match="not on a bare"):
         apply_adalora(nn.Linear(4, 4), total_step=10)
     with pytest.raises(ValueError, match=r"target_r must be in \[0, init_r\]"):
         apply_adalora(Toy(), AdaLoRAConfig(total_step=10), target_r=20)

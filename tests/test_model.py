@@ -104,7 +104,7 @@ def test_freezing_and_modules_to_save():
 
 
 def test_errors_name_the_problem():
-    with pytest.raises(ValueError, match=r"matched no nn.Linear module; the model's nn.Linear modules are \['0', '2', '4'\]"):
+    with pytest.raises(ValueError, match=r"matched no module that LoRA can adapt; the model's adaptable modules are \['0', '2', '4'\]"):
         apply_lora(mlp(), target_modules=["q_proj"])
     with pytest.raises(TypeError, match="unknown LoRAConfig fields: \\['rank'\\]"):
         apply_lora(mlp(), rank=4)

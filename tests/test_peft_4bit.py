@@ -110,7 +110,8 @@ def test_quantize_nf4_config_and_adapters_load_in_peft_on_a_4bit_base(tmp_path):
     assert all(isinstance(m, QLoRALinear) and m.quant_type == "nf4" and m.double_quant for m in layers.values())
     trainable, total = fastlora.count_parameters(model)
     assert trainable == 8 * (128 + 192) + 8 * (192 + 64)
-    assert total == trainable + 192 + 64  # only the biases remain as (frozen) parameters
+    # the biases, and the 4-bit weights counted as the parameters they represent (PEFT's rule)
+    assert total == trainable + 192 + 64 + 128 * 192 + 192 * 64
     with torch.no_grad():
         for layer in layers.values():
             layer.lora_B.normal_(0, 0.1)
@@ -125,3 +126,15 @@ def test_quantize_nf4_config_and_adapters_load_in_peft_on_a_4bit_base(tmp_path):
     x = torch.randn(6, 128)
     with torch.no_grad():
         assert_close_to(model(x), theirs(x), TOL * 10, "QLoRA adapter in PEFT")
+
+
+def test_count_parameters_counts_4bit_weights_as_peft_does():
+    """PEFT's get_nb_trainable_parameters is the oracle: a bitsandbytes Params4bit
+    counts as the parameters it represents, and so does a fastlora 4-bit layer."""
+    peft_model = peft.get_peft_model(bnb_model(), peft.LoraConfig(r=8, lora_alpha=16, target_modules=["0", "2"]))
+    want = peft_model.get_nb_trainable_parameters()
+    assert fastlora.count_parameters(peft_model) == want
+    ours = fastlora.apply_lora(bnb_model(), r=8, alpha=16.0, target_modules=["0", "2"])
+    assert fastlora.count_parameters(ours) == want
+    quantized = fastlora.apply_lora(float_model(), r=8, alpha=16.0, quantize="nf4")
+    assert fastlora.count_parameters(quantized) == want

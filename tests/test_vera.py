@@ -17,7 +17,7 @@ from torch import nn
 from fastlora.model import count_parameters
 from fastlora.vera import VeRAConfig, VeRALinear, VeRAProjection, apply_vera, merge_vera, vera_layers
 
-from _oracles import assert_close_to
+from _oracles import assert_close_to, tolerance_2x
 
 peft = pytest.importorskip("peft", reason="PEFT parity tests need peft (pip install 'fastlora[test]')")
 
@@ -86,8 +86,7 @@ def tolerance(peft32: torch.Tensor, peft64: torch.Tensor) -> float:
     # 2x PEFT's own fp32 error vs float64 (STYLE.md), that error floored at 4 fp32 ulps of the largest value
     # (PEFT's own error on this 3-layer chain is 2-10 such ulps; the floor keeps a lucky small one from
     # demanding more of us than of PEFT)
-    err = (peft32.double() - peft64).abs().max().item()
-    return 2 * max(err, 4 * EPS32 * peft64.abs().max().item())
+    return tolerance_2x(peft32, peft64, torch.float32, floor_ulps=8)
 
 
 @pytest.mark.parametrize("bias", [True, False])
@@ -310,14 +309,14 @@ def test_mismatched_projection_sizes_are_errors():
 
 
 def test_apply_errors():
-    with pytest.raises(ValueError, match="matched no nn.Linear"):
+    with pytest.raises(ValueError, match="matched no module"):
         apply_vera(Toy(), target_modules=["nope"])
     with pytest.raises(TypeError, match="unknown VeRAConfig fields"):
         apply_vera(Toy(), vera_dropout=0.1)
     model = apply_vera(Toy(), r=4, target_modules=TARGETS)
     with pytest.raises(ValueError, match="already has VeRA layers"):
         apply_vera(model, r=4)
-    with pytest.raises(TypeError, match="bare layer"):
+    with pytest.raises(TypeError, match="not on a bare"):
         apply_vera(nn.Linear(4, 4))
 
 
@@ -359,10 +358,8 @@ def test_bf16_base_with_fp32_lambdas_matches_peft(seed):
     got = run(ours, x, dy, TARGETS, False)
     want = run(theirs.base_model.model, x, dy, TARGETS, False)
     want64 = run(theirs64.base_model.model, x.double(), dy.double(), TARGETS, False)
-    eps16 = torch.finfo(torch.bfloat16).eps
     for what in got:
         assert got[what].dtype == want[what].dtype, what
-        # 2x PEFT's own bf16 error vs float64, that error floored at 2 bf16 ulps of the largest value
-        err = (want[what].double() - want64[what]).abs().max().item()
-        tol = 2 * max(err, 2 * eps16 * want64[what].abs().max().item())
+        # 2x PEFT's own bf16 error vs float64 + 4 bf16 ulps of the largest value (PEFT may be exact by luck)
+        tol = tolerance_2x(want[what], want64[what], torch.bfloat16, floor_ulps=4)
         assert_close_to(got[what], want64[what], tol, f"{what} (bf16 base) vs PEFT float64")

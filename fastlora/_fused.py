@@ -1,0 +1,287 @@
+"""One helper that defines a fused op: :class:`FusedOp`.
+
+Every fused op of fastlora (LoRA, QLoRA, DoRA, and what comes next) is the same
+machine around a different pair of functions:
+
+* a ``forward(backend, seed, *inputs, *consts)`` returning ``(y, *new_saved)``
+  and a ``backward(backend, seed, needs, dy, saved, new_saved, consts)``
+  returning one gradient (or None) per input; each looks up its backend's
+  module (``fastlora.reference`` or ``fastlora.kernels.*``, which share
+  signatures) with :func:`backend_module`;
+* two ``torch.library`` custom ops ``fastlora::<name>_fwd`` / ``<name>_bwd``
+  with shape-only fake implementations, so ``torch.compile`` traces *around*
+  the op (the kernels and the reference math run opaque, exactly as in eager);
+* an ``autograd.Function`` (named as the public class, e.g.
+  ``LoRALinearFunction``) that calls the backend directly in eager mode and
+  the custom ops under compile. In eager the dropout seed is a Python int, so
+  nothing but the declared tensors is saved; under compile it is a 1-element
+  int64 tensor drawn in the graph (a Python int would need ``.item()``, a
+  graph break);
+* the call path of the public functions (:meth:`FusedOp.__call__`):
+  autocast (every operand cast as ``nn.Linear`` does, then the op with
+  autocast off), validation, x flattened to [M, K], the dropout probability
+  in effect and its seed, the backend for x's device, the result back in x's
+  leading dims.
+
+``FusedOp`` never imports a kernel module: the op's own functions do, on first
+use. Nothing here is specific to LoRA except the names ``lora_A`` / ``lora_B``
+(the adapters, cast for the kernels) and the two leading constants every op
+takes, ``scaling`` and ``dropout_p``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from types import ModuleType
+
+import torch
+from torch import Tensor
+
+from ._backend import resolve_backend
+
+# Family of kernels -> the Triton module that implements it (the reference module
+# implements every family).
+_KERNEL_MODULES = {"lora": "fastlora.kernels.lora", "nf4": "fastlora.kernels.nf4"}
+
+
+def backend_module(backend: str, family: str = "lora") -> ModuleType:
+    """The module with a backend's forward/backward functions: ``fastlora.reference``
+    for ``"reference"``, ``fastlora.kernels.<family>`` for ``"triton"`` (imported on
+    first use only, so importing fastlora never imports Triton)."""
+    if backend == "triton":
+        return importlib.import_module(_KERNEL_MODULES[family])
+    return importlib.import_module("fastlora.reference")
+
+
+def new_dropout_seed() -> int:
+    """A fresh dropout seed from PyTorch's default CPU generator (so
+    ``torch.manual_seed`` makes dropout reproducible; no device sync)."""
+    return int(torch.randint(0, 2**62, (1,), dtype=torch.int64).item())
+
+
+def dropout_seed(p: float):
+    """The seed argument of the autograd Functions: a Python int in eager (0 when
+    there is no dropout), a 1-element int64 tensor drawn in the graph under
+    torch.compile (None when there is no dropout)."""
+    if torch.compiler.is_compiling():
+        return torch.randint(0, 2**62, (1,), dtype=torch.int64) if p > 0.0 else None
+    return new_dropout_seed() if p > 0.0 else 0
+
+
+def with_leading_dims(y: Tensor, x: Tensor) -> Tensor:
+    """y [M, N] back to x's leading dims [..., N].
+
+    NOTE: _unsafe_view (what torch.matmul uses) rather than view: the result is
+    not a view, so in-place ops on it and FSDP2's pre-backward hook work, as with
+    nn.Linear."""
+    return y if x.dim() == 2 else torch.ops.aten._unsafe_view(y, (*x.shape[:-1], y.shape[-1]))
+
+
+def autocast_dtype(x) -> torch.dtype | None:
+    """The dtype ``torch.autocast`` would give a linear layer's floating input x, or None."""
+    if isinstance(x, Tensor) and x.is_floating_point() and torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return None
+
+
+def _seed_of(seed_t: Tensor | None) -> int:
+    return int(seed_t.item()) if seed_t is not None else 0
+
+
+def _schema(args: Sequence[tuple[str, str]], returns: str) -> str:
+    return "(" + ", ".join(f"{kind} {name}" for name, kind in args) + ") -> " + returns
+
+
+@dataclass(frozen=True)
+class Call:
+    """What :meth:`FusedOp.prepare` decided for one call."""
+
+    x2d: Tensor
+    dropout_p: float
+    seed: object
+    backend: str
+
+
+class FusedOp:
+    """A fused op: custom ops for compile, an autograd Function, and its call path.
+
+    Args:
+      name: the op's name; the custom ops are ``fastlora::<name>_fwd`` / ``_bwd``.
+      function_name: the autograd Function's class name (shown in ``grad_fn``).
+      inputs: ``(name, schema type)`` of the autograd inputs, x first, in call
+        order (``"Tensor"`` or ``"Tensor?"``); a gradient slot each.
+      consts: ``(name, schema type)`` of the non-tensor arguments after
+        ``scaling: float`` and ``dropout_p: float`` (which every op takes first).
+      saved: names of the inputs saved for backward (``save_for_backward``: by
+        reference, parameters and the caller's x are not copied).
+      held: names of inputs backward needs that are frozen buffers (a 4-bit
+        weight's tensors): kept on the context by reference, never packed by
+        saved-tensor hooks (which would copy or offload them every step).
+        Backward receives them after the saved ones.
+      n_new: how many tensors the forward returns after y (saved for backward).
+      forward: ``(backend, seed, *inputs, *consts) -> (y, *new)``.
+      backward: ``(backend, seed, needs, dy, saved, new, consts) -> grads``, one
+        per input (None where ``needs`` is False).
+      fake_forward: ``(*inputs, *consts) -> (y, *new)`` with the right shapes
+        and dtypes (no data).
+      fake_backward: ``(needs, dy, saved, new, consts) -> grads`` likewise; an
+        unneeded gradient may be None.
+      validate: ``(x, inputs: dict, consts: dict) -> None``: raises on bad operands
+        (called after the autocast casts, before anything runs).
+      autocast: names of the inputs cast to the autocast dtype with x.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        function_name: str,
+        inputs: Sequence[tuple[str, str]],
+        consts: Sequence[tuple[str, str]] = (),
+        saved: Sequence[str],
+        held: Sequence[str] = (),
+        n_new: int,
+        forward: Callable,
+        backward: Callable,
+        fake_forward: Callable,
+        fake_backward: Callable,
+        validate: Callable,
+        autocast: Sequence[str],
+        doc: str = "",
+    ) -> None:
+        self.name = name
+        self.inputs = tuple(inputs)
+        self.input_names = tuple(n for n, _ in self.inputs)
+        self.consts = (("scaling", "float"), ("dropout_p", "float"), *consts)
+        self.const_names = tuple(n for n, _ in self.consts)
+        self.saved_index = tuple(self.input_names.index(n) for n in saved)
+        self.held_index = tuple(self.input_names.index(n) for n in held)
+        self.n_new = n_new
+        self.forward = forward
+        self.backward = backward
+        self.validate = validate
+        self.autocast_index = tuple(self.input_names.index(n) for n in autocast)
+        self.adapter_index = tuple(self.input_names.index(n) for n in ("lora_A", "lora_B"))
+        self._register_custom_ops(fake_forward, fake_backward)
+        self.function = self._make_function(function_name, doc)
+
+    # -- torch.compile: the custom ops -------------------------------------------------
+    def _register_custom_ops(self, fake_forward: Callable, fake_backward: Callable) -> None:
+        n_in, n_c, n_new = len(self.inputs), len(self.consts), self.n_new
+        tail = [("seed_t", "Tensor?"), ("backend", "str")]
+        saved_args = [self.inputs[i] for i in self.saved_index + self.held_index]
+        new_args = [(f"new{i}", "Tensor") for i in range(n_new)]
+        n_saved = len(saved_args)
+
+        def fwd_impl(*args):
+            inputs, consts, (seed_t, backend) = args[:n_in], args[n_in : n_in + n_c], args[n_in + n_c :]
+            return list(self.forward(backend, _seed_of(seed_t), *inputs, *consts))
+
+        def fwd_fake(*args):
+            return list(fake_forward(*args[: n_in + n_c]))
+
+        def split_bwd(args):
+            dy = args[0]
+            saved = args[1 : 1 + n_saved]
+            new = args[1 + n_saved : 1 + n_saved + n_new]
+            consts = args[1 + n_saved + n_new : 1 + n_saved + n_new + n_c]
+            seed_t, backend, needs = args[1 + n_saved + n_new + n_c :]
+            return dy, saved, new, consts, seed_t, backend, tuple(needs)
+
+        def none_to_empty(grads, dy):
+            # Custom ops cannot return None: an unrequested gradient is an empty tensor.
+            return [g if g is not None else dy.new_empty(0) for g in grads]
+
+        def bwd_impl(*args):
+            dy, saved, new, consts, seed_t, backend, needs = split_bwd(args)
+            return none_to_empty(self.backward(backend, _seed_of(seed_t), needs, dy, saved, new, consts), dy)
+
+        def bwd_fake(*args):
+            dy, saved, new, consts, _, _, needs = split_bwd(args)
+            return none_to_empty(fake_backward(needs, dy, saved, new, consts), dy)
+
+        fwd_schema = _schema([*self.inputs, *self.consts, *tail], "Tensor[]")
+        bwd_schema = _schema(
+            [("dy", "Tensor"), *saved_args, *new_args, *self.consts, *tail, ("needs", "bool[]")], "Tensor[]"
+        )
+        self.fwd_op = torch.library.custom_op(f"fastlora::{self.name}_fwd", fwd_impl, mutates_args=(), schema=fwd_schema)
+        self.fwd_op.register_fake(fwd_fake)
+        self.bwd_op = torch.library.custom_op(f"fastlora::{self.name}_bwd", bwd_impl, mutates_args=(), schema=bwd_schema)
+        self.bwd_op.register_fake(bwd_fake)
+
+    # -- autograd ----------------------------------------------------------------------
+    def _make_function(self, function_name: str, doc: str) -> type:
+        op = self
+        n_in, n_c = len(self.inputs), len(self.consts)
+
+        def forward(ctx, *args):
+            inputs, consts, (seed, backend) = args[:n_in], args[n_in : n_in + n_c], args[n_in + n_c :]
+            ctx.compiled = isinstance(seed, Tensor) or torch.compiler.is_compiling()
+            if ctx.compiled:
+                seed_t = seed if isinstance(seed, Tensor) else None
+                outs = op.fwd_op(*inputs, *consts, seed_t, backend)
+                extra = (seed_t,)
+            else:
+                outs = op.forward(backend, seed, *inputs, *consts)
+                extra = ()
+            ctx.save_for_backward(*(inputs[i] for i in op.saved_index), *outs[1:], *extra)
+            ctx.held = tuple(inputs[i] for i in op.held_index)
+            ctx.consts = consts
+            ctx.seed = seed
+            ctx.backend = backend
+            return outs[0]
+
+        def backward(ctx, dy):
+            tensors = ctx.saved_tensors
+            n_saved = len(op.saved_index)
+            saved, new = tensors[:n_saved] + ctx.held, tensors[n_saved : n_saved + op.n_new]
+            needs = tuple(ctx.needs_input_grad[:n_in])
+            if ctx.compiled:
+                seed_t = tensors[n_saved + op.n_new]
+                grads = op.bwd_op(dy, *saved, *new, *ctx.consts, seed_t, ctx.backend, list(needs))
+                grads = [g if n else None for g, n in zip(grads, needs)]
+            else:
+                grads = op.backward(ctx.backend, ctx.seed, needs, dy, saved, new, ctx.consts)
+            return (*grads, *([None] * (n_c + 2)))
+
+        return type(
+            function_name,
+            (torch.autograd.Function,),
+            {"forward": staticmethod(forward), "backward": staticmethod(backward), "__doc__": doc, "__module__": __name__},
+        )
+
+    # -- the call path -----------------------------------------------------------------
+    def prepare(self, x: Tensor, dropout: float, training: bool) -> Call:
+        """x flattened to [M, K], the dropout probability in effect and its seed, the backend."""
+        p = float(dropout) if training else 0.0
+        return Call(x.reshape(-1, x.shape[-1]), p, dropout_seed(p), resolve_backend(x.device))
+
+    def __call__(self, *inputs, scaling, dropout: float = 0.0, training: bool = True, consts: tuple = ()) -> Tensor:
+        """Run the op on ``inputs`` (x [..., K] first, in declared order): autocast,
+        validate, flatten, dispatch, and back to x's leading dims."""
+        x = inputs[0]
+        dtype = autocast_dtype(x)
+        if dtype is not None:
+            inputs = list(inputs)
+            for i in self.autocast_index:
+                if inputs[i] is not None:
+                    inputs[i] = inputs[i].to(dtype)
+            with torch.autocast(x.device.type, enabled=False):
+                return self(*inputs, scaling=scaling, dropout=dropout, training=training, consts=consts)
+        self.validate(x, dict(zip(self.input_names, inputs)), dict(zip(self.const_names, (scaling, dropout, *consts))))
+        call = self.prepare(x, dropout, training)
+        args = list(inputs)
+        args[0] = call.x2d
+        if call.backend == "triton":
+            i_a, i_b = self.adapter_index
+            if args[i_a].dtype != x.dtype:
+                # NOTE: the kernels read the adapters in the activation dtype (fp32
+                # accumulation throughout); fp32 adapters are cast, autograd-tracked.
+                args[i_a], args[i_b] = args[i_a].to(x.dtype), args[i_b].to(x.dtype)
+        y = self.function.apply(*args, float(scaling), call.dropout_p, *consts, call.seed, call.backend)
+        return with_leading_dims(y, x)
+
+
+__all__ = ["Call", "FusedOp", "autocast_dtype", "backend_module", "dropout_seed", "new_dropout_seed", "with_leading_dims"]

@@ -1,0 +1,125 @@
+"""The adapter registry: model surgery, target selection, merging and counting go
+through one table of (config type, base module type) -> builder."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import fastlora
+from fastlora import registry
+from fastlora.model import LoRAConfig
+
+
+def mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4))
+
+
+def trainable(model):
+    return {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_a_second_apply_keeps_the_first_adapters_trainable():
+    model = fastlora.apply_lora(mlp(), r=2, target_modules=["0"])
+    first = trainable(model)
+    assert first == {"0.lora_A", "0.lora_B"}
+    fastlora.apply_lora(model, r=4, target_modules=["2"])
+    assert trainable(model) == first | {"2.lora_A", "2.lora_B"}
+    assert model[2].r == 4 and model[0].r == 2
+
+
+def test_an_unsupported_target_is_an_error_not_a_silent_skip():
+    model = nn.ModuleDict({"embed": nn.Embedding(10, 12), "proj": nn.Linear(12, 12)})
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"cannot adapt: \[\('embed', 'Embedding'\)\].*torch.nn.modules.linear.Linear"):
+        fastlora.apply_lora(model, target_modules=["embed", "proj"])
+    assert type(model["proj"]) is nn.Linear  # nothing changed
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert all(p.requires_grad for p in model.parameters())
+    # None selects only what LoRA can adapt (no error for the embedding)
+    fastlora.apply_lora(model)
+    assert isinstance(model["proj"], fastlora.LoRALinear) and type(model["embed"]) is nn.Embedding
+
+
+def test_a_peft_model_is_pointed_to_from_peft():
+    peft = pytest.importorskip("peft")
+    pm = peft.get_peft_model(mlp(), peft.LoraConfig(r=2, target_modules=["0"]))
+    with pytest.raises(TypeError, match=r"from_peft"):
+        fastlora.apply_lora(pm)
+
+
+@pytest.mark.parametrize(
+    "field, value, match",
+    [
+        ("use_rslora", "false", "use_rslora must be True or False"),
+        ("use_dora", 1, "use_dora must be True or False"),
+        ("rank_pattern", {"0": 0}, r"rank_pattern\['0'\] must be an integer >= 1"),
+        ("rank_pattern", {"0": True}, r"rank_pattern\['0'\] must be an integer >= 1"),
+        ("alpha_pattern", {"0": math.nan}, r"alpha_pattern\['0'\] must be a finite number"),
+        ("alpha_pattern", {"0": "16"}, r"alpha_pattern\['0'\] must be a finite number"),
+        ("rank_pattern", [("0", 4)], "rank_pattern must be a dict"),
+    ],
+)
+def test_config_values_are_checked_before_the_model_changes(field, value, match):
+    model = mlp()
+    with pytest.raises((ValueError, TypeError), match=match):
+        fastlora.apply_lora(model, **{field: value})
+    assert all(type(m) in (nn.Linear, nn.ReLU, nn.Sequential) for m in model.modules())
+
+
+def test_merge_lora_merges_every_adapter_kind():
+    model = fastlora.apply_vera(mlp(), r=4, target_modules=["0"])
+    fastlora.apply_lora(model, r=2, target_modules=["2"])
+    with torch.no_grad():
+        model[0].vera_lambda_b.normal_()
+        model[2].lora_B.normal_()
+    x = torch.randn(5, 12)
+    want = model(x)
+    fastlora.merge_lora(model)
+    assert all(type(model[i]) is nn.Linear for i in (0, 2, 4))
+    torch.testing.assert_close(model(x), want, rtol=0, atol=1e-5)  # fp32 merge: one rounding per weight
+
+
+class ScaledLinear(nn.Module):
+    """A base module type fastlora does not know: y = scale * (x W^T + b)."""
+
+    def __init__(self, k, n):
+        super().__init__()
+        self.inner = nn.Linear(k, n)
+        self.scale = 2.0
+
+    def forward(self, x):
+        return self.scale * self.inner(x)
+
+
+@pytest.fixture
+def registered_scaled():
+    """Register ScaledLinear for LoRA for one test, then restore the table."""
+    kind = registry.kind_for(LoRAConfig)
+    saved = (list(kind.builders), kind.layer_types)
+
+    def build(module, name, config, shared):
+        with torch.no_grad():
+            linear = nn.Linear(module.inner.in_features, module.inner.out_features)
+            linear.weight.copy_(module.inner.weight * module.scale)
+            linear.bias.copy_(module.inner.bias * module.scale)
+        return fastlora.LoRALinear.from_linear(linear, **config.layer_kwargs(name))
+
+    registry.register_layer(LoRAConfig, ScaledLinear, build)
+    yield
+    kind.builders[:], kind.layer_types = saved
+
+
+def test_a_new_layer_kind_is_one_registration(registered_scaled):
+    torch.manual_seed(0)
+    model = nn.Sequential(ScaledLinear(6, 5), nn.Tanh(), nn.Linear(5, 3))
+    x = torch.randn(4, 6)
+    want = model(x)
+    fastlora.apply_lora(model, r=2, target_modules=["0"])
+    assert isinstance(model[0], fastlora.LoRALinear)
+    torch.testing.assert_close(model(x), want)  # B = 0: the base computes (exactly 2x, a power of two)
+    assert fastlora.count_parameters(model)[0] == 2 * (6 + 5)
