@@ -8,7 +8,8 @@ from .functional import lora_linear
 from .loraplus import create_loraplus_optimizer, loraplus_param_groups
 from .model import LoRAConfig, apply_lora, count_parameters, merge_lora
 from .modules import LoRALinear
-from .peft_io import from_peft, load_adapter, save_adapter
+from .peft_io import load_adapter, save_adapter
+from .peft_model import from_peft
 from .qlora import QLoRALinear, qlora_linear
 from .vera import VeRAConfig, VeRALinear, VeRAProjection, apply_vera, merge_vera, vera_layers
 from . import quant, registry

@@ -301,6 +301,10 @@ class _DoRAMixin:
         """``||W0 + scaling * B @ A||`` per row [N] (float32, detached): DoRA's denominator."""
         return dora_row_norm(self._base_weight(), self.lora_A, self.lora_B, self.scaling, self._weight_sq())
 
+    def peft_tensors(self) -> dict[str, Tensor]:
+        """The LoRA entries plus PEFT's ``lora_magnitude_vector`` [out] (no ``.weight``)."""
+        return {**super().peft_tensors(), "lora_magnitude_vector": self.lora_magnitude}
+
     @torch.no_grad()
     def reset_magnitude(self) -> None:
         """PEFT's init: ``m = ||W0 + scaling * B @ A||_row`` (so the layer starts as

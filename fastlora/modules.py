@@ -23,6 +23,10 @@ class MergeableLinear(nn.Linear):
     def delta_weight(self) -> Tensor:  # pragma: no cover - every subclass defines it
         raise NotImplementedError
 
+    def to_base(self) -> nn.Module:
+        """The registry's name for :meth:`to_linear` (every adapter layer has one)."""
+        return self.to_linear()
+
     @torch.no_grad()
     def merge(self) -> None:
         """Add the update into the base weight (rounded once to the weight's dtype);
@@ -253,6 +257,12 @@ class LoRALinear(MergeableLinear):
         return lora_linear(
             x, self.weight, self.lora_A, self.lora_B, self.scaling, self.bias, dropout=self.dropout, training=self.training
         )
+
+    def peft_tensors(self) -> dict[str, Tensor]:
+        """This layer's entries of a PEFT adapter file, keyed relative to the module
+        name (``lora_A.weight`` [r, in], ``lora_B.weight`` [out, r]); the live
+        parameters, not copies."""
+        return {"lora_A.weight": self.lora_A, "lora_B.weight": self.lora_B}
 
     @torch.no_grad()
     def delta_weight(self) -> Tensor:

@@ -387,6 +387,14 @@ class QLoRALinear(nn.Module):
         out.train(self.training)
         return out
 
+    def to_base(self) -> nn.Linear:
+        """The registry's name for :meth:`to_linear` (every adapter layer has one)."""
+        return self.to_linear()
+
+    def peft_tensors(self) -> dict[str, Tensor]:
+        """This layer's entries of a PEFT adapter file (see :meth:`LoRALinear.peft_tensors`)."""
+        return {"lora_A.weight": self.lora_A, "lora_B.weight": self.lora_B}
+
     def merge(self, dtype: torch.dtype | None = None) -> nn.Linear:
         """Same as :meth:`to_linear`: merging into a 4-bit weight in place would
         re-quantize (lossy), so the merge returns a full-precision layer. Use

@@ -14,8 +14,16 @@ Base module types are given as classes, or as ``"module.QualName"`` strings
 for classes of optional packages (bitsandbytes, transformers), matched along
 the module's MRO without importing the package.
 
-Adapter layers mark themselves with the class attribute ``is_adapter_layer =
-True`` and are never wrapped again.
+The adapter-layer protocol (what the registry's users call):
+
+* class attribute ``is_adapter_layer = True`` (never wrapped again);
+* ``merged`` (bool), ``merge()``, ``unmerge()``;
+* ``to_base()``: a new plain module of the base type with the update merged in
+  (the layer is unchanged);
+* ``peft_tensors()``: ``{key relative to the module name: live tensor}``, the
+  layer's entries of a PEFT adapter file (``lora_A.weight``, ...); the adapter
+  loader checks a file's tensors against these keys and shapes before it
+  copies anything into them.
 """
 
 from __future__ import annotations
@@ -311,12 +319,12 @@ def apply_adapter(model: nn.Module, config, *, shared=None, what: str = "apply_l
 
 def merge_adapters(model: nn.Module, kind: str | None = None) -> nn.Module:
     """Replace every adapter layer (of ``kind``, if given) by its base module type
-    with the update merged in (``layer.to_linear()``), in place; returns ``model``
+    with the update merged in (``layer.to_base()``), in place; returns ``model``
     (a bare adapter layer returns its merged module)."""
     if is_adapter_layer(model):
-        return model.to_linear()
+        return model.to_base()
     for name, layer in adapter_layers(model, kind).items():
-        set_submodule(model, name, layer.to_linear())
+        set_submodule(model, name, layer.to_base())
     return model
 
 
