@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from fastlora import demo
+from fastlora.demo import output, settings, variants
 
 SHAPES = {"fc1": (128, 256), "fc2": (256, 256), "fc3": (256, 10)}  # (in, out)
 BASE_PARAMS = sum(i * o + o for i, o in SHAPES.values())
@@ -77,7 +78,8 @@ def test_lora_parameters(json_run):
 
 def test_task_b_change_is_low_rank(json_run):
     delta = json_run["task_b"]["delta"]
-    assert [delta[name]["rank"] for name in SHAPES] == [demo.DELTA_RANK, demo.DELTA_RANK, demo.DELTA_RANK + 1]
+    rank = settings.DELTA_RANK
+    assert [delta[name]["rank"] for name in SHAPES] == [rank, rank, rank + 1]
     assert json_run["task_b"]["train_samples"] == 1_000
     assert json_run["task_b"]["val_samples"] == 200
 
@@ -173,7 +175,7 @@ def test_plot_without_matplotlib(text_run):
 
 
 def test_ascii_curve_shape():
-    lines = demo.ascii_curve({"train": ("*", [3.0, 1.0, 0.5, 0.2]), "val": ("o", [3.0, 1.2, 0.9, 0.8])}, height=8)
+    lines = output.ascii_curve({"train": ("*", [3.0, 1.0, 0.5, 0.2]), "val": ("o", [3.0, 1.2, 0.9, 0.8])}, height=8)
     assert len(lines) == 8 + 3
     assert lines[0].lstrip().startswith("3 |")
     assert all("|" in line for line in lines[:8])
@@ -186,7 +188,7 @@ def test_bad_arguments():
 
 
 def test_qlora_missing(monkeypatch):
-    monkeypatch.setattr(demo, "_qlora_class", lambda: None)
+    monkeypatch.setattr(variants, "qlora_class", lambda: None)
     code, out, err = run_demo(["--variant", "qlora"])
     assert code == 2
     assert "QLoRA is not available in this build" in err
@@ -301,7 +303,7 @@ def test_residual_init_variants_start_at_the_base(variant_runs, variant):
 def test_vera_defaults_and_lora_only_rank_table(variant_runs):
     result = variant_runs("vera")
     config = result["config"]
-    assert (config["rank"], config["learning_rate"]) == (demo.VERA_RANK, demo.VERA_LR) == (256, 1e-2)
+    assert (config["rank"], config["learning_rate"]) == (settings.VERA_RANK, settings.VERA_LR) == (256, 1e-2)
     assert "PEFT's default" in config["rank_default_note"]
     table = result["rank_comparison"]
     assert table["variant"] == "lora"
@@ -317,14 +319,14 @@ def test_dora_rank_table_counts_magnitudes(variant_runs):
 
 def test_loraplus_uses_the_loraplus_optimizer(monkeypatch):
     calls = []
-    real = demo.create_loraplus_optimizer
+    real = variants.create_loraplus_optimizer
 
     def spy(model, optimizer_cls, lr, ratio=16.0, **kwargs):
         opt = real(model, optimizer_cls, lr=lr, ratio=ratio, **kwargs)
         calls.append((optimizer_cls, lr, ratio, [g["lr"] for g in opt.param_groups if g["params"]]))
         return opt
 
-    monkeypatch.setattr(demo, "create_loraplus_optimizer", spy)
+    monkeypatch.setattr(variants, "create_loraplus_optimizer", spy)
     code, out, err = run_demo(["--variant", "loraplus"] + TINY)
     assert code == 0, err
     assert calls == [(torch.optim.Adam, 1e-3, 16.0, [1e-3, 16e-3])]  # lora_A at lr, lora_B at 16 lr
@@ -431,3 +433,4 @@ def test_adalora_needs_two_steps():
         demo.main(["--variant", "adalora", "--epochs", "1", "--batch-size", "1000"])
     assert exc.value.code == 2
     assert "at least 2 training steps" in err.getvalue()
+
