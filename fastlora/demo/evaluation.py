@@ -10,7 +10,7 @@ import torch
 
 from .. import count_parameters
 from .data import layers
-from .output import ascii_curve, pct, shape, write_plot
+from .output import ascii_curve, epochs_text, pct, shape, write_plot
 from .training import accuracy
 from .variants import adapt, merge
 
@@ -65,8 +65,9 @@ def compare_accuracy(w: Walkthrough) -> None:
         nf4_acc_a = accuracy(adapt(copy.deepcopy(w.base), "qlora", 1, 1.0), w.a_test)
         rows.append(["NF4 base (no adaptation)", "0", pct(w.initial_val_acc), pct(nf4_acc_a)])
     rank = f"{w.adalora_config.init_r}->{args.rank}" if w.adalora_config is not None else str(args.rank)
-    rows.append([f"{label} r={rank}, {args.epochs} epochs", f"{w.lora_params:,}", pct(lora_acc), pct(lora_acc_a)])
-    rows.append([f"full fine-tuning, {args.epochs} epochs", f"{full_params:,}", pct(full_acc), pct(full_acc_a)])
+    epochs = epochs_text(args.epochs)
+    rows.append([f"{label} r={rank}, {epochs}", f"{w.lora_params:,}", pct(lora_acc), pct(lora_acc_a)])
+    rows.append([f"full fine-tuning, {epochs}", f"{full_params:,}", pct(full_acc), pct(full_acc_a)])
     out.table(["model", "trainable params", "task B val accuracy", "task A accuracy"], rows, "lrrr")
     out()
     out(

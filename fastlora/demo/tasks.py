@@ -9,7 +9,7 @@ import torch
 
 from .. import count_parameters, get_backend
 from .data import MLP, label, layers, low_rank_change, teacher_a
-from .output import pct, shape
+from .output import epochs_text, pct, shape
 from .settings import (
     DELTA_RANK, HIDDEN, IN_FEATURES, KEEP_FRACTION, LORA_LR, LORAPLUS_RATIO, NF4, OUT_FEATURES, PRETRAIN_BATCH,
     PRETRAIN_LR, PRETRAIN_SAMPLES, PRETRAIN_SEED_OFFSET, PRETRAIN_TEST_SAMPLES, TRAIN_SAMPLES, VAL_SAMPLES, VERA_RANK,
@@ -130,7 +130,7 @@ def base_network(w: Walkthrough) -> None:
     base.requires_grad_(False)
     out()
     out(
-        f"  Pretraining: {PRETRAIN_SAMPLES:,} samples, {args.pretrain_epochs} epochs, "
+        f"  Pretraining: {PRETRAIN_SAMPLES:,} samples, {epochs_text(args.pretrain_epochs)}, "
         f"Adam lr {PRETRAIN_LR:g} ({seconds:.1f} s)"
     )
     out(f"  Accuracy on task A (held-out {PRETRAIN_TEST_SAMPLES:,} samples): {pct(w.acc_a)}")
