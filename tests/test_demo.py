@@ -1,5 +1,6 @@
-"""``python -m fastlora demo``, run in-process with a few epochs: parameter counts,
-table shapes, the merge, the JSON object and the text sections.
+"""``fastlora demo``, run in-process with a few epochs: parameter counts, table
+shapes, the merge, the JSON object and the text sections; and the ``fastlora``
+command itself (``--help``, ``--version``, errors), in-process and as a process.
 
 The full default run (100 epochs, the accuracy figures) is too slow for the suite;
 these runs check the arithmetic and the plumbing, which do not depend on epochs.
@@ -8,15 +9,22 @@ these runs check the arithmetic and the plumbing, which do not depend on epochs.
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
 import io
 import json
 import re
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
+import fastlora
 from fastlora import demo
+from fastlora.__main__ import COMMANDS
+from fastlora.__main__ import main as cli_main
+from fastlora.demo import output, settings, variants
 
 SHAPES = {"fc1": (128, 256), "fc2": (256, 256), "fc3": (256, 10)}  # (in, out)
 BASE_PARAMS = sum(i * o + o for i, o in SHAPES.values())
@@ -77,7 +85,8 @@ def test_lora_parameters(json_run):
 
 def test_task_b_change_is_low_rank(json_run):
     delta = json_run["task_b"]["delta"]
-    assert [delta[name]["rank"] for name in SHAPES] == [demo.DELTA_RANK, demo.DELTA_RANK, demo.DELTA_RANK + 1]
+    rank = settings.DELTA_RANK
+    assert [delta[name]["rank"] for name in SHAPES] == [rank, rank, rank + 1]
     assert json_run["task_b"]["train_samples"] == 1_000
     assert json_run["task_b"]["val_samples"] == 200
 
@@ -173,7 +182,7 @@ def test_plot_without_matplotlib(text_run):
 
 
 def test_ascii_curve_shape():
-    lines = demo.ascii_curve({"train": ("*", [3.0, 1.0, 0.5, 0.2]), "val": ("o", [3.0, 1.2, 0.9, 0.8])}, height=8)
+    lines = output.ascii_curve({"train": ("*", [3.0, 1.0, 0.5, 0.2]), "val": ("o", [3.0, 1.2, 0.9, 0.8])}, height=8)
     assert len(lines) == 8 + 3
     assert lines[0].lstrip().startswith("3 |")
     assert all("|" in line for line in lines[:8])
@@ -186,7 +195,7 @@ def test_bad_arguments():
 
 
 def test_qlora_missing(monkeypatch):
-    monkeypatch.setattr(demo, "_qlora_class", lambda: None)
+    monkeypatch.setattr(variants, "qlora_class", lambda: None)
     code, out, err = run_demo(["--variant", "qlora"])
     assert code == 2
     assert "QLoRA is not available in this build" in err
@@ -301,7 +310,7 @@ def test_residual_init_variants_start_at_the_base(variant_runs, variant):
 def test_vera_defaults_and_lora_only_rank_table(variant_runs):
     result = variant_runs("vera")
     config = result["config"]
-    assert (config["rank"], config["learning_rate"]) == (demo.VERA_RANK, demo.VERA_LR) == (256, 1e-2)
+    assert (config["rank"], config["learning_rate"]) == (settings.VERA_RANK, settings.VERA_LR) == (256, 1e-2)
     assert "PEFT's default" in config["rank_default_note"]
     table = result["rank_comparison"]
     assert table["variant"] == "lora"
@@ -317,14 +326,14 @@ def test_dora_rank_table_counts_magnitudes(variant_runs):
 
 def test_loraplus_uses_the_loraplus_optimizer(monkeypatch):
     calls = []
-    real = demo.create_loraplus_optimizer
+    real = variants.create_loraplus_optimizer
 
     def spy(model, optimizer_cls, lr, ratio=16.0, **kwargs):
         opt = real(model, optimizer_cls, lr=lr, ratio=ratio, **kwargs)
         calls.append((optimizer_cls, lr, ratio, [g["lr"] for g in opt.param_groups if g["params"]]))
         return opt
 
-    monkeypatch.setattr(demo, "create_loraplus_optimizer", spy)
+    monkeypatch.setattr(variants, "create_loraplus_optimizer", spy)
     code, out, err = run_demo(["--variant", "loraplus"] + TINY)
     assert code == 0, err
     assert calls == [(torch.optim.Adam, 1e-3, 16.0, [1e-3, 16e-3])]  # lora_A at lr, lora_B at 16 lr
@@ -431,3 +440,84 @@ def test_adalora_needs_two_steps():
         demo.main(["--variant", "adalora", "--epochs", "1", "--batch-size", "1000"])
     assert exc.value.code == 2
     assert "at least 2 training steps" in err.getvalue()
+
+
+# --------------------------------------------------------------------------- the fastlora command
+
+def run_cli(argv: list[str]) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = cli_main(argv)
+    return code, out.getvalue(), err.getvalue()
+
+
+def test_cli_help_lists_every_command():
+    code, out, err = run_cli(["--help"])
+    assert (code, err) == (0, "")
+    assert out.startswith("usage: fastlora <command> [options]\n")
+    for name, (summary, _) in COMMANDS.items():
+        assert re.search(rf"^  {name} +{re.escape(summary)}$", out, re.M), name  # one line per command
+    assert "demo" in COMMANDS
+    assert re.search(r"^  -V, --version ", out, re.M) and re.search(r"^  -h, --help ", out, re.M)
+    assert run_cli(["-h"])[1] == out
+
+
+def test_cli_version_matches_the_package_metadata():
+    code, out, err = run_cli(["--version"])
+    assert (code, out, err) == (0, f"fastlora {fastlora.__version__}\n", "")
+    assert run_cli(["-V"])[1] == out
+    assert importlib.metadata.version("fastlora") == fastlora.__version__  # pyproject and __init__ agree
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        ([], "a command is required (demo)"),
+        (["bogus"], "unknown command 'bogus' (commands: demo)"),
+        (["--bogus"], "unknown option '--bogus'"),
+    ],
+)
+def test_cli_errors_exit_2(argv, message):
+    code, out, err = run_cli(argv)
+    assert (code, out) == (2, "")
+    assert err.startswith("usage: fastlora <command> [options]\n")
+    assert f"fastlora: error: {message}" in err
+    assert "see 'fastlora --help'" in err
+
+
+def test_cli_passes_the_rest_to_the_command(monkeypatch):
+    calls = []
+    monkeypatch.setattr(demo, "main", lambda argv, prog: calls.append((argv, prog)) or 7)
+    assert run_cli(["demo", "--rank", "4", "--json"])[0] == 7  # the command's status is the process's
+    assert calls == [(["--rank", "4", "--json"], "fastlora demo")]
+
+
+def test_cli_demo_help_lists_the_demo_options():
+    out = io.StringIO()
+    with pytest.raises(SystemExit) as exc, contextlib.redirect_stdout(out):
+        cli_main(["demo", "--help"])
+    assert exc.value.code == 0
+    text = out.getvalue()
+    assert text.startswith("usage: fastlora demo ")
+    options = ["--rank", "--alpha", "--epochs", "--lr", "--seed", "--device", "--backend", "--variant", "--plot",
+               "--json", "--no-progress", "--rank-epochs", "--pretrain-epochs", "--threads", "--batch-size"]
+    assert sorted(re.findall(r"^  (--[a-z-]+)", text, re.M)) == sorted(options)
+
+
+CONSOLE_SCRIPT = Path(sys.executable).with_name("fastlora")
+
+
+@pytest.mark.skipif(not CONSOLE_SCRIPT.exists(), reason="the fastlora console script is not installed next to python")
+@pytest.mark.parametrize(
+    "command, code, stream, expected",
+    [
+        ([str(CONSOLE_SCRIPT), "--version"], 0, "stdout", f"fastlora {fastlora.__version__}\n"),
+        ([str(CONSOLE_SCRIPT), "bogus"], 2, "stderr", "fastlora: error: unknown command 'bogus'"),
+        ([sys.executable, "-m", "fastlora", "--help"], 0, "stdout", "usage: python -m fastlora <command> [options]"),
+    ],
+)
+def test_cli_as_a_process(tmp_path, command, code, stream, expected):
+    # Run outside the repository: its top-level kernels/ folder must not be on sys.path.
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == code, done.stderr
+    assert expected in getattr(done, stream)
