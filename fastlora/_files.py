@@ -79,7 +79,9 @@ def write_files_atomically(folder: str | os.PathLike, files: Mapping[str, bytes]
     if not isinstance(folder, str):
         raise TypeError(f"write_files_atomically: folder must be a text path, got {folder!r}")
     if not isinstance(files, Mapping):
-        raise TypeError(f"write_files_atomically: files must be a mapping of file name -> bytes, got {type(files).__name__}")
+        raise TypeError(
+            f"write_files_atomically: files must be a mapping of file name -> bytes, got {type(files).__name__}"
+        )
     items = [(_check_file_name(name), _check_contents(name, data)) for name, data in files.items()]
     created = _missing_folders(folder)
     temps: dict[str, str] = {}  # name -> temporary path, until it is renamed onto the target
@@ -134,7 +136,8 @@ def _check_file_name(name: object) -> str:
 def _check_contents(name: str, data: object) -> memoryview:
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise TypeError(
-            f"write_files_atomically: files[{name!r}] must be bytes (serialized by the caller), got {type(data).__name__}"
+            f"write_files_atomically: files[{name!r}] must be bytes (serialized by the caller), "
+            f"got {type(data).__name__}"
         )
     view = memoryview(data)
     if not view.c_contiguous:

@@ -97,7 +97,7 @@ NEW = {"adapter_model.safetensors": b"\x00new weights" * 300, "extra.bin": b"", 
 CALLS = ["makedirs", "open", "fchmod", "write", "fsync", "close", "link", "replace"]
 
 
-def expected_after(before: dict | None, new: dict, mode: int) -> dict:
+def expected_after(before: dict | None, new: dict) -> dict:
     after = dict(before or {})
     for name, data in new.items():
         after[name] = (data, after[name][1] if name in after else 0o666 & ~current_umask())
@@ -121,7 +121,8 @@ def test_replacing_keeps_unrelated_files_and_the_replaced_files_modes(tmp_path):
     populate(tmp_path, OLD, mode=0o600)
     populate(tmp_path, {"README.md": b"untouched"})
     write_files_atomically(tmp_path, NEW)
-    assert snapshot(tmp_path) == expected_after(snapshot_of(OLD, 0o600) | {"README.md": (b"untouched", 0o666 & ~current_umask())}, NEW, 0)
+    before = snapshot_of(OLD, 0o600) | {"README.md": (b"untouched", 0o666 & ~current_umask())}
+    assert snapshot(tmp_path) == expected_after(before, NEW)
 
 
 def snapshot_of(files: dict, mode: int) -> dict:
@@ -157,7 +158,7 @@ def test_each_failing_call_in_turn_leaves_the_previous_folder_byte_identical(tmp
         assert failures == 0
     else:
         assert failures >= 1, f"os.{call} was never called"
-    assert snapshot(folder) == expected_after(before, NEW, 0)
+    assert snapshot(folder) == expected_after(before, NEW)
 
 
 def test_a_failing_replace_after_others_rolls_back_from_copies_when_hard_links_fail(tmp_path, monkeypatch):
@@ -310,7 +311,7 @@ def test_property_all_or_nothing(before, new, call, nth, nested):
             return
         finally:
             _files.os = original
-        assert snapshot(folder) == expected_after(previous, new, 0)
+        assert snapshot(folder) == expected_after(previous, new)
 
 
 # --------------------------------------------------------------------------- reading
@@ -361,7 +362,8 @@ def test_a_symlink_to_a_regular_file_is_read(tmp_path):
 def test_a_fifo_is_refused_without_blocking(tmp_path, reader):
     fifo = tmp_path / "adapter_config.json"
     os.mkfifo(fifo)
-    with pytest.raises(UnsafeFileError, match=r"adapter config '.*adapter_config.json' is a FIFO \(named pipe\); expected a regular file"):
+    expected = r"adapter config '.*adapter_config.json' is a FIFO \(named pipe\); expected a regular file"
+    with pytest.raises(UnsafeFileError, match=expected):
         finishes(lambda: reader(fifo, max_bytes=1 << 20, what="adapter config"))
 
 
@@ -371,7 +373,8 @@ def test_a_fifo_is_refused_without_blocking(tmp_path, reader):
 def test_a_symlink_to_dev_zero_named_like_the_file_is_refused(tmp_path, reader):
     link = tmp_path / "adapter_model.safetensors"
     os.symlink("/dev/zero", link)
-    with pytest.raises(UnsafeFileError, match=r"is a symbolic link to '/dev/zero', a character device; expected a regular file"):
+    expected = r"is a symbolic link to '/dev/zero', a character device; expected a regular file"
+    with pytest.raises(UnsafeFileError, match=expected):
         finishes(lambda: reader(link, max_bytes=1 << 20, what="adapter weights"))
 
 
