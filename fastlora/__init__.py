@@ -1,6 +1,6 @@
 """fastlora: fused LoRA / QLoRA linear layers (Triton kernels + a PyTorch reference path)."""
 
-from ._backend import get_backend, set_backend
+from ._backend import get_backend, set_backend, use_backend
 from .adalora import AdaLoRAConfig, AdaLoRALinear, adalora_layers, apply_adalora, merge_adalora
 from .adalora import RankAllocator as AdaLoRARankAllocator
 from .dora import DoRALinear, QDoRALinear, dora_linear
@@ -48,5 +48,6 @@ __all__ = [
     "registry",
     "save_adapter",
     "set_backend",
+    "use_backend",
     "vera_layers",
 ]

@@ -131,6 +131,9 @@ class FusedOp:
       validate: ``(x, inputs: dict, consts: dict) -> None``: raises on bad operands
         (called after the autocast casts, before anything runs).
       autocast: names of the inputs cast to the autocast dtype with x.
+      differentiable_forward: ``(seed, *inputs, *consts) -> y`` in differentiable
+        torch ops (the bias input None), for ``create_graph=True`` backward; by
+        default the reference backend's ``forward``.
     """
 
     def __init__(
@@ -149,6 +152,7 @@ class FusedOp:
         fake_backward: Callable,
         validate: Callable,
         autocast: Sequence[str],
+        differentiable_forward: Callable | None = None,
         doc: str = "",
     ) -> None:
         self.name = name
@@ -162,6 +166,7 @@ class FusedOp:
         self.forward = forward
         self.backward = backward
         self.validate = validate
+        self.differentiable_forward = differentiable_forward or (lambda seed, *args: forward("reference", seed, *args)[0])
         self.autocast_index = tuple(self.input_names.index(n) for n in autocast)
         self.adapter_index = tuple(self.input_names.index(n) for n in ("lora_A", "lora_B"))
         self._register_custom_ops(fake_forward, fake_backward)
@@ -238,7 +243,9 @@ class FusedOp:
             n_saved = len(op.saved_index)
             saved, new = tensors[:n_saved] + ctx.held, tensors[n_saved : n_saved + op.n_new]
             needs = tuple(ctx.needs_input_grad[:n_in])
-            if ctx.compiled:
+            if torch.is_grad_enabled():  # backward(create_graph=True): gradients that are differentiable
+                grads = op.differentiable_backward(ctx, dy, saved, needs)
+            elif ctx.compiled:
                 seed_t = tensors[n_saved + op.n_new]
                 grads = op.bwd_op(dy, *saved, *new, *ctx.consts, seed_t, ctx.backend, list(needs))
                 grads = [g if n else None for g, n in zip(grads, needs)]
@@ -251,6 +258,30 @@ class FusedOp:
             (torch.autograd.Function,),
             {"forward": staticmethod(forward), "backward": staticmethod(backward), "__doc__": doc, "__module__": __name__},
         )
+
+    def differentiable_backward(self, ctx, dy: Tensor, saved: tuple, needs: tuple) -> list:
+        """The gradients as a graph (``create_graph=True``: gradient penalties,
+        Hessian-vector products): the op's forward is recomputed with the
+        reference's differentiable torch ops from the saved inputs (the same
+        dropout mask, from the same seed) and differentiated with autograd, so
+        second-order gradients are exact on every backend. The bias is not
+        saved: its gradient is ``sum_m dY``, differentiable in dY."""
+        seed = ctx.seed if not ctx.compiled else _seed_of(ctx.saved_tensors[-1])
+        args: list = [None] * len(self.inputs)
+        for i, t in zip(self.saved_index + self.held_index, saved):
+            args[i] = t
+        y = self.differentiable_forward(seed, *args, *ctx.consts)
+        wanted = [i for i, n in enumerate(needs) if n and args[i] is not None]
+        found = torch.autograd.grad(y, [args[i] for i in wanted], dy, create_graph=True, allow_unused=True)
+        grads: list = [None] * len(self.inputs)
+        for i, g in zip(wanted, found):
+            grads[i] = g if g is not None else torch.zeros_like(args[i])
+        for i, n in enumerate(needs):
+            if n and args[i] is None:
+                if self.input_names[i] != "bias":  # pragma: no cover - every op saves what it differentiates
+                    raise RuntimeError(f"{self.name}: no differentiable gradient for {self.input_names[i]}")
+                grads[i] = dy.sum(0)
+        return grads
 
     # -- the call path -----------------------------------------------------------------
     def prepare(self, x: Tensor, dropout: float, training: bool) -> Call:

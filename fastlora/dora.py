@@ -168,6 +168,11 @@ def _forward(backend, seed, x, weight, lora_A, lora_B, magnitude, bias, norm, sc
     return backend_module(backend).dora_forward(x, weight, lora_A, lora_B, scaling, g, bias, dropout_p, seed)
 
 
+def _differentiable_forward(seed, x, weight, lora_A, lora_B, magnitude, bias, norm, scaling, dropout_p):
+    g = magnitude.to(norm.dtype) / norm  # differentiable in m (the norm is a constant, as in forward)
+    return backend_module("reference").dora_forward(x, weight, lora_A, lora_B, scaling, g, bias, dropout_p, seed)[0]
+
+
 def _backward(backend, seed, needs, dy, saved, new, consts):
     x, weight, lora_A, lora_B, magnitude, norm = saved
     z, s = new
@@ -220,6 +225,7 @@ DORA = FusedOp(
     fake_backward=_fake_backward,
     validate=_validate,
     autocast=(),  # dora_linear runs the composed form under autocast
+    differentiable_forward=_differentiable_forward,
     doc="""``y = g * z + bias`` on 2-D x [M, K], with ``z = x W^T + scaling * D(x) A^T B^T``
     and ``g = m / norm`` [N], the row norm ``||W + scaling B A||`` given (detached).
 

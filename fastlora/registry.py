@@ -30,9 +30,13 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from contextlib import contextmanager
+from functools import lru_cache
 from dataclasses import dataclass, field
 
 from torch import nn
+
+from ._patterns import compile_module_pattern, fullmatch_module_name, match_pattern_key
 
 Builder = Callable[[nn.Module, str, object, object], nn.Module]
 
@@ -130,18 +134,21 @@ def selected(name: str, spec, *, default: bool) -> bool:
     if spec is None:
         return default
     if isinstance(spec, str):
-        try:
-            return re.fullmatch(spec, name) is not None
-        except re.error as exc:
-            raise ValueError(f"target_modules/exclude_modules {spec!r} is not a valid regular expression: {exc}") from exc
+        return fullmatch_module_name(_compiled(spec, "target_modules/exclude_modules"), name)
     return any(matches_suffix(name, key) for key in spec)
+
+
+@lru_cache(maxsize=256)
+def _compiled(pattern: str, what: str) -> re.Pattern:
+    # NOTE: bounded cost: patterns whose backtracking can blow up are refused (fastlora._patterns)
+    return compile_module_pattern(pattern, what=what)
 
 
 def pattern_value(name: str, pattern: dict, default):
     """PEFT's rank_pattern/alpha_pattern lookup: the first key that matches the
     end of the module name (as a regex) wins."""
     for key, value in pattern.items():
-        if re.match(rf"(.*\.)?({key})$", name):
+        if match_pattern_key(_compiled(key, "rank_pattern/alpha_pattern key"), name):
             return value
     return default
 
@@ -250,6 +257,20 @@ def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 # -- surgery ----------------------------------------------------------------------
 
 
+@contextmanager
+def restoring_requires_grad(model: nn.Module):
+    """Restore every parameter's ``requires_grad`` if the block raises: building an
+    adapter layer freezes the base weight it shares, before the layer is attached."""
+    state = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        yield
+    except BaseException:
+        for p, flag in state:
+            p.requires_grad_(flag)
+        raise
+
+
+
 def freeze_base(model: nn.Module) -> None:
     """Freeze every parameter outside fastlora's adapter layers (whose base weights
     are frozen by construction and whose adapters stay as they are)."""
@@ -304,9 +325,10 @@ def apply_adapter(model: nn.Module, config, *, shared=None, what: str = "apply_l
             raise ValueError(f"{what}: modules_to_save entry {key!r} matches no module of the model")
         saved_hits[key] = hits
     bases = {name: model.get_submodule(name) for name in names}
-    if kind.prepare is not None:
-        shared = kind.prepare(model, config, bases, shared)
-    layers = {name: kind.builder_for(base)(base, name, config, shared) for name, base in bases.items()}
+    with restoring_requires_grad(model):
+        if kind.prepare is not None:
+            shared = kind.prepare(model, config, bases, shared)
+        layers = {name: kind.builder_for(base)(base, name, config, shared) for name, base in bases.items()}
     freeze_base(model)
     for name, layer in layers.items():
         set_submodule(model, name, layer)
@@ -314,6 +336,10 @@ def apply_adapter(model: nn.Module, config, *, shared=None, what: str = "apply_l
         for m in hits:
             for p in m.parameters():
                 p.requires_grad_(True)
+    if config.modules_to_save:
+        # NOTE: remembered for save_adapter, as PEFT keeps it in its config
+        previous = list(getattr(model, "fastlora_modules_to_save", None) or [])
+        model.fastlora_modules_to_save = previous + [k for k in config.modules_to_save if k not in previous]
     return model
 
 
@@ -371,6 +397,7 @@ __all__ = [
     "pattern_value",
     "register_adapter_kind",
     "register_layer",
+    "restoring_requires_grad",
     "saved_module_matcher",
     "selected",
     "set_submodule",

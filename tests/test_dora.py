@@ -639,9 +639,9 @@ def saved_dora(tmp_path):
 @pytest.mark.parametrize(
     "how, message",
     [
-        ("missing magnitude", r"lora_A, lora_B and lora_magnitude_vector \(use_dora=true\) are required"),
-        ("wrong magnitude shape", r"q_proj.lora_magnitude_vector has shape \(31,\); expected \(32,\)"),
-        ("magnitude without use_dora", "lora_magnitude_vector needs use_dora=true"),
+        ("missing magnitude", r"missing keys \['base_model.model.q_proj.lora_magnitude_vector'\]"),
+        ("wrong magnitude shape", r"q_proj.lora_magnitude_vector has shape \(31,\); the layer q_proj \(DoRALinear, r=4\) needs \(32,\)"),
+        ("magnitude without use_dora", "lora_magnitude_vector entries need use_dora=true"),
         ("use_dora not a bool", "use_dora must be true or false"),
         ("nan magnitude", "contains NaN or infinite values"),
     ],

@@ -127,8 +127,19 @@ def corrupt(tmp_path, how):
         cfg["shiny_new_option"] = 3
     elif how == "dora":  # a DoRA config whose file lacks the magnitude vectors
         cfg["use_dora"] = True
-    elif how == "fan_in_fan_out":
-        cfg["fan_in_fan_out"] = True
+    elif how == "rslora as a string":  # "false" is truthy: it must not be read as True
+        cfg["use_rslora"] = "false"
+    elif how == "zero rank pattern":
+        cfg["rank_pattern"] = {"q_proj": 0}
+    elif how == "nan alpha pattern":
+        cfg["alpha_pattern"] = {"q_proj": float("nan")}
+    elif how == "pattern type":
+        cfg["rank_pattern"] = {"q_proj": True}
+    elif how == "catastrophic regex":  # backtracks for minutes per module name in PEFT; refused here
+        cfg["target_modules"] = "(q|qq)*_proj"
+    elif how == "loftq init":  # LoftQ rewrites the base from a quantization PEFT does not store
+        cfg["init_lora_weights"] = "loftq"
+
     elif how == "missing key":
         del tensors[key]
     elif how == "wrong shape":
@@ -140,7 +151,8 @@ def corrupt(tmp_path, how):
     elif how == "pickle only":
         weights_file.unlink()
         (tmp_path / "adapter_model.bin").write_bytes(b"not loaded")
-    if how in ("unknown field", "dora", "fan_in_fan_out"):
+    if how in ("unknown field", "dora", "rslora as a string", "zero rank pattern", "nan alpha pattern", "pattern type",
+               "loftq init", "catastrophic regex"):
         cfg_file.write_text(json.dumps(cfg))
     if how in ("missing key", "wrong shape", "int dtype", "stray key"):
         safetensors_torch.save_file(tensors, str(weights_file))
@@ -150,10 +162,15 @@ BAD = {
     "truncated": "corrupt or truncated safetensors",
     "not json": "not valid JSON",
     "unknown field": r"unknown config fields \['shiny_new_option'\]",
-    "dora": r"lora_A, lora_B and lora_magnitude_vector \(use_dora=true\) are required",
-    "fan_in_fan_out": "unsupported settings {'fan_in_fan_out': True}",
-    "missing key": "both lora_A and lora_B are required",
-    "wrong shape": r"lora_A \(3, 32\) / lora_B \(32, 4\) do not fit the layer \(expected \(4, 32\)",
+    "dora": r"missing keys \['base_model.model.encoder.0.lora_magnitude_vector'",
+    "rslora as a string": "use_rslora must be true or false, got 'false'",
+    "zero rank pattern": r"rank_pattern\['q_proj'\] must be an integer >= 1, got 0",
+    "nan alpha pattern": r"alpha_pattern\['q_proj'\] must be a finite number, got nan",
+    "pattern type": r"rank_pattern\['q_proj'\] must be an integer >= 1, got True",
+    "loftq init": "init_lora_weights='loftq' is not supported",
+    "catastrophic regex": r"target_modules '\(q\|qq\)\*_proj' is refused",
+    "missing key": r"missing keys \['base_model.model.q_proj.lora_A.weight'\]",
+    "wrong shape": r"lora_A.weight has shape \(3, 32\); the layer q_proj \(LoRALinear, r=4\) needs \(4, 32\)",
     "int dtype": "has dtype torch.int32; expected a floating-point dtype",
     "stray key": "unexpected keys",
     "pickle only": "safetensors adapters only, never pickles",
@@ -172,3 +189,97 @@ def test_bad_adapter_files_are_clear_errors_and_leave_the_model_unchanged(tmp_pa
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     assert types == [type(m) for m in target.modules()]
     assert isinstance(target.head, LoRALinear) and target.head.r == 2
+
+
+def test_a_base_weight_key_never_overwrites_a_frozen_base_weight(tmp_path):
+    """With modules_to_save in the config, only parameters of those modules may be
+    stored in full; a key for another base weight is an error, not an overwrite."""
+    theirs = peft.get_peft_model(base_net(), peft.LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["head"]))
+    theirs.save_pretrained(str(tmp_path))
+    weights_file = tmp_path / "adapter_model.safetensors"
+    tensors = safetensors_torch.load_file(str(weights_file))
+    tensors["base_model.model.encoder.0.weight"] = torch.zeros(32, 24)
+    safetensors_torch.save_file(tensors, str(weights_file))
+    target = base_net()
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    with pytest.raises(AdapterFormatError, match=r"unexpected keys \['base_model.model.encoder.0.weight'\]"):
+        load_adapter(target, tmp_path)
+    assert all(torch.equal(v, before[k]) for k, v in target.state_dict().items())
+    assert all(p.requires_grad for p in target.parameters())
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_pissa_and_olora_adapter_files_rebuild_the_trained_model_as_peft_does(tmp_path, init):
+    """Such an adapter was trained on the residual base W - s B0 A0; PEFT rebuilds it on
+    load by running the same init on the base before loading A and B. So do we."""
+    theirs = peft.get_peft_model(base_net(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "0"], init_lora_weights=init))
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for name, p in theirs.named_parameters():
+            if "lora_" in name:
+                p.add_(torch.randn_like(p), alpha=0.1)  # "trained" adapters
+    theirs.save_pretrained(str(tmp_path))
+    reloaded = peft.PeftModel.from_pretrained(base_net(), str(tmp_path)).eval()
+    ours = load_adapter(base_net(), tmp_path).eval()
+    x = torch.randn(6, 24)
+    with torch.no_grad():
+        want, got = reloaded(x), ours(x)
+        assert (want - base_net()(x)).abs().max() > 0.1  # the adapter matters
+    assert_close_to(got, want, TOL, f"{init} adapter reloaded")
+
+
+def _folder_bytes(path):
+    return {name: (path / name).read_bytes() for name in sorted(os.listdir(path))}
+
+
+@pytest.mark.parametrize("fault", ["bad base_model_name_or_path", "second rename fails", "disk full on config"])
+def test_a_failed_save_leaves_the_previous_adapter_byte_identical(tmp_path, monkeypatch, fault):
+    first = apply_lora(base_net(), r=4)
+    randomize_lora(first)
+    save_adapter(first, tmp_path)
+    before = _folder_bytes(tmp_path)
+    second = apply_lora(base_net(), r=2, alpha=32.0)  # other scaling: a mixed folder would load silently wrong
+    randomize_lora(second)
+    if fault == "bad base_model_name_or_path":
+        with pytest.raises(TypeError, match="base_model_name_or_path must be a string"):
+            save_adapter(second, tmp_path, base_model_name_or_path=object())
+    else:
+        real_replace, real_write = os.replace, os.write
+        calls = []
+
+        def failing_replace(src, dst, *a, **k):
+            calls.append(dst)
+            if len(calls) == 2:
+                raise OSError(28, "No space left on device")
+            return real_replace(src, dst, *a, **k)
+
+        def failing_write(fd, data):
+            if b'"peft_type"' in bytes(data):
+                raise OSError(28, "No space left on device")
+            return real_write(fd, data)
+
+        if fault == "second rename fails":
+            monkeypatch.setattr(os, "replace", failing_replace)
+        else:
+            monkeypatch.setattr(os, "write", failing_write)
+        with pytest.raises(OSError, match="No space left"):
+            save_adapter(second, tmp_path)
+        monkeypatch.undo()
+    assert _folder_bytes(tmp_path) == before
+    reloaded = load_adapter(base_net(), tmp_path)
+    for name, layer in lora_layers(first).items():
+        assert torch.equal(reloaded.get_submodule(name).lora_B, layer.lora_B)
+
+
+def test_save_adapter_remembers_modules_to_save(tmp_path):
+    model = apply_lora(base_net(), r=4, target_modules=["q_proj"], modules_to_save=["head"])
+    randomize_lora(model)
+    with torch.no_grad():
+        model.head.weight.normal_()
+    save_adapter(model, tmp_path)  # no modules_to_save argument: the trained head must not be lost
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["modules_to_save"] == ["head"]
+    theirs = peft.PeftModel.from_pretrained(base_net(), str(tmp_path)).eval()
+    x = torch.randn(3, 24)
+    with torch.no_grad():
+        assert_close_to(theirs(x), model.eval()(x), TOL, "PEFT-loaded output with the saved head")

@@ -123,3 +123,8 @@ def test_a_new_layer_kind_is_one_registration(registered_scaled):
     assert isinstance(model[0], fastlora.LoRALinear)
     torch.testing.assert_close(model(x), want)  # B = 0: the base computes (exactly 2x, a power of two)
     assert fastlora.count_parameters(model)[0] == 2 * (6 + 5)
+
+
+def test_a_catastrophic_target_regex_is_refused_before_matching():
+    with pytest.raises(ValueError, match=r"is refused"):
+        fastlora.apply_lora(mlp(), target_modules=r"(\d+)+x")

@@ -59,12 +59,13 @@ The package, one module per part (the demo uses fastlora's public API only):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import sys
 
 import torch
 
-from .. import get_backend, set_backend
+from .. import use_backend
 
 # NOTE: the backend names and resolve_backend (the backend that a call on a given
 # device will take) are not part of fastlora's public API yet; the demo reads them
@@ -198,22 +199,19 @@ def main(argv: list[str] | None = None, *, prog: str = PROG) -> int:
         torch.empty(0, device=device)
     except (RuntimeError, AssertionError) as exc:
         return fail(f"--device {args.device}: {exc}")
-    previous_backend = get_backend()
+    # NOTE: use_backend is this thread's override: the caller's process-wide choice is untouched
     try:
-        if args.backend is not None:
-            set_backend(args.backend)
-        backend = resolve_backend(device)
+        override = use_backend(args.backend) if args.backend is not None else contextlib.nullcontext()
+        with override:
+            backend = resolve_backend(device)
     except (RuntimeError, ValueError) as exc:
-        if args.backend is not None:
-            set_backend(previous_backend)
         return fail(str(exc))
-    # NOTE: the matrices here are at most 256 x 256 with 50-row batches; extra
-    # threads only add synchronisation, which is slow on a busy machine.
-    previous_threads = torch.get_num_threads()
-    torch.set_num_threads(args.threads)
-    try:
-        return Walkthrough(args, device, backend).run()
-    finally:
-        torch.set_num_threads(previous_threads)
-        if args.backend is not None:
-            set_backend(previous_backend)
+    with override:
+        # NOTE: the matrices here are at most 256 x 256 with 50-row batches; extra
+        # threads only add synchronisation, which is slow on a busy machine.
+        previous_threads = torch.get_num_threads()
+        torch.set_num_threads(args.threads)
+        try:
+            return Walkthrough(args, device, backend).run()
+        finally:
+            torch.set_num_threads(previous_threads)
