@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
 from .dora import DoRALinear, QDoRALinear
@@ -54,6 +55,9 @@ class LoRAConfig:
     already are bitsandbytes ``Linear4bit`` always become QLoRALinear.
     use_dora: DoRA (:class:`fastlora.dora.DoRALinear`; :class:`fastlora.dora.QDoRALinear`
     on 4-bit bases): a trainable magnitude vector per layer on top of the adapter.
+    autocast_adapter_dtype: PEFT's default (True): on a bf16 / fp16 base the
+    adapters are float32 (an fp32 master copy; the LoRA branch runs in fp32, as
+    PEFT's does); False keeps them in the base weight's dtype.
     """
 
     r: int = 8
@@ -70,12 +74,14 @@ class LoRAConfig:
     exclude_modules: list[str] | str | None = None
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
+    autocast_adapter_dtype: bool = True
 
     def __post_init__(self) -> None:
         check_lora_hyperparameters(self.r, self.alpha, self.dropout)
         check_init(self.init, "LoRAConfig.init")
         check_bool(self.use_dora, "LoRAConfig.use_dora")
         check_bool(self.use_rslora, "LoRAConfig.use_rslora")
+        check_bool(self.autocast_adapter_dtype, "LoRAConfig.autocast_adapter_dtype")
         if self.quantize not in (None, *QUANT_TYPES):
             raise ValueError(f"LoRAConfig.quantize must be None, 'nf4' or 'fp4', got {self.quantize!r}")
         self.target_modules = normalize_target_modules(self.target_modules)
@@ -98,19 +104,32 @@ class LoRAConfig:
         )
 
 
+def upcast_adapters(layer: nn.Module, config: LoRAConfig) -> nn.Module:
+    """PEFT's ``autocast_adapter_dtype``: 16-bit adapter tensors (``peft_tensors()``)
+    become float32, in place (the values are exact in fp32); returns the layer."""
+    if config.autocast_adapter_dtype:
+        for t in layer.peft_tensors().values():
+            if t.dtype in (torch.float16, torch.bfloat16):
+                t.data = t.data.float()
+    return layer
+
+
 def _build_linear(linear: nn.Linear, name: str, config: LoRAConfig, shared) -> nn.Module:
     kwargs = config.layer_kwargs(name)
     if config.quantize is not None:
         cls = QDoRALinear if config.use_dora else QLoRALinear
-        return cls.from_linear(
+        layer = cls.from_linear(
             linear, quant_type=config.quantize, blocksize=config.quant_blocksize, double_quant=config.quant_double, **kwargs
         )
-    return (DoRALinear if config.use_dora else LoRALinear).from_linear(linear, **kwargs)
+    else:
+        layer = (DoRALinear if config.use_dora else LoRALinear).from_linear(linear, **kwargs)
+    return upcast_adapters(layer, config)
 
 
 def _build_bnb_4bit(linear4bit: nn.Module, name: str, config: LoRAConfig, shared) -> nn.Module:
     """A model loaded in 4 bits by bitsandbytes: the quant state is shared, not copied."""
-    return (QDoRALinear if config.use_dora else QLoRALinear).from_bnb(linear4bit, **config.layer_kwargs(name))
+    layer = (QDoRALinear if config.use_dora else QLoRALinear).from_bnb(linear4bit, **config.layer_kwargs(name))
+    return upcast_adapters(layer, config)
 
 
 register_adapter_kind("lora", LoRAConfig, label="LoRA")
@@ -150,4 +169,4 @@ def merge_lora(model: nn.Module) -> nn.Module:
     return merge_adapters(model)
 
 
-__all__ = ["LoRAConfig", "QUANT_TYPES", "apply_lora", "count_parameters", "lora_layers", "merge_lora"]
+__all__ = ["LoRAConfig", "QUANT_TYPES", "upcast_adapters", "apply_lora", "count_parameters", "lora_layers", "merge_lora"]

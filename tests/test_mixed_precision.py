@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+import fastlora
 from fastlora import LoRALinear
 
 from _oracles import peft_twin, tolerance_2x
@@ -67,3 +68,40 @@ def test_mixed_precision_matches_peft(setting):
         err_ours = (o.double() - want).abs().max().item()
         tol = tolerance_2x(t, want, o.dtype, floor_ulps=1)  # one ulp: PEFT can be exact by luck
         assert err_ours <= tol, f"{name}: error {err_ours:.3g} > {tol:.3g} (2x PEFT's own + 1 ulp)"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_apply_lora_keeps_fp32_adapters_on_a_16bit_model_as_peft_does(dtype):
+    """PEFT's autocast_adapter_dtype=True (its default): fp32 adapters on a 16-bit base,
+    so training keeps an fp32 master copy and the LoRA branch cannot overflow where
+    PEFT's does not. Outputs and adapter gradients are PEFT's on the same weights."""
+    import peft
+
+    def net():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8)).to(dtype)
+
+    ours = fastlora.apply_lora(net(), r=4, alpha=8.0)
+    theirs = peft.get_peft_model(net(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["0", "2"]))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for i in (0, 2):
+            ours[i].lora_B.normal_(0, 0.5, generator=g)
+            theirs.base_model.model[i].lora_A["default"].weight.copy_(ours[i].lora_A)
+            theirs.base_model.model[i].lora_B["default"].weight.copy_(ours[i].lora_B)
+    assert {p.dtype for n, p in ours.named_parameters() if p.requires_grad} == {torch.float32}
+    x = torch.randn(5, 16, generator=g).to(dtype)
+    y, y_peft = ours(x), theirs(x)
+    assert y.dtype == y_peft.dtype == dtype
+    y.float().square().sum().backward()
+    y_peft.float().square().sum().backward()
+    # the same ops in the same dtypes: equal up to one rounding of the 16-bit output
+    eps = torch.finfo(dtype).eps
+    assert_close = lambda a, b, what: torch.testing.assert_close(a, b, rtol=2 * eps, atol=2 * eps * b.abs().max().item(), msg=what)  # noqa: E731
+    assert_close(y.float(), y_peft.float(), "output")
+    for i in (0, 2):
+        for which in ("lora_A", "lora_B"):
+            theirs_grad = getattr(theirs.base_model.model[i], which)["default"].weight.grad
+            assert_close(getattr(ours[i], which).grad, theirs_grad, f"{i}.{which}.grad")
+    kept = fastlora.apply_lora(net(), r=4, autocast_adapter_dtype=False)
+    assert {p.dtype for n, p in kept.named_parameters() if p.requires_grad} == {dtype}
