@@ -7,9 +7,11 @@ modules ``target_modules`` selects, ``merge_lora`` merges them and
 
 * transformers ``Conv1D`` (GPT-2; weight [in, out]) -> :class:`LoRAConv1D`, on
   the fused LoRA op with the weight's transposed view; with ``quantize`` a
-  :class:`fastlora.QLoRALinear` on the transposed weight.
+  :class:`fastlora.QLoRALinear` on the transposed weight;
+* ``nn.Embedding`` -> :class:`LoRAEmbedding` (``lora_embedding_A`` / ``_B``).
 """
 
 from .conv1d import LoRAConv1D
+from .embedding import LoRAEmbedding
 
-__all__ = ["LoRAConv1D"]
+__all__ = ["LoRAConv1D", "LoRAEmbedding"]
