@@ -8,10 +8,13 @@ modules ``target_modules`` selects, ``merge_lora`` merges them and
 * transformers ``Conv1D`` (GPT-2; weight [in, out]) -> :class:`LoRAConv1D`, on
   the fused LoRA op with the weight's transposed view; with ``quantize`` a
   :class:`fastlora.QLoRALinear` on the transposed weight;
-* ``nn.Embedding`` -> :class:`LoRAEmbedding` (``lora_embedding_A`` / ``_B``).
+* ``nn.Embedding`` -> :class:`LoRAEmbedding` (``lora_embedding_A`` / ``_B``);
+* ``nn.Conv1d`` / ``nn.Conv2d`` / ``nn.Conv3d`` -> :class:`LoRAConv1d` /
+  :class:`LoRAConv2d` / :class:`LoRAConv3d`.
 """
 
+from .conv import LoRAConv1d, LoRAConv2d, LoRAConv3d, LoRAConvNd
 from .conv1d import LoRAConv1D
 from .embedding import LoRAEmbedding
 
-__all__ = ["LoRAConv1D", "LoRAEmbedding"]
+__all__ = ["LoRAConv1D", "LoRAConv1d", "LoRAConv2d", "LoRAConv3d", "LoRAConvNd", "LoRAEmbedding"]
