@@ -10,7 +10,6 @@ generic loader lands)."""
 
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch
