@@ -5,6 +5,7 @@ from .adalora import AdaLoRAConfig, AdaLoRALinear, adalora_layers, apply_adalora
 from .adalora import RankAllocator as AdaLoRARankAllocator
 from .dora import DoRALinear, QDoRALinear, dora_linear
 from .functional import lora_linear
+from .layers import LoRAConv1D, LoRAConv1d, LoRAConv2d, LoRAConv3d, LoRAEmbedding
 from .loraplus import create_loraplus_optimizer, loraplus_param_groups
 from .model import LoRAConfig, apply_lora, count_parameters, merge_lora
 from .modules import LoRALinear
@@ -22,6 +23,11 @@ __all__ = [
     "AdaLoRARankAllocator",
     "DoRALinear",
     "LoRAConfig",
+    "LoRAConv1D",
+    "LoRAConv1d",
+    "LoRAConv2d",
+    "LoRAConv3d",
+    "LoRAEmbedding",
     "LoRALinear",
     "QDoRALinear",
     "QLoRALinear",
