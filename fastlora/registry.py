@@ -52,6 +52,10 @@ class AdapterKind:
     one_per_model: bool = False
     builders: list[tuple[type | str, Builder]] = field(default_factory=list)
     layer_types: tuple[type, ...] = ()
+    # Base types target_modules=None leaves alone (adapted only when named), and base
+    # types "all-linear" selects besides nn.Linear (transformers' Conv1D, as PEFT).
+    explicit_only: list[type | str] = field(default_factory=list)
+    linear_types: list[type | str] = field(default_factory=list)
 
     def builder_for(self, module: nn.Module) -> Builder | None:
         """The builder registered for the most derived class of ``module`` (None if none)."""
@@ -62,8 +66,23 @@ class AdapterKind:
                     return builder
         return None
 
+    def is_explicit_only(self, module: nn.Module) -> bool:
+        return is_instance(module, self.explicit_only)
+
+    def is_linear(self, module: nn.Module) -> bool:
+        return isinstance(module, nn.Linear) or is_instance(module, self.linear_types)
+
     def base_type_names(self) -> list[str]:
         return [b if isinstance(b, str) else f"{b.__module__}.{b.__qualname__}" for b, _ in self.builders]
+
+
+def is_instance(module: nn.Module, bases) -> bool:
+    """isinstance against classes or ``"module.QualName"`` strings (matched along the MRO)."""
+    for cls in type(module).__mro__:
+        qualified = f"{cls.__module__}.{cls.__qualname__}"
+        if any(b is cls or b == qualified for b in bases):
+            return True
+    return False
 
 
 _KINDS: dict[type, AdapterKind] = {}
@@ -80,12 +99,20 @@ def register_adapter_kind(
     return kind
 
 
-def register_layer(config_type: type, base: type | str, builder: Builder, *layer_types: type) -> None:
+def register_layer(
+    config_type: type, base: type | str, builder: Builder, *layer_types: type, by_default: bool = True, linear: bool = False
+) -> None:
     """Let the adapter kind of ``config_type`` adapt modules of type ``base`` with
     ``builder(module, name, config, shared)``, which returns the adapter layer;
-    ``layer_types`` are the adapter layer classes it can return."""
+    ``layer_types`` are the adapter layer classes it can return. ``by_default=False``:
+    ``target_modules=None`` leaves such modules alone (embeddings, convolutions: only
+    adapted when named); ``linear=True``: ``"all-linear"`` selects them (Conv1D)."""
     kind = kind_for(config_type)
     kind.builders.append((base, builder))
+    if not by_default:
+        kind.explicit_only.append(base)
+    if linear:
+        kind.linear_types.append(base)
     kind.layer_types = tuple(dict.fromkeys(kind.layer_types + layer_types))
 
 
@@ -197,8 +224,9 @@ def target_names(
     """Names of the modules ``target_modules`` selects for ``kind`` (PEFT's rules),
     minus ``exclude_modules`` and ``modules_to_save``.
 
-    ``None`` selects every module the kind can adapt; ``"all-linear"`` every
-    ``nn.Linear`` but the output layer. A module that an explicit list or regex
+    ``None`` selects every module the kind can adapt but those registered with
+    ``by_default=False`` (embeddings, convolutions); ``"all-linear"`` every
+    ``nn.Linear`` (and type registered with ``linear=True``) but the output layer. A module that an explicit list or regex
     selects but that the kind cannot adapt is an error naming it and its type
     (PEFT raises too), never a silent skip. Existing adapter layers of this kind
     are included only with ``include_adapters`` (a loader reusing them).
@@ -219,8 +247,10 @@ def target_names(
         if _inside_adapter_layer(model, name):
             continue
         if all_linear:
-            if isinstance(module, nn.Linear) and kind.builder_for(module) is not None:
+            if kind.is_linear(module) and kind.builder_for(module) is not None:
                 chosen.append(name)
+            continue
+        if target_modules is None and kind.is_explicit_only(module):
             continue
         if target_modules is not None and not selected(name, target_modules, default=False):
             continue

@@ -1,12 +1,9 @@
 """Adapter files for the non-Linear layer kinds, both ways with PEFT 0.21:
 fastlora's save_adapter -> peft.PeftModel.from_pretrained, and PEFT's
 save_pretrained -> fastlora's load_adapter, with identical outputs.
-
-NOTE: save_adapter / load_adapter are being made generic over each layer's
-``peft_tensors()`` (keys such as ``lora_embedding_A`` and conv-shaped
-``lora_A.weight``; ``fan_in_fan_out`` for Conv1D); until then these tests are
-expected to fail and are marked xfail (non-strict, so they report XPASS once the
-generic loader lands)."""
+save_adapter / load_adapter are generic over each layer's ``peft_tensors()``
+(keys such as ``lora_embedding_A`` and conv-shaped ``lora_A.weight``;
+``fan_in_fan_out`` for Conv1D)."""
 
 from __future__ import annotations
 
@@ -25,7 +22,6 @@ from _oracles import assert_close_to
 peft = pytest.importorskip("peft", reason="PEFT parity tests need peft (pip install 'fastlora[test]')")
 transformers = pytest.importorskip("transformers")
 
-pending = pytest.mark.xfail(strict=False, reason="generic loader pending")
 
 # fp32 forward through a few small layers, same math in a different op order.
 TOL = 1e-4
@@ -71,7 +67,6 @@ def output(model, x):
     return y.logits if hasattr(y, "logits") else y
 
 
-@pending
 @pytest.mark.parametrize("case", list(CASES))
 def test_saved_adapter_loads_in_peft_with_the_same_outputs(tmp_path, case):
     make, targets, inputs = CASES[case]
@@ -89,7 +84,6 @@ def test_saved_adapter_loads_in_peft_with_the_same_outputs(tmp_path, case):
     assert all(torch.equal(state[k], mine[k]) for k in mine)
 
 
-@pending
 @pytest.mark.parametrize("case", list(CASES))
 def test_peft_written_adapter_loads_into_a_plain_model(tmp_path, case):
     make, targets, inputs = CASES[case]
@@ -114,7 +108,6 @@ def test_peft_written_adapter_loads_into_a_plain_model(tmp_path, case):
     }
 
 
-@pending
 def test_round_trip_into_an_adapted_model(tmp_path):
     make, targets, inputs = CASES["conv-embedding"]
     ours = fastlora.apply_lora(make(), r=4, alpha=8, target_modules=targets)

@@ -127,10 +127,8 @@ def test_quantize_nf4_on_gpt2_conv1d():
 
 # NOTE: these two need register_layer(..., linear=True / by_default=False) in
 # fastlora/registry.py (requested from its owner); non-strict so they XPASS then.
-registry_pending = pytest.mark.xfail(strict=False, reason="registry: linear= / by_default= registration pending")
 
 
-@registry_pending
 def test_all_linear_selects_conv1d_as_peft_does():
     base = gpt2()
     ours = fastlora.apply_lora(copy.deepcopy(base), r=4, target_modules="all-linear")
@@ -140,7 +138,6 @@ def test_all_linear_selects_conv1d_as_peft_does():
     assert "lm_head" not in theirs and len(theirs) == 8
 
 
-@registry_pending
 def test_target_modules_none_adapts_the_linear_layers_but_not_the_embeddings():
     """fastlora's None: every module LoRA adapts by default (nn.Linear, Conv1D, 4-bit
     linears); embeddings and convolutions only when target_modules names them."""

@@ -33,16 +33,26 @@ def test_a_second_apply_keeps_the_first_adapters_trainable():
 
 
 def test_an_unsupported_target_is_an_error_not_a_silent_skip():
-    model = nn.ModuleDict({"embed": nn.Embedding(10, 12), "proj": nn.Linear(12, 12)})
+    model = nn.ModuleDict({"norm": nn.LayerNorm(12), "proj": nn.Linear(12, 12)})
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(ValueError, match=r"cannot adapt: \[\('embed', 'Embedding'\)\].*torch.nn.modules.linear.Linear"):
-        fastlora.apply_lora(model, target_modules=["embed", "proj"])
+    with pytest.raises(ValueError, match=r"cannot adapt: \[\('norm', 'LayerNorm'\)\].*torch.nn.modules.linear.Linear"):
+        fastlora.apply_lora(model, target_modules=["norm", "proj"])
     assert type(model["proj"]) is nn.Linear  # nothing changed
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert all(p.requires_grad for p in model.parameters())
-    # None selects only what LoRA can adapt (no error for the embedding)
+    # None selects only what LoRA can adapt (no error for the norm)
     fastlora.apply_lora(model)
-    assert isinstance(model["proj"], fastlora.LoRALinear) and type(model["embed"]) is nn.Embedding
+    assert isinstance(model["proj"], fastlora.LoRALinear) and type(model["norm"]) is nn.LayerNorm
+
+
+def test_none_adapts_linear_layers_only_and_named_embeddings_and_convs_too():
+    def net():
+        return nn.ModuleDict({"embed": nn.Embedding(10, 12), "conv": nn.Conv1d(12, 12, 1), "proj": nn.Linear(12, 12)})
+
+    model = fastlora.apply_lora(net())
+    assert set(registry.adapter_layers(model)) == {"proj"}
+    model = fastlora.apply_lora(net(), target_modules=["embed", "conv", "proj"])
+    assert set(registry.adapter_layers(model)) == {"embed", "conv", "proj"}
 
 
 def test_a_peft_model_is_pointed_to_from_peft():

@@ -239,7 +239,7 @@ def _builder(cls: type[LoRAConvNd]):
 
 
 for _cls in (LoRAConv1d, LoRAConv2d, LoRAConv3d):
-    register_layer(LoRAConfig, _cls.base_type, _builder(_cls), _cls)
+    register_layer(LoRAConfig, _cls.base_type, _builder(_cls), _cls, by_default=False)
 del _cls
 
 __all__ = ["LoRAConv1d", "LoRAConv2d", "LoRAConv3d", "LoRAConvNd"]

@@ -179,6 +179,6 @@ def _build_conv1d(conv1d: nn.Module, name: str, config: LoRAConfig, shared) -> n
     return LoRAConv1D.from_conv1d(conv1d, **kwargs)
 
 
-register_layer(LoRAConfig, CONV1D, _build_conv1d, LoRAConv1D, QLoRALinear)
+register_layer(LoRAConfig, CONV1D, _build_conv1d, LoRAConv1D, QLoRALinear, linear=True)
 
 __all__ = ["CONV1D", "LoRAConv1D", "is_conv1d", "linear_view"]

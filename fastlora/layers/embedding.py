@@ -151,6 +151,6 @@ def _build_embedding(embedding: nn.Embedding, name: str, config: LoRAConfig, sha
     return LoRAEmbedding.from_embedding(embedding, **config.layer_kwargs(name))
 
 
-register_layer(LoRAConfig, nn.Embedding, _build_embedding, LoRAEmbedding)
+register_layer(LoRAConfig, nn.Embedding, _build_embedding, LoRAEmbedding, by_default=False)
 
 __all__ = ["LoRAEmbedding"]
