@@ -22,6 +22,7 @@ from torch import nn
 
 from .dora import DoRALinear, QDoRALinear
 from .modules import LoRALinear
+from .peft_fields import ALIASES, PEFT_LORA_DEFAULTS, default_target_modules, init_from_peft, unsupported_fields
 from .qlora import QLoRALinear
 from .registry import (
     adapter_layers,
@@ -93,6 +94,41 @@ class LoRAConfig:
         for key, value in self.alpha_pattern.items():
             check_finite(value, f"LoRAConfig.alpha_pattern[{key!r}]")
 
+    @classmethod
+    def from_peft(cls, peft_config) -> "LoRAConfig":
+        """The LoRAConfig of a ``peft.LoraConfig`` (or its ``to_dict()``): PEFT's field
+        names mapped to fastlora's (``lora_alpha`` -> ``alpha``, ``lora_dropout`` ->
+        ``dropout``, ``init_lora_weights`` -> ``init``, ...). A setting fastlora does
+        not implement (``bias="all"``, ``layers_to_transform``, ``lora_bias``, ...)
+        is a ValueError naming it, never silently dropped."""
+        fields = peft_config.to_dict() if hasattr(peft_config, "to_dict") else peft_config
+        if not isinstance(fields, dict):
+            raise TypeError(f"LoRAConfig.from_peft: expected a peft.LoraConfig or a dict, got {type(peft_config).__name__}")
+        peft_type = str(getattr(fields.get("peft_type"), "value", fields.get("peft_type", "LORA")))
+        if peft_type != "LORA":
+            raise ValueError(f"LoRAConfig.from_peft: peft_type is {peft_type!r}; a LoRAConfig describes a LORA adapter")
+        unknown = sorted(set(fields) - set(PEFT_LORA_DEFAULTS))
+        if unknown:
+            raise ValueError(f"LoRAConfig.from_peft: unknown PEFT fields {unknown}; fastlora cannot tell what they change")
+        unsupported = unsupported_fields(fields)
+        if unsupported:
+            shown = {k: fields[k] for k in unsupported}
+            raise ValueError(f"LoRAConfig.from_peft: settings fastlora does not implement: {shown}")
+        target = fields.get("target_modules")
+        return cls(
+            r=fields.get("r", 8),
+            alpha=fields.get("lora_alpha", 8),
+            dropout=fields.get("lora_dropout", 0.0),
+            target_modules=sorted(target) if isinstance(target, (set, frozenset)) else target,
+            use_rslora=fields.get("use_rslora", False),
+            use_dora=fields.get("use_dora", False),
+            init=init_from_peft(fields.get("init_lora_weights", True)),
+            modules_to_save=list(fields["modules_to_save"]) if fields.get("modules_to_save") else None,
+            exclude_modules=fields.get("exclude_modules"),
+            rank_pattern=dict(fields.get("rank_pattern") or {}),
+            alpha_pattern=dict(fields.get("alpha_pattern") or {}),
+        )
+
     def layer_kwargs(self, name: str) -> dict:
         """The layer arguments for the module ``name`` (rank and alpha patterns applied)."""
         return dict(
@@ -144,16 +180,34 @@ def apply_lora(model: nn.Module, config: LoRAConfig | None = None, **overrides) 
     freeze every parameter that is not an adapter's (adapters from an earlier
     call stay as they are), unfreeze ``modules_to_save``, and return ``model``.
 
-    ``overrides`` replace fields of ``config``: ``apply_lora(model, r=16, alpha=32)``.
+    ``config`` may be a ``peft.LoraConfig`` (see :meth:`LoRAConfig.from_peft`);
+    ``overrides`` replace fields of ``config``, in fastlora's or PEFT's spelling:
+    ``apply_lora(model, r=16, alpha=32)`` or ``apply_lora(model, r=16, lora_alpha=32)``.
+    ``target_modules=None`` means what it means in PEFT: for a transformers model
+    its architecture's default (e.g. ``q_proj`` and ``v_proj`` for Llama; an error
+    for a type without one), for any other module every linear layer.
     """
-    config = config if config is not None else LoRAConfig()
-    if not isinstance(config, LoRAConfig):
-        raise TypeError(f"apply_lora: config must be a fastlora.LoRAConfig, got {type(config).__name__}")
+    if config is None:
+        config = LoRAConfig()
+    elif not isinstance(config, LoRAConfig):
+        if isinstance(config, dict) or hasattr(config, "peft_type"):
+            config = LoRAConfig.from_peft(config)
+        else:
+            raise TypeError(f"apply_lora: config must be a fastlora.LoRAConfig or a peft.LoraConfig, got {type(config).__name__}")
     if overrides:
+        overrides = dict(overrides)
+        for peft_name, ours in ALIASES.items():
+            if peft_name in overrides:
+                if ours in overrides:
+                    raise TypeError(f"apply_lora got both {peft_name} and {ours} (the same field in PEFT's and fastlora's spelling)")
+                value = overrides.pop(peft_name)
+                overrides[ours] = init_from_peft(value) if peft_name == "init_lora_weights" else value
         unknown = set(overrides) - {f.name for f in dataclasses.fields(LoRAConfig)}
         if unknown:
             raise TypeError(f"apply_lora got unknown LoRAConfig fields: {sorted(unknown)}")
         config = dataclasses.replace(config, **overrides)
+    if config.target_modules is None and isinstance(model, nn.Module):
+        config = dataclasses.replace(config, target_modules=default_target_modules(model))
     return apply_adapter(model, config, what="apply_lora")
 
 

@@ -47,7 +47,8 @@ from .registry import (
     set_submodule,
     target_names,
 )
-from .validation import INITS, check_init, is_int, is_number, lora_scaling, pissa_niter
+from .peft_fields import PEFT_LORA_DEFAULTS, unsupported_fields
+from .validation import check_init, is_int, is_number, lora_scaling, pissa_niter
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -55,59 +56,6 @@ PREFIX = "base_model.model."
 MAX_CONFIG_BYTES = 16 << 20  # an adapter_config.json is a few KiB; refuse anything absurd
 MAX_WEIGHTS_BYTES = 64 << 30
 
-# Every field PEFT 0.21.2 writes for a LoRA adapter, with its default. On load,
-# a field outside this table is an error (we cannot know what it means); a
-# field inside it whose value differs from the default must be one we handle.
-PEFT_LORA_DEFAULTS: dict = {
-    "alora_invocation_tokens": None,
-    "alpha_pattern": {},
-    "arrow_config": None,
-    "auto_mapping": None,
-    "base_model_name_or_path": None,
-    "bias": "none",
-    "corda_config": None,
-    "ensure_weight_tying": False,
-    "eva_config": None,
-    "exclude_modules": None,
-    "fan_in_fan_out": False,
-    "inference_mode": True,
-    "init_lora_weights": True,
-    "kasa_config": None,
-    "layer_replication": None,
-    "layers_pattern": None,
-    "layers_to_transform": None,
-    "loftq_config": {},
-    "lora_alpha": 8,
-    "lora_bias": False,
-    "lora_dropout": 0.0,
-    "lora_ga_config": None,
-    "megatron_config": None,
-    "megatron_core": "megatron.core",
-    "modules_to_save": None,
-    "monteclora_config": None,
-    "peft_type": "LORA",
-    "peft_version": "0.21.2",
-    "qalora_group_size": 16,
-    "r": 8,
-    "rank_pattern": {},
-    "revision": None,
-    "target_modules": None,
-    "target_parameters": None,
-    "task_type": None,
-    "trainable_token_indices": None,
-    "use_bdlora": None,
-    "use_dora": False,
-    "use_qalora": False,
-    "use_rslora": False,
-    "velora_config": None,
-}
-# Fields whose value we read (any value is fine as long as it is well-formed).
-_HANDLED = {
-    "alpha_pattern", "auto_mapping", "base_model_name_or_path", "exclude_modules", "inference_mode",
-    "init_lora_weights", "lora_alpha", "lora_dropout", "modules_to_save", "peft_type", "peft_version", "r",
-    "rank_pattern", "revision", "target_modules", "task_type", "use_rslora", "megatron_core", "qalora_group_size",
-    "loftq_config", "use_dora", "fan_in_fan_out",
-}
 MAGNITUDE = "lora_magnitude_vector"  # PEFT's DoRA magnitude key (a bare tensor, no ``.weight``)
 # init_lora_weights values that only decide the adapters' first values (overwritten by the file's)
 _PLAIN_INITS = (True, False, "gaussian", "eva", "orthogonal")
@@ -270,10 +218,7 @@ def read_adapter_config(path: str | os.PathLike) -> dict:
     unknown = sorted(set(config) - set(PEFT_LORA_DEFAULTS))
     if unknown:
         raise _fail(file, f"unknown config fields {unknown}; fastlora cannot tell what they change")
-    unsupported = sorted(
-        k for k, v in config.items()
-        if k not in _HANDLED and v != PEFT_LORA_DEFAULTS[k] and not (v in (None, [], {}) and not PEFT_LORA_DEFAULTS[k])
-    )
+    unsupported = unsupported_fields(config)
     if unsupported:
         shown = {k: config[k] for k in unsupported}
         raise _fail(file, f"unsupported settings {shown}; fastlora supports plain LoRA, rsLoRA and DoRA adapters")

@@ -139,8 +139,15 @@ def test_all_linear_selects_conv1d_as_peft_does():
 
 
 def test_target_modules_none_adapts_the_linear_layers_but_not_the_embeddings():
-    """fastlora's None: every module LoRA adapts by default (nn.Linear, Conv1D, 4-bit
+    """None on a transformers model is PEFT's architecture default (GPT-2: c_attn);
+    on a plain module every module LoRA adapts by default (nn.Linear, Conv1D, 4-bit
     linears); embeddings and convolutions only when target_modules names them."""
     ours = fastlora.apply_lora(gpt2(), r=4)
-    kinds = {type(m) for m in adapter_layers(ours).values()}
-    assert kinds == {LoRAConv1D, LoRALinear} and "transformer.wte" not in adapter_layers(ours)
+    assert {n.split(".")[-1] for n in adapter_layers(ours)} == {"c_attn"}
+    want = peft.get_peft_model(gpt2(), peft.LoraConfig(r=4))
+    assert set(adapter_layers(ours)) == {
+        n.removeprefix("base_model.model.") for n, m in want.named_modules() if isinstance(m, peft.tuners.lora.LoraLayer)
+    }
+    plain = gpt2().transformer.h[0]  # a GPT2Block has no config: fastlora's rule, every linear layer
+    fastlora.apply_lora(plain, r=4)
+    assert {type(m) for m in adapter_layers(plain).values()} == {LoRAConv1D}
