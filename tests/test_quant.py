@@ -279,7 +279,7 @@ def test_corrupt_state_dict_is_rejected_clearly():
     blob = json.loads(bytes(sd["weight.quant_state.bitsandbytes__nf4"].tolist()))
     for field, value, pattern in [
         ("quant_type", "fp4", "says quant_type='fp4', its key says 'nf4'"),
-        ("shape", [16, 44], r"packed has 320 bytes"),
+        ("shape", [16, 44], r"weight has 320 bytes \(shape \(320, 1\)\) but shape \(16, 44\) \(704 elements\) needs 352 bytes"),
         ("dtype", "float8", "unknown dtype 'float8'"),
     ]:
         meta = dict(blob, **{field: value})
