@@ -785,29 +785,63 @@ def unpack_codes(packed: Tensor, n: int) -> Tensor:
     return codes[:n].long()
 
 
+@lru_cache(maxsize=8)
+def _nibble_index(device: torch.device) -> Tensor:
+    """int64 [256, 2]: the two codes of each byte value, high nibble first."""
+    byte = torch.arange(256, device=device)
+    return torch.stack([byte >> 4, byte & 0xF], dim=1)
+
+
+def _byte_table(quant_map: Tensor) -> Tensor:
+    """int64 [256]: entry b holds the fp32 pair ``(quant_map[b >> 4], quant_map[b & 15])``
+    (high nibble first), so gathering it by packed byte writes two values at once."""
+    pairs = quant_map[_nibble_index(quant_map.device)]  # [256, 2] fp32
+    return pairs.view(torch.int64).view(256)
+
+
+# NOTE: on CPU the weight is dequantized in chunks of this many elements (2 MiB
+# of fp32): the gathered values are scaled (and, for another dtype, converted)
+# while they are still in cache, so memory sees the packed bytes once and the
+# output once. Smaller chunks pay per-op overhead (4-5 ops of ~10 us per
+# chunk); 256K, 512K and 1M elements measured within noise of each other (min
+# of 80 calls, 2-core Zen 4: 1 MiB L2, 32 MiB L3), 64K and unchunked slower.
+_CPU_CHUNK = 1 << 19
+
+
 def dequantize_4bit(qw: QuantizedWeight, dtype: torch.dtype | None = None) -> Tensor:
     """The weight of ``qw`` (shape ``qw.shape``) in ``dtype`` (default ``qw.dtype``):
     ``quant_map[q] * absmax[i // blocksize]`` in fp32, rounded once to ``dtype``.
-    Identical to ``bitsandbytes.functional.dequantize_4bit``."""
+    Identical to ``bitsandbytes.functional.dequantize_4bit``.
+
+    How: a 256-entry table maps each packed byte to its two fp32 values (one
+    gather per byte, 8 bytes written), each block is multiplied in place by its
+    absmax, and the fp32 result is converted once to ``dtype``; on CPU chunk by
+    chunk, so the fp32 values never leave the cache unless they are the output."""
     if not isinstance(qw, QuantizedWeight):
         raise TypeError(f"qw must be a QuantizedWeight, got {type(qw).__name__}")
     dtype = qw.dtype if dtype is None else dtype
     if dtype not in DTYPES + (torch.float64,):
         raise TypeError(f"dtype must be a floating dtype (fp32, fp16, bf16, fp64), got {dtype}")
-    n = qw.numel
-    # NOTE: a 256-entry table maps each packed byte to its two values (high
-    # nibble first); index_select over the bytes is ~10x faster on CPU than
-    # unpacking codes and gathering one value per element.
-    byte = torch.arange(256, device=qw.device)
-    pairs = torch.stack([qw.quant_map[byte >> 4], qw.quant_map[byte & 0xF]], dim=1)  # [256, 2]
-    values = torch.index_select(pairs, 0, qw.packed.reshape(-1).int()).view(-1)[:n]
+    n, bs, device = qw.numel, qw.blocksize, qw.device
+    table = _byte_table(qw.quant_map)
     absmax = _dequantize_absmax(qw)
-    rem = n % qw.blocksize
-    full = n - rem
-    out = torch.empty(n, dtype=torch.float32, device=qw.device)
-    blocks = full // qw.blocksize
-    torch.mul(values[:full].view(blocks, qw.blocksize), absmax[:blocks].unsqueeze(1), out=out[:full].view(blocks, qw.blocksize))
-    if rem:
-        torch.mul(values[full:], absmax[-1], out=out[full:])
-    out = out.view(qw.shape)
-    return out if dtype == torch.float32 else out.to(dtype)
+    packed = qw.packed.reshape(-1)
+    out = torch.empty(n, dtype=dtype, device=device)
+    # Chunks hold whole blocks (an even number of elements: blocksize >= 32).
+    chunk = max(bs, _CPU_CHUNK // bs * bs) if device.type == "cpu" else n
+    buf = None if dtype == torch.float32 else torch.empty(min(chunk, n), dtype=torch.float32, device=device)
+    for e0 in range(0, n, chunk):
+        e1 = min(n, e0 + chunk)
+        vals = out[e0:e1] if buf is None else buf[: e1 - e0]
+        pairs = (e1 - e0) // 2
+        b0 = e0 // 2
+        torch.index_select(table, 0, packed[b0 : b0 + pairs].to(torch.int32), out=vals[: 2 * pairs].view(torch.int64))
+        if (e1 - e0) % 2:  # the last element of an odd-sized weight: the high nibble of the last byte
+            vals[-1:] = qw.quant_map[(packed[b0 + pairs :] >> 4).long()]
+        blk0, full = e0 // bs, (e1 - e0) // bs
+        vals[: full * bs].view(full, bs).mul_(absmax[blk0 : blk0 + full].unsqueeze(1))
+        if full * bs < e1 - e0:  # the short last block
+            vals[full * bs :].mul_(absmax[blk0 + full])
+        if buf is not None:
+            out[e0:e1].copy_(vals)  # fp32 -> dtype, rounded once
+    return out.view(qw.shape)
