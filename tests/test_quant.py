@@ -131,6 +131,58 @@ def test_dequantize_to_another_dtype_rounds_once():
         assert torch.equal(dequantize_4bit(qw, dtype), dequantize_4bit(qw, torch.float32).to(dtype))
 
 
+def _float64_dequantize(qw):
+    """Independent oracle: code[nibble] * absmax[block] in float64 (exact), rounded to fp32 once."""
+    packed = qw.packed.reshape(-1).long()
+    codes = torch.stack([packed >> 4, packed & 15], dim=1).reshape(-1)[: qw.numel]
+    absmax = qw.absmax_fp32().double()
+    blocks = torch.arange(qw.numel) // qw.blocksize
+    return (qw.quant_map.double()[codes] * absmax[blocks]).float().reshape(qw.shape)
+
+
+@pytest.mark.parametrize("double_quant", [False, True], ids=["plain", "nested"])
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_chunked_dequantize_bit_exact(monkeypatch, quant_type, double_quant):
+    """The CPU path works chunk by chunk (fastlora.quant._CPU_CHUNK elements);
+    with tiny chunks every boundary case shows up in small weights: chunks of
+    one block and of several, a ragged last block, an odd last element, the
+    fp32 output written in place and the other dtypes through the fp32 buffer."""
+    import fastlora.quant as quant
+
+    for (i, shape), dtype, blocksize in itertools.product(enumerate(SHAPES), DTYPES, (32, 256)):
+        # 128: one chunk per block or a few blocks; 8192 for the large shape: ~8 chunks, not ~500.
+        monkeypatch.setattr(quant, "_CPU_CHUNK", 128 if shape[0] * shape[1] < 10_000 else 8192)
+        w = _weight(shape, dtype, blocksize, seed=100 + i)
+        q, state = F.quantize_4bit(w, blocksize=blocksize, compress_statistics=double_quant, quant_type=quant_type)
+        qw = quantize_4bit(w, quant_type=quant_type, blocksize=blocksize, double_quant=double_quant)
+        what = f"{quant_type} bs={blocksize} {shape} {dtype}"
+        ours = dequantize_4bit(qw)
+        assert torch.equal(_bits(ours), _bits(_bnb_dequantize(q, state))), f"dequantized values differ: {what}"
+        fp32 = dequantize_4bit(qw, torch.float32)
+        assert torch.equal(_bits(fp32), _bits(_float64_dequantize(qw))), f"fp32 differs from the oracle: {what}"
+        assert torch.equal(dequantize_4bit(qw, torch.float64), fp32.double()), what
+
+
+@pytest.mark.parametrize("dtype", DTYPES + (torch.float64,))
+def test_dequantize_over_several_default_chunks(dtype):
+    import fastlora.quant as quant
+
+    # 257 x 4097 = 1052929 elements: two full default chunks (2**19), then a short
+    # one with a ragged last block (one element) and an odd last element.
+    shape = (257, 4097)
+    assert 2 * quant._CPU_CHUNK < shape[0] * shape[1] < 3 * quant._CPU_CHUNK
+    w = _weight(shape, torch.float32 if dtype == torch.float64 else dtype, 64, seed=7)
+    qw = quantize_4bit(w, quant_type="nf4", blocksize=64, double_quant=True)
+    out = dequantize_4bit(qw, dtype)
+    assert out.dtype == dtype and out.shape == shape and out.is_contiguous()
+    # A fresh tensor of exactly the weight's size (no view into a larger buffer).
+    assert out.untyped_storage().nbytes() == out.numel() * out.element_size()
+    assert torch.equal(out, _float64_dequantize(qw).to(dtype))
+    if dtype != torch.float64:
+        q, state = F.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
+        assert torch.equal(_bits(out), _bits(_bnb_dequantize(q, state)))
+
+
 # -- bitsandbytes modules and state dicts ----------------------------------------
 
 
@@ -279,7 +331,7 @@ def test_corrupt_state_dict_is_rejected_clearly():
     blob = json.loads(bytes(sd["weight.quant_state.bitsandbytes__nf4"].tolist()))
     for field, value, pattern in [
         ("quant_type", "fp4", "says quant_type='fp4', its key says 'nf4'"),
-        ("shape", [16, 44], r"packed has 320 bytes"),
+        ("shape", [16, 44], r"weight has 320 bytes \(shape \(320, 1\)\) but shape \(16, 44\) \(704 elements\) needs 352 bytes"),
         ("dtype", "float8", "unknown dtype 'float8'"),
     ]:
         meta = dict(blob, **{field: value})
