@@ -32,6 +32,7 @@ takes, ``scaling`` and ``dropout_p``.
 from __future__ import annotations
 
 import importlib
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import ModuleType
@@ -81,7 +82,8 @@ def with_leading_dims(y: Tensor, x: Tensor) -> Tensor:
 
 def autocast_dtype(x) -> torch.dtype | None:
     """The dtype ``torch.autocast`` would give a linear layer's floating input x, or None."""
-    if isinstance(x, Tensor) and x.is_floating_point() and torch.is_autocast_enabled(x.device.type):
+    # NOTE: autocast has no meta device (torch raises for it); meta tensors propagate shapes only
+    if isinstance(x, Tensor) and x.is_floating_point() and x.device.type != "meta" and torch.is_autocast_enabled(x.device.type):
         return torch.get_autocast_dtype(x.device.type)
     return None
 
@@ -287,7 +289,9 @@ class FusedOp:
     def prepare(self, x: Tensor, dropout: float, training: bool) -> Call:
         """x flattened to [M, K], the dropout probability in effect and its seed, the backend."""
         p = float(dropout) if training else 0.0
-        return Call(x.reshape(-1, x.shape[-1]), p, dropout_seed(p), resolve_backend(x.device))
+        # NOTE: not reshape(-1, K): with K = 0 (in_features=0, as nn.Linear allows) -1 is ambiguous
+        x2d = x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
+        return Call(x2d, p, dropout_seed(p), resolve_backend(x.device))
 
     def __call__(self, *inputs, scaling, dropout: float = 0.0, training: bool = True, consts: tuple = ()) -> Tensor:
         """Run the op on ``inputs`` (x [..., K] first, in declared order): autocast,

@@ -12,10 +12,10 @@ float32):
 
   ``||W0_n + s B_n A||^2 = ||W0_n||^2 + 2 s B_n . P[:, n] + s^2 B_n G B_n^T``
 
-and ``||W0_n||^2`` is computed once and cached (W0 is frozen; the cache is
-keyed on the weight's storage and version counter, so an in-place change to W0
-refreshes it). On a 4-bit base (QDoRA) the same quantities come from the
-dequantized weight, dequantized in bounded row chunks (never a full [N, K]).
+where ``||W0_n||^2`` is one pass over a dense W0 per call (never stale, even
+after an edit through ``weight.data``); on a 4-bit base (QDoRA) the same
+quantities come from the dequantized weight, dequantized in bounded row chunks
+(never a full [N, K]), and ``||W0_n||^2`` is cached per quant state.
 
 Dense DoRA (:func:`dora_linear`, :class:`DoRALinear`) runs as one autograd
 op, :class:`DoRALinearFunction`: its forward is the backend's ``dora_forward``
@@ -41,6 +41,8 @@ dropout and in eval mode; with dropout in training the noise differs.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import torch.nn.functional as F
@@ -118,7 +120,8 @@ def dora_row_norm(
     """
     acc = _acc_dtype(lora_A, lora_B) if isinstance(weight, QuantizedWeight) else _acc_dtype(weight, lora_A, lora_B)
     device_type = lora_A.device.type
-    with torch.no_grad(), torch.autocast(device_type, enabled=False):
+    no_autocast = torch.autocast(device_type, enabled=False) if device_type != "meta" else contextlib.nullcontext()
+    with torch.no_grad(), no_autocast:
         a = lora_A.detach().to(acc)
         b = lora_B.detach().to(acc)
         if weight_sq is None:
@@ -287,12 +290,17 @@ class _DoRAMixin:
         raise NotImplementedError
 
     def _weight_sq(self) -> Tensor:
-        """||W0_n||^2 [N] in float32 (float64 for float64), computed once per base weight (refreshed when the
-        weight's storage or version counter changes)."""
+        """||W0_n||^2 [N] in float32 (float64 for float64).
+
+        A dense W0 is read again every call: one pass over [N, K], 1/M of the
+        forward GEMM's work, and never stale (an edit through ``weight.data``
+        bumps no version counter, so a cache could not see it). A 4-bit W0 costs
+        a dequantization, so it is cached per quant state (refreshed when the
+        buffers are replaced or their storage or version counter changes)."""
         weight = self._base_weight()
         dense = [weight] if isinstance(weight, Tensor) else []
         acc = _acc_dtype(*dense, self.lora_A, self.lora_B)  # as dora_row_norm picks it
-        if torch.compiler.is_compiling():  # NOTE: data_ptr cannot be traced; recompute
+        if dense or torch.compiler.is_compiling():  # NOTE: data_ptr cannot be traced; recompute
             return weight_sq_norm(weight, acc)
         key = (_weight_key(weight), acc)
         if key[0] is None:
@@ -447,7 +455,7 @@ class QDoRALinear(_DoRAMixin, QLoRALinear):
         if self.merged:  # the DoRA update is in the 4-bit weight (merge_and_quantize)
             return super().forward(x)
         lora_A, lora_B, bias = self.lora_A, self.lora_B, self.bias
-        autocast = isinstance(x, Tensor) and torch.is_autocast_enabled(x.device.type)
+        autocast = autocast_dtype(x) is not None
         dtype = x.dtype if autocast else (self.compute_dtype or x.dtype)
         cast = (lambda t: t) if autocast else (lambda t: t if t is None or t.dtype == dtype else t.to(dtype))  # noqa: E731
         y_pre = qlora_linear(

@@ -18,7 +18,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from ._fused import FusedOp, backend_module
+from ._fused import FusedOp, autocast_dtype, backend_module
 from .quant import QuantizedWeight, dequantize_4bit, quantize_4bit
 from .reference import qlora_backward, qlora_forward
 from .validation import check_init, check_lora_hyperparameters, check_lora_operands, check_same_device, lora_scaling
@@ -347,7 +347,7 @@ class QLoRALinear(nn.Module):
         if self.merged:  # the update is in the 4-bit weight (merge_and_quantize)
             lora_A, lora_B, scaling = lora_A.detach(), lora_B.detach(), 0.0
         bias = self.bias
-        if isinstance(x, Tensor) and torch.is_autocast_enabled(x.device.type):
+        if autocast_dtype(x) is not None:
             return qlora_linear(x, self.qweight, lora_A, lora_B, scaling, bias, dropout=self.dropout, training=self.training)
         dtype = self.compute_dtype or x.dtype
         cast = lambda t: t if t is None or t.dtype == dtype else t.to(dtype)  # noqa: E731
@@ -452,9 +452,8 @@ class QLoRALinear(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
         base = prefix + "weight"
         ours = {k[len(prefix) :]: v for k, v in state_dict.items() if k == base or k.startswith(base + ".")}
-        consumed = {prefix + k for k in ours}
         merged_key = prefix + "merged"
-        unexpected_keys[:] = [k for k in unexpected_keys if k not in consumed and k != merged_key]
+        unexpected_keys[:] = [k for k in unexpected_keys if k not in {prefix + k for k in ours} and k != merged_key]
         if "weight" not in ours:
             missing_keys.append(base)
             return
@@ -463,6 +462,8 @@ class QLoRALinear(nn.Module):
         except (KeyError, ValueError, TypeError) as exc:
             error_msgs.append(f"{base}: the 4-bit quant state is invalid: {exc}")
             return
+        known = set(qw.state_dict("weight"))
+        unexpected_keys.extend(prefix + k for k in ours if k not in known)  # a strict load reports stray weight.* keys
         expected = (self.out_features, self.in_features)
         if qw.shape != expected:
             error_msgs.append(f"{base}: the state dict holds a weight of shape {qw.shape}, this layer expects {expected}")
@@ -475,11 +476,13 @@ class QLoRALinear(nn.Module):
                 f"built with {mine}; build the layer with the same settings (or QLoRALinear(QuantizedWeight.from_state_dict(...)))"
             )
             return
-        with torch.no_grad():
-            for name, field in _STATE_BUFFERS:
-                src = getattr(qw, field)
-                if src is not None:
-                    getattr(self, name).copy_(src.reshape(getattr(self, name).shape))
+        # NOTE: the validated state's tensors replace the buffers all at once (on this layer's
+        # device; a meta layer gets real tensors, as load_state_dict(assign=True) asks): never a
+        # half-written state, and a different nested blocksize (other buffer sizes) loads too.
+        device = self.weight.device if not self.weight.is_meta else qw.packed.device
+        for name, field in _STATE_BUFFERS:
+            src = getattr(qw, field)
+            self._buffers[name] = None if src is None else src.detach().to(device, copy=True)
         self.weight_dtype = qw.dtype
         self.nested_blocksize = qw.nested_blocksize
         self.merged = bool(state_dict.get(merged_key, torch.tensor(False)).item())
