@@ -7,7 +7,7 @@ from .dora import DoRALinear, QDoRALinear, dora_linear
 from .functional import lora_linear
 from .layers import LoRAConv1D, LoRAConv1d, LoRAConv2d, LoRAConv3d, LoRAEmbedding
 from .loraplus import create_loraplus_optimizer, loraplus_param_groups
-from .model import LoRAConfig, apply_lora, count_parameters, merge_lora
+from .model import LoRAConfig, apply_lora, count_parameters, merge_lora, unmerge_lora
 from .modules import LoRALinear
 from .peft_io import load_adapter, save_adapter
 from .peft_model import from_peft
@@ -54,6 +54,7 @@ __all__ = [
     "registry",
     "save_adapter",
     "set_backend",
+    "unmerge_lora",
     "use_backend",
     "vera_layers",
 ]
