@@ -184,9 +184,9 @@ def reset_fallback_counts(model: nn.Module | None = None) -> None:
 class _Term(NamedTuple):
     """One active adapter's update: ``scaling * (D(x) A^T B^T + lora_bias)``; DoRA when ``magnitude`` is set."""
 
-    lora_A: Tensor  # [r, K] (AdaLoRA: E * A)
+    lora_A: Tensor  # [r, K] (AdaLoRA: E * A / (ranknum + 1e-5))
     lora_B: Tensor  # [N, r]
-    scaling: float
+    scaling: float | Tensor  # a Python float, or a 0-d tensor (compiled hot-swap)
     dropout: float  # the probability in effect (0 in eval)
     lora_bias: Tensor | None  # [N] (PEFT's lora_bias=True: lora_B's bias)
     magnitude: Tensor | None  # [N] (DoRA's lora_magnitude_vector)
@@ -234,33 +234,19 @@ def _cache(layer) -> dict:
     return cache
 
 
-def _tensor_value(layer, key, t: Tensor, fn) -> float:
-    """``float(fn(t))`` for a 1-element tensor, cached on the layer while t's values are
-    unchanged (so a step does not sync the device per layer)."""
-    try:
-        version = (t.data_ptr(), t._version)
-    except RuntimeError:  # inference tensors have no version counter
-        return float(fn(t))
-    cache = _cache(layer)
-    hit = cache.get(key)
-    if hit is None or hit[0] is not t or hit[1] != version:
-        hit = cache[key] = (t, version, float(fn(t)))
-    return hit[2]
+def _scaling(value) -> float | Tensor | str:
+    """The adapter's scale: a Python float, a 0-d tensor, or why it is neither.
 
-
-def _scaling(layer, adapter: str, value) -> float | str:
-    """The adapter's scale as a Python float, or why it cannot be one."""
+    PEFT's ``prepare_model_for_compiled_hotswap`` makes scalings 0-d tensors
+    (filled in place on a swap, so a compiled graph is not rebuilt); they are
+    folded into lora_B at call time (:func:`_fold_scaling`): no device sync, no
+    graph break, and the next swap is seen."""
     if type(value) is float or type(value) is int:
         return float(value)
     if isinstance(value, Tensor):
-        # PEFT's prepare_model_for_compiled_hotswap makes scalings 0-d tensors (filled in place on a swap).
-        if value.requires_grad:
-            return "trainable tensor scaling"
-        if value.numel() != 1:
-            return f"tensor scaling of shape {tuple(value.shape)}"
-        if torch.compiler.is_compiling():
-            return "tensor scaling under torch.compile"
-        return _tensor_value(layer, ("scaling", adapter), value, lambda t: t.item())
+        if value.numel() != 1 or not value.is_floating_point():
+            return f"tensor scaling of shape {tuple(value.shape)} and dtype {value.dtype}"
+        return value.reshape(())
     if isinstance(value, float):  # a float subclass (numpy.float64)
         return float(value)
     return f"scaling of type {type(value).__name__}"
@@ -324,7 +310,7 @@ def _lora_term(layer, adapter: str, base) -> _Term | str:
     p = _dropout_p(drop)
     if type(p) is str:
         return p
-    s = _scaling(layer, adapter, layer.scaling[adapter])
+    s = _scaling(layer.scaling[adapter])
     if type(s) is str:
         return s
     lora_bias = mod_B._parameters["bias"]
@@ -354,21 +340,19 @@ def _adalora_term(layer, adapter: str) -> _Term | str:
     drop = modules["lora_dropout"]._modules[adapter]
     if lora_A.shape[0] == 0:
         return "AdaLoRA rank 0"
-    if lora_E.shape != (lora_A.shape[0], 1) or ranknum.numel() != 1 or ranknum.requires_grad:
+    if lora_E.shape != (lora_A.shape[0], 1) or ranknum.numel() != 1:
         return "AdaLoRA tensors of unexpected shapes"
     if _has_hooks(drop):
         return "hooks on adapter modules"
     p = _dropout_p(drop)
     if type(p) is str:
         return p
-    s = _scaling(layer, adapter, layer.scaling[adapter])
+    s = _scaling(layer.scaling[adapter])
     if type(s) is str:
         return s
-    if torch.compiler.is_compiling():
-        return "AdaLoRA ranknum under torch.compile"
-    # NOTE: PEFT adds 1e-5 in ranknum's dtype and divides the term by it: the same denominator here
-    denominator = _tensor_value(layer, ("ranknum", adapter), ranknum, lambda t: (t + 1e-5).item())
-    return _Term(lora_A * lora_E, lora_B, s / denominator, p, None, None)
+    # NOTE: E and PEFT's denominator (ranknum + 1e-5, formed in ranknum's dtype) fold into
+    # A: an [r, K] temporary, tensor ops only (no device sync, nothing to guard under compile)
+    return _Term(lora_A * lora_E / (ranknum + 1e-5), lora_B, s, p, None, None)
 
 
 def _plan(layer, x) -> _Plan | str:
@@ -505,15 +489,24 @@ def _split_terms(terms: list) -> tuple[_Term, list, list]:
     masks: the first runs in the fused op, the others as PEFT computes them.
     """
     if len(terms) == 1:
-        fused, extra = terms[0], []
+        fused, extra = _fold_scaling(terms[0]), []
     elif all(t.dropout == 0.0 for t in terms):
         lora_A = torch.cat([t.lora_A for t in terms], dim=0)
         lora_B = torch.cat([t.lora_B * t.scaling for t in terms], dim=1)
         biases = [t for t in terms if t.lora_bias is not None]
         return _Term(lora_A, lora_B, 1.0, 0.0, None, None), biases, []
     else:
-        fused, extra = terms[0], terms[1:]
+        fused, extra = _fold_scaling(terms[0]), terms[1:]
     return fused, [fused] if fused.lora_bias is not None else [], extra
+
+
+def _fold_scaling(term: _Term) -> _Term:
+    """A tensor scaling folded into lora_B (and lora_bias): the fused ops take a Python float."""
+    s = term.scaling
+    if not isinstance(s, Tensor):
+        return term
+    bias = None if term.lora_bias is None else term.lora_bias * s
+    return term._replace(lora_B=term.lora_B * s, scaling=1.0, lora_bias=bias)
 
 
 def _run(layer, x: Tensor, plan: _Plan) -> Tensor:

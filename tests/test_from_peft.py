@@ -404,6 +404,28 @@ def test_tensor_scaling_changed_in_place_is_seen():
     assert_all_fused(ours, 2)
 
 
+def test_compiled_model_runs_fused_and_sees_a_hot_swapped_scaling():
+    ref = randomize(peft_mlp(use_dora=True))
+    setup_tensor_scaling(ref)
+    ours = fused_twin(ref)
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(str(gm.graph))
+        return gm.forward
+
+    compiled = torch.compile(ours, backend=backend, fullgraph=True)
+    x = torch.randn(4, 16)
+    with torch.no_grad():
+        assert_close_to(compiled(x), ref(x), 1e-5, "compiled")
+        for model in (ref, ours):
+            for layer in (model.base_model.model[0], model.base_model.model[2]):
+                layer.scaling["default"].fill_(0.75)  # PEFT's hot-swap: in place, no recompile wanted
+        assert_close_to(compiled(x), ref(x), 1e-5, "compiled, after the in-place swap")
+    # one graph (the swap recompiled nothing), both layers on fastlora's DoRA op
+    assert len(graphs) == 1 and graphs[0].count("target=torch.ops.fastlora.dora_fwd") == 2
+
+
 # -- state changes, copies, pickles -----------------------------------------------------
 
 
