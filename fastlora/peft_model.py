@@ -71,15 +71,12 @@ class _FusedForward:
     (first in their MRO; ``super()`` is the PEFT class)."""
 
     def forward(self, x, *args, **kwargs):
-        reason = _call_problem(self, x, args, kwargs)
-        if reason is None:
-            plan = _plan(self, x)
-            if not isinstance(plan, str):
-                _count(self, FUSED)
-                return _run(self, x, plan)
-            reason = plan
-        _count(self, reason)
-        return super().forward(x, *args, **kwargs)
+        plan = _call_plan(self, x, args, kwargs)
+        if type(plan) is str:
+            _count(self, plan)
+            return super().forward(x, *args, **kwargs)
+        _count(self, FUSED)
+        return _run_mixed(self, x, plan) if type(plan) is _MixedPlan else _run(self, x, plan)
 
     def __getstate__(self):
         state = dict(super().__getstate__())
@@ -371,22 +368,16 @@ def _plan(layer, x) -> _Plan | str:
     active = [a for a in layer.active_adapters if a in present]
     if not active:
         return BASE_ONLY[2]
-    if is_bnb_4bit(base):
-        weight, (out_features, in_features) = None, tuple(base.weight.quant_state.shape)
-    else:
-        weight = base._parameters["weight"]
-        if _is_conv1d(base):
-            weight = weight.t()
-        out_features, in_features = weight.shape
+    weight, bias, out_features, in_features = _plan_base(base)
     adalora = type(layer)._fastlora_kind == "adalora"
     terms = []
     for adapter in active:
         term = _adalora_term(layer, adapter) if adalora else _lora_term(layer, adapter, base)
         if type(term) is str:
             return term
-        a, b = term.lora_A.shape, term.lora_B.shape
-        if len(a) != 2 or a[1] != in_features or len(b) != 2 or b[0] != out_features or b[1] != a[0]:
-            return "adapter shapes do not fit the base layer"
+        problem = _shape_problem(term, out_features, in_features)
+        if problem is not None:
+            return problem
         terms.append(term)
     dtype = terms[0].lora_A.dtype
     if len(terms) > 1:
@@ -397,7 +388,7 @@ def _plan(layer, x) -> _Plan | str:
             return "adapters of different dtypes"
     elif terms[0].lora_B.dtype != dtype:
         return "adapters of different dtypes"
-    plan = _Plan(weight, base._parameters.get("bias"), terms)
+    plan = _Plan(weight, bias, terms)
     if x is not None:
         problem = _input_problem(layer, x, base, dtype) or _device_problem(x, plan)
         if problem is not None:
@@ -405,7 +396,25 @@ def _plan(layer, x) -> _Plan | str:
     return plan
 
 
-def _input_problem(layer, x, base, adapter_dtype: torch.dtype) -> str | None:
+def _plan_base(base) -> tuple:
+    """``(weight [N, K] or None on a 4-bit base, bias, N, K)``; Conv1D's weight [K, N] as a transposed view."""
+    if is_bnb_4bit(base):
+        out_features, in_features = base.weight.quant_state.shape
+        return None, base.bias, out_features, in_features
+    weight = base._parameters["weight"]
+    if _is_conv1d(base):
+        weight = weight.t()
+    return (weight, base._parameters["bias"], *weight.shape)
+
+
+def _shape_problem(term: _Term, out_features: int, in_features: int) -> str | None:
+    a, b = term.lora_A.shape, term.lora_B.shape
+    if len(a) != 2 or a[1] != in_features or len(b) != 2 or b[0] != out_features or b[1] != a[0]:
+        return "adapter shapes do not fit the base layer"
+    return None
+
+
+def _input_problem(layer, x, base, adapter_dtype: torch.dtype, check_casting: bool = True) -> str | None:
     if not isinstance(x, Tensor) or not x.is_floating_point():
         return "input is not a floating-point tensor"
     if torch.is_autocast_enabled(x.device.type):
@@ -418,7 +427,7 @@ def _input_problem(layer, x, base, adapter_dtype: torch.dtype) -> str | None:
             return f"input dtype {x.dtype} on a {base_dtype} base weight"
     if adapter_dtype is not base_dtype and adapter_dtype is not torch.float32:
         return f"{adapter_dtype} adapters on a {base_dtype} base"
-    if adapter_dtype is not x.dtype and not layer.cast_input_dtype_enabled:
+    if check_casting and adapter_dtype is not x.dtype and not layer.cast_input_dtype_enabled:
         return "input dtype casting disabled"
     return None
 
@@ -435,18 +444,71 @@ def _device_problem(x: Tensor, plan: _Plan) -> str | None:
     return None
 
 
-def _call_problem(layer, x, args, kwargs) -> str | None:
-    """Arguments only PEFT's forward handles (checked before anything else)."""
+def _call_plan(layer, x, args, kwargs) -> _Plan | _MixedPlan | str:
+    """The plan of one call ``layer(x, *args, **kwargs)``, or why PEFT's forward runs it."""
+    adapter_names = None
     if kwargs:
-        if kwargs.get("adapter_names") is not None:
-            return "adapter_names (mixed batch)"
+        adapter_names = kwargs.get("adapter_names")
         if kwargs.get("alora_offsets") is not None:
             return "alora_offsets (aLoRA)"
-        if any(k not in ("adapter_names", "alora_offsets") for k in kwargs):
+        if any(k != "adapter_names" and k != "alora_offsets" for k in kwargs):
             return "extra forward arguments"
     if args:
         return "extra forward arguments"
-    return None
+    if adapter_names is not None:
+        return _mixed_plan(layer, x, adapter_names)
+    return _plan(layer, x)
+
+
+class _MixedPlan(NamedTuple):
+    """``adapter_names=`` (PEFT's mixed batch): row groups of x and the term each runs (None: the base alone)."""
+
+    weight: Tensor | None
+    bias: Tensor | None
+    groups: list  # [(row indices, _Term | None)]
+
+
+def _mixed_plan(layer, x, adapter_names) -> _MixedPlan | str:
+    """PEFT's ``_mixed_batch_forward``: row i of x runs adapter ``adapter_names[i]``
+    ("__base__", or an adapter this layer lacks: the base layer alone)."""
+    if layer.disable_adapters:
+        return BASE_ONLY[0]  # PEFT ignores adapter_names then
+    if type(layer)._fastlora_kind == "adalora":
+        return "adapter_names (mixed batch) on AdaLoRA"
+    if layer.merged:
+        return "adapter_names with merged adapters"  # PEFT raises its error
+    if not isinstance(x, Tensor) or x.dim() < 2 or len(adapter_names) != x.shape[0]:
+        return "adapter_names of the wrong length"  # PEFT raises its error
+    base = layer._modules["base_layer"]
+    problem = _base_problem(layer, base)
+    if problem is not None:
+        return problem
+    rows: dict = {}
+    for i, name in enumerate(adapter_names):
+        rows.setdefault(name, []).append(i)
+    present = layer._modules["lora_A"]._modules
+    weight, bias, out_features, in_features = _plan_base(base)
+    groups = []
+    for name, idx in rows.items():
+        term = None
+        if name != "__base__" and name in present:
+            term = _lora_term(layer, name, base)
+            if type(term) is str:
+                return term
+            if term.magnitude is not None:
+                return "adapter_names with DoRA"  # PEFT raises its error
+            if term.lora_A.dtype != term.lora_B.dtype:
+                return "adapters of different dtypes"
+            problem = (
+                _shape_problem(term, out_features, in_features)
+                # NOTE: PEFT's mixed batch casts the rows to the adapters' dtype even with casting disabled
+                or _input_problem(layer, x, base, term.lora_A.dtype, check_casting=False)
+                or _device_problem(x, _Plan(weight, bias, [term]))
+            )
+            if problem is not None:
+                return problem
+        groups.append((idx, term))
+    return _MixedPlan(weight, bias, groups)
 
 
 # -- running it -------------------------------------------------------------------------
@@ -553,6 +615,28 @@ def _run(layer, x: Tensor, plan: _Plan) -> Tensor:
             h = F.dropout(xl, term.dropout, training=True) if term.dropout > 0.0 else xl
             y = y + F.linear(F.linear(h, term.lora_A), term.lora_B, term.lora_bias) * term.scaling
     return y if y.dtype == out_dtype else y.to(out_dtype)
+
+
+def _run_mixed(layer, x: Tensor, plan: _MixedPlan) -> Tensor:
+    """PEFT's mixed batch: each group of rows through the fused op with its adapter
+    (the base layer alone for "__base__"), written into one output."""
+    out = None
+    for idx, term in plan.groups:
+        if len(plan.groups) == 1:
+            index, rows = None, x
+        else:
+            index = torch.tensor(idx, device=x.device)
+            rows = x.index_select(0, index)
+        if term is None:
+            y = layer._modules["base_layer"](rows)
+        else:
+            y = _run(layer, rows, _Plan(plan.weight, plan.bias, [term]))
+        if index is None:
+            return y
+        if out is None:
+            out = y.new_empty((x.shape[0], *y.shape[1:]))
+        out.index_copy_(0, index, y if y.dtype == out.dtype else y.to(out.dtype))
+    return out
 
 
 # -- the entry point --------------------------------------------------------------------

@@ -455,18 +455,38 @@ def test_disable_adapter_set_adapter_and_merge_keep_accelerating():
     }
 
 
-def test_adapter_names_mixed_batches_fall_back_counted():
-    ref = randomize(peft_mlp()).eval()
-    add_adapter(ref, "b")
+def mixed_batch_model(**b_kwargs):
+    ref = randomize(peft_mlp(lora_dropout=0.1))
+    add_adapter(ref, "b", **b_kwargs)
+    add_adapter(ref, "only0", target_modules=["0"])  # absent from layer 2: base alone there
     randomize(ref, seed=3)
-    ref.eval()
+    return ref.eval()
+
+
+@pytest.mark.parametrize("lora_bias", [False, True], ids=["plain", "lora_bias"])
+def test_adapter_names_mixed_batches_run_fused(lora_bias):
+    ref = mixed_batch_model(lora_bias=lora_bias)
+    ours = fused_twin(ref)
+    x = torch.randn(5, 3, 16)
+    names = ["b", "default", "__base__", "b", "only0"]
+    with torch.no_grad():
+        assert_close_to(ours(x, adapter_names=names), ref(x, adapter_names=names), 1e-5, "mixed batch")
+        assert_close_to(ours(x, adapter_names=["b"] * 5), ref(x, adapter_names=["b"] * 5), 1e-5, "one group")
+    assert_all_fused(ours, 4)
+
+
+def test_adapter_names_errors_are_peft_s():
+    ref = mixed_batch_model()
     ours = fused_twin(ref)
     x = torch.randn(3, 16)
-    names = ["default", "b", "__base__"]
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore", peft_model.PeftFallbackWarning)
-        assert torch.equal(ours(x, adapter_names=names), ref(x, adapter_names=names))
-    assert peft_model.fallback_counts(ours) == {"fused": 0, "adapter_names (mixed batch)": 2}
+    for model in (ref, ours):
+        with pytest.raises(ValueError, match="Length of `adapter_names` should be the same"):
+            model(x, adapter_names=["b"])
+    dora = fused_twin(randomize(peft_mlp(use_dora=True)).eval())
+    with pytest.raises(ValueError, match="Cannot pass `adapter_names` when DoRA is enabled"):
+        dora(x, adapter_names=["default"] * 3)
+    counts = peft_model.fallback_counts(ours) | peft_model.fallback_counts(dora)
+    assert counts == {"fused": 0, "adapter_names of the wrong length": 1, "adapter_names with DoRA": 1}
 
 
 def test_deep_copy_runs_its_own_weights():
