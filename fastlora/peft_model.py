@@ -218,6 +218,21 @@ def _has_hooks(module: nn.Module) -> bool:
     )  # fmt: skip
 
 
+def _is_linear(module: nn.Module) -> bool:
+    """An nn.Linear, or a subclass that keeps its forward (``F.linear(x, self.weight, self.bias)``),
+    e.g. a parametrized one or MultiheadAttention's out_proj."""
+    cls = type(module)
+    return cls is nn.Linear or (isinstance(module, nn.Linear) and cls.forward is nn.Linear.forward)
+
+
+def _base_tensors(base: nn.Module) -> tuple:
+    """The dense base layer's (weight, bias) as its forward reads them."""
+    if type(base) is nn.Linear:
+        params = base._parameters
+        return params["weight"], params["bias"]
+    return base.weight, base.bias  # NOTE: a parametrization computes its weight here
+
+
 def _is_conv1d(module: nn.Module) -> bool:
     """A transformers ``Conv1D`` (GPT-2's linear layer: weight [in, out], ``y = x W + b``)."""
     cls = type(module)
@@ -264,10 +279,14 @@ def _base_problem(layer, base: nn.Module) -> str | None:
     if is_bnb_4bit(base):
         if kind == "adalora":
             return f"base layer type {type(base).__name__}"
-    elif kind == "lora4bit" or not (type(base) is nn.Linear or _is_conv1d(base)):
+    elif kind == "lora4bit" or not (_is_linear(base) or _is_conv1d(base)):
         return f"base layer type {type(base).__name__}"
-    elif base._parameters["weight"].dim() != 2:
-        return f"base weight of shape {tuple(base._parameters['weight'].shape)}"
+    else:
+        weight = _base_tensors(base)[0]
+        if type(weight) is not nn.Parameter and type(weight) is not Tensor:
+            return f"base weight of type {type(weight).__name__}"  # a tensor subclass: F.linear dispatches on it
+        if weight.dim() != 2:
+            return f"base weight of shape {tuple(weight.shape)}"
     if "base_layer" in base._modules:
         return "nested adapter layers"
     if "forward" in base.__dict__:
@@ -401,13 +420,16 @@ def _plan_base(base) -> tuple:
     if is_bnb_4bit(base):
         out_features, in_features = base.weight.quant_state.shape
         return None, base.bias, out_features, in_features
-    weight = base._parameters["weight"]
+    weight, bias = _base_tensors(base)
     if _is_conv1d(base):
         weight = weight.t()
-    return (weight, base._parameters["bias"], *weight.shape)
+    return (weight, bias, *weight.shape)
 
 
 def _shape_problem(term: _Term, out_features: int, in_features: int) -> str | None:
+    for t in (term.lora_A, term.lora_B):
+        if type(t) is not nn.Parameter and type(t) is not Tensor:
+            return f"adapter weight of type {type(t).__name__}"
     a, b = term.lora_A.shape, term.lora_B.shape
     if len(a) != 2 or a[1] != in_features or len(b) != 2 or b[0] != out_features or b[1] != a[0]:
         return "adapter shapes do not fit the base layer"
@@ -422,7 +444,7 @@ def _input_problem(layer, x, base, adapter_dtype: torch.dtype, check_casting: bo
     if is_bnb_4bit(base):
         base_dtype = getattr(base, "compute_dtype", None) or x.dtype
     else:
-        base_dtype = base._parameters["weight"].dtype
+        base_dtype = _base_tensors(base)[0].dtype
         if x.dtype != base_dtype:
             return f"input dtype {x.dtype} on a {base_dtype} base weight"
     if adapter_dtype is not base_dtype and adapter_dtype is not torch.float32:
@@ -679,8 +701,11 @@ def from_peft(peft_model: nn.Module, *, warn: bool = True) -> dict[str, list]:
             continue
         cls = _fused_class(type(module))
         if cls is None:
-            report["skipped"].append((name, f"layer type {type(module).__name__} (no fused op for it in fastlora)"))
+            report["skipped"].append((name, f"layer type {type(module).__name__} (no fused op for it in fastlora yet)"))
             continue
+        if "_fastlora_original_forward" in module.__dict__:  # patched by an earlier fastlora (a closure)
+            module.__dict__.pop("forward", None)
+            del module.__dict__["_fastlora_original_forward"]
         if "forward" in module.__dict__:
             report["skipped"].append((name, "forward replaced on the layer instance (e.g. accelerate hooks)"))
             continue

@@ -176,6 +176,21 @@ def test_outputs_and_gradients_match_peft(case):
     assert_all_fused(ours, 2)
 
 
+class Doubled(nn.Module):
+    def forward(self, w):
+        return 2 * w
+
+
+def test_parametrized_base_weight_runs_fused():
+    from torch.nn.utils import parametrize
+
+    ref = randomize(peft_mlp())
+    parametrize.register_parametrization(ref.base_model.model[0].base_layer, "weight", Doubled())
+    ours = fused_twin(ref)
+    assert_parity(ref, ours, torch.randn(4, 16))
+    assert_all_fused(ours, 2)
+
+
 def adalora_model():
     config = peft.AdaLoraConfig(init_r=6, target_r=4, total_step=10, lora_alpha=8, target_modules=TARGETS)
     return randomize(peft_mlp(config))
