@@ -10,17 +10,22 @@ and input are something fastlora computes exactly as PEFT does:
 
 * yes: the fused op (:func:`fastlora.lora_linear`, :func:`fastlora.qlora_linear`
   on a 4-bit base, :func:`fastlora.dora_linear` for DoRA) runs once with the
-  base weight, with every active adapter in it (see :func:`_run`);
+  base weight and the active adapters (all of them concatenated along r when
+  no dropout is in effect; see :func:`_split_terms`); ``adapter_names=`` mixed
+  batches run it once per group of rows (:func:`_run_mixed`);
 * no: PEFT's own ``forward`` runs, and the reason is counted
   (:func:`fallback_counts`) and warned about once per reason.
 
 Everything the forward reads lives on the layer (``self``): an adapter added,
 deleted, switched, made DoRA, rescaled or merged later is seen by the next
-call. Nothing but plain attributes is stored on a module (counters and caches,
-left out of pickles and deep copies), so ``copy.deepcopy``, ``torch.save`` /
-``torch.load`` and ``save_pretrained`` / ``merge_and_unload`` work as with
-PEFT, and a copy runs its own weights. peft is imported only when
-:func:`from_peft` (or an unpickle of a fused layer) needs it.
+call (a layer PEFT creates later, for an adapter on new target modules, needs
+another :func:`from_peft`). Nothing but plain attributes is stored on a module
+(counters and caches, left out of pickles and deep copies), so
+``copy.deepcopy``, ``torch.save`` / ``torch.load`` and ``save_pretrained`` /
+``merge_and_unload`` work as with PEFT, and a copy runs its own weights. Under
+``torch.compile`` the same checks are traced (dynamo guards on the state they
+read) and the layers compile to fastlora's custom ops. peft is imported only
+when :func:`from_peft` (or an unpickle of a fused layer) needs it.
 """
 
 from __future__ import annotations
@@ -57,7 +62,7 @@ class PeftFallbackWarning(UserWarning):
 
 # -- the fastlora subclasses of PEFT's layer classes ------------------------------------
 
-# The fastlora class name -> (module, name) of the PEFT layer class it extends.
+# The fastlora class name -> (module, name) of the PEFT layer class it extends, and its kind.
 _KINDS = {
     "FusedLoraLinear": ("peft.tuners.lora.layer", "Linear", "lora"),
     "FusedLoraLinear4bit": ("peft.tuners.lora.bnb", "Linear4bit", "lora4bit"),
@@ -673,35 +678,40 @@ def from_peft(peft_model: nn.Module, *, warn: bool = True) -> dict[str, list]:
     instance of a fastlora subclass of its class whose forward checks, at every
     call, that everything in effect is something fastlora computes as PEFT does:
     plain LoRA, rsLoRA, ``lora_bias``, DoRA (without dropout in training), MiCA,
-    AdaLoRA, several active adapters (summed), tensor scalings (PEFT's compiled
-    hot-swap), fp32 adapters on a half-precision base, dropout (fastlora's own
-    masks: the same distribution, not PEFT's random numbers). Anything else
-    (other LoRA variants such as KaSA, VeLoRA, MonteCLoRA, BD-LoRA, aLoRA,
-    Arrow; hooks on the base layer or global hooks; ``adapter_names=`` mixed
-    batches; DoRA with dropout in training; ...) runs PEFT's own forward, counted
-    per reason (:func:`fallback_counts`) and warned about once per reason
+    AdaLoRA, several active adapters (summed), ``adapter_names=`` mixed batches,
+    tensor scalings (PEFT's compiled hot-swap), fp32 adapters on a half-precision
+    base, dropout (fastlora's own masks: the same distribution, not PEFT's
+    random numbers). Anything else (other LoRA variants such as KaSA, VeLoRA,
+    MonteCLoRA, BD-LoRA, aLoRA, Arrow; hooks on the base layer or global hooks;
+    DoRA with dropout in training, DoRA on a 4-bit base or with other active
+    adapters; ...) runs PEFT's own forward, counted per reason
+    (:func:`fallback_counts`) and warned about once per reason
     (:class:`PeftFallbackWarning`). Adapter switching, ``disable_adapter()``,
     adding and deleting adapters, merging, ``save_pretrained``, deep copies and
     pickling keep working; layers on a bitsandbytes 4-bit base run
     :func:`fastlora.qlora_linear` on bitsandbytes' own packed weight (shared).
+    Layers of other kinds (LoRA on Embedding / Conv layers, other PEFT tuners)
+    are left alone and reported.
 
     Returns ``{"accelerated": [module names], "skipped": [(name, reason)]}`` for the
     model's state now (a skipped layer of a kind fastlora runs is re-checked at
     every call, so it runs fused once its state fits). With ``warn`` (default),
     one :class:`PeftFallbackWarning` summarises the skipped layers by reason when
-    any layer is skipped or none is accelerated.
+    any layer is skipped or none is accelerated. Calling it again is harmless
+    (and picks up layers PEFT created since).
     """
     try:
-        import peft.tuners.lora as peft_lora
+        from peft.tuners.tuners_utils import BaseTunerLayer
     except ImportError as exc:  # pragma: no cover - only without peft
         raise ImportError("from_peft needs peft installed") from exc
     report: dict[str, list] = {"accelerated": [], "skipped": []}
     for name, module in peft_model.named_modules():
-        if not isinstance(module, peft_lora.LoraLayer):
+        if not isinstance(module, BaseTunerLayer):
             continue
         cls = _fused_class(type(module))
         if cls is None:
-            report["skipped"].append((name, f"layer type {type(module).__name__} (no fused op for it in fastlora yet)"))
+            kind = f"{type(module).__module__.removeprefix('peft.tuners.').split('.')[0]}.{type(module).__name__}"
+            report["skipped"].append((name, f"layer type {kind} (no fused op for it in fastlora yet)"))
             continue
         if "_fastlora_original_forward" in module.__dict__:  # patched by an earlier fastlora (a closure)
             module.__dict__.pop("forward", None)
@@ -723,12 +733,12 @@ def from_peft(peft_model: nn.Module, *, warn: bool = True) -> dict[str, list]:
 def _warn_summary(report: dict) -> None:
     n_acc, skipped = len(report["accelerated"]), report["skipped"]
     if not n_acc and not skipped:
-        message = "fastlora.from_peft: the model has no LoRA layers; nothing was accelerated"
+        message = "fastlora.from_peft: the model has no PEFT adapter layers; nothing was accelerated"
     else:
         by_reason = collections.Counter(reason for _, reason in skipped)
         summary = "; ".join(f"{n} x {reason}" for reason, n in by_reason.most_common())
         message = (
-            f"fastlora.from_peft: {n_acc} of {n_acc + len(skipped)} LoRA layers run on fastlora's fused ops; "
+            f"fastlora.from_peft: {n_acc} of {n_acc + len(skipped)} adapter layers run on fastlora's fused ops; "
             f"{len(skipped)} run PEFT's forward: {summary} (layers of a kind fastlora runs are re-checked at every call)"
         )
     warnings.warn(message, PeftFallbackWarning, stacklevel=3)

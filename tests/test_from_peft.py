@@ -570,9 +570,9 @@ def test_from_peft_warns_with_counts_by_reason():
         warnings.simplefilter("error")
         fastlora.from_peft(copy.deepcopy(model))  # everything accelerated: silent
     model.base_model.model[2].lora_dropout["default"] = nn.AlphaDropout(0.1)
-    with pytest.warns(peft_model.PeftFallbackWarning, match=r"1 of 2 LoRA layers .* 1 x dropout module AlphaDropout"):
+    with pytest.warns(peft_model.PeftFallbackWarning, match=r"1 of 2 adapter layers .* 1 x dropout module AlphaDropout"):
         fastlora.from_peft(model)
-    with pytest.warns(peft_model.PeftFallbackWarning, match="no LoRA layers"):
+    with pytest.warns(peft_model.PeftFallbackWarning, match="no PEFT adapter layers"):
         fastlora.from_peft(nn.Sequential(nn.Linear(2, 2)))
 
 
@@ -587,10 +587,17 @@ def test_layer_kinds_without_a_fused_op_are_reported():
             return self.lin(self.emb(ids))
 
     model = peft.get_peft_model(Net(), peft.LoraConfig(r=2, target_modules=["emb", "lin"]))
-    with pytest.warns(peft_model.PeftFallbackWarning, match="1 x layer type Embedding"):
+    with pytest.warns(peft_model.PeftFallbackWarning, match=r"1 x layer type lora\.Embedding"):
         report = fastlora.from_peft(model)
     assert report["accelerated"] == ["base_model.model.lin"]
     assert type(model.base_model.model.emb) is peft.tuners.lora.Embedding  # left alone
+
+
+def test_other_tuners_are_reported():
+    model = peft.get_peft_model(mlp(), peft.LoHaConfig(r=2, target_modules=TARGETS))
+    with pytest.warns(peft_model.PeftFallbackWarning, match=r"0 of 2 .* 2 x layer type loha\.Linear"):
+        report = fastlora.from_peft(model)
+    assert report["accelerated"] == []
 
 
 def test_fallback_counts_global_and_per_model():
