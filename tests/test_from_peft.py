@@ -616,3 +616,14 @@ def test_fallback_counts_global_and_per_model():
     assert peft_model.fallback_counts(b) == {"fused": 0}
     peft_model.reset_fallback_counts()
     assert peft_model.fallback_counts() == {"fused": 0}
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("case", ["lora", "conv1d", "two-adapters-lora_bias", "dora"])
+def test_triton_kernels_under_the_interpreter_match_peft(case):
+    """The same parity through the Triton kernels (interpreter on CPU): Conv1D's
+    transposed weight and the concatenated adapters reach the kernels as strided views."""
+    ref = build(case)
+    ours = fused_twin(ref)
+    assert_parity(ref, ours, torch.randn(6, 16, generator=torch.Generator().manual_seed(2)), case)
+    assert_all_fused(ours, 2)
