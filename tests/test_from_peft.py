@@ -658,3 +658,33 @@ def test_under_autocast_matches_peft(case):
     for name in g_ref:
         assert_close_to(g[name], g64[name], tolerance_2x(g_ref[name], g64[name], torch.bfloat16), f"{case} {name}")
     assert_all_fused(ours, 2)
+
+
+@pytest.mark.parametrize("n_adapters", [1, 2])
+def test_dropout_in_training_runs_fused_with_peft_s_expectation(n_adapters):
+    """With dropout in training the masks are fastlora's (Philox), not PEFT's random
+    numbers: reproducible under torch.manual_seed, and unbiased (mean over masks = eval)."""
+
+    def one_layer():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(16, 12))
+
+    ref = peft.get_peft_model(one_layer(), peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.3, target_modules=["0"]))
+    if n_adapters == 2:
+        ref.add_adapter("b", peft.LoraConfig(r=2, lora_alpha=3, lora_dropout=0.5, target_modules=["0"]))
+        ref.base_model.set_adapter(["default", "b"])
+    ours = fused_twin(randomize(ref))
+    x = torch.randn(4, 16)
+    with torch.no_grad():
+        want = ours.eval()(x)
+        ours.train()
+        torch.manual_seed(5)
+        first = ours(x)
+        torch.manual_seed(5)
+        assert torch.equal(ours(x), first)  # reproducible
+        samples = torch.stack([ours(x) for _ in range(2000)])
+    mean, std = samples.mean(0), samples.std(0)
+    assert (samples[0] - want).abs().max() > 1e-3  # dropout is on
+    # the mean of 2000 draws within 5 standard errors of the expectation (fixed seeds: deterministic)
+    assert ((mean - want).abs() <= 5 * std / 2000**0.5 + 1e-6).all()
+    assert peft_model.fallback_counts(ours)["fused"] == 2003
