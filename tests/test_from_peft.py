@@ -550,6 +550,7 @@ def test_pickle_round_trip(use_dora):
     assert peft_model.fallback_counts(loaded) == {"fused": 2}
 
 
+@pytest.mark.slow  # a fresh interpreter importing torch, peft and transformers: ~15 s
 def test_pickled_fused_class_resolves_by_name_in_a_fresh_process(tmp_path):
     import subprocess
     import sys
