@@ -284,6 +284,8 @@ def _base_problem(layer, base: nn.Module) -> str | None:
     if is_bnb_4bit(base):
         if kind == "adalora":
             return f"base layer type {type(base).__name__}"
+        if getattr(base.weight, "quant_state", None) is None:
+            return "bitsandbytes weight not quantized yet"
     elif kind == "lora4bit" or not (_is_linear(base) or _is_conv1d(base)):
         return f"base layer type {type(base).__name__}"
     else:
