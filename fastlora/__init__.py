@@ -10,7 +10,7 @@ from .loraplus import create_loraplus_optimizer, loraplus_param_groups
 from .model import LoRAConfig, apply_lora, count_parameters, merge_lora, unmerge_lora
 from .modules import LoRALinear
 from .peft_io import load_adapter, save_adapter
-from .peft_model import from_peft
+from .peft_model import PeftFallbackWarning, fallback_counts, from_peft, reset_fallback_counts
 from .qlora import QLoRALinear, qlora_linear
 from .vera import VeRAConfig, VeRALinear, VeRAProjection, apply_vera, merge_vera, vera_layers
 from . import quant, registry
@@ -41,7 +41,10 @@ __all__ = [
     "count_parameters",
     "dora_linear",
     "create_loraplus_optimizer",
+    "PeftFallbackWarning",
+    "fallback_counts",
     "from_peft",
+    "reset_fallback_counts",
     "get_backend",
     "load_adapter",
     "lora_linear",
