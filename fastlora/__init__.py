@@ -8,6 +8,7 @@ from .functional import lora_linear
 from .loraplus import create_loraplus_optimizer, loraplus_param_groups
 from .model import LoRAConfig, apply_lora, count_parameters, merge_lora
 from .modules import LoRALinear
+from .multi import lora_linear_multi
 from .peft_io import load_adapter, save_adapter
 from .peft_model import from_peft
 from .qlora import QLoRALinear, qlora_linear
@@ -39,6 +40,7 @@ __all__ = [
     "get_backend",
     "load_adapter",
     "lora_linear",
+    "lora_linear_multi",
     "loraplus_param_groups",
     "merge_adalora",
     "merge_lora",
