@@ -10,10 +10,17 @@ Tolerance (``_oracles.tolerance_2x``): 2x PyTorch's own error on the same
 computation in the same dtype (the per-adapter formula written out in torch
 ops, :func:`_by_hand`) against float64, plus 4 ulps of the output's magnitude.
 
-The tests here run the reference path (the Triton kernels come next).
+Tiers: unmarked tests run the reference path; ``interpreter`` tests the Triton
+kernels under TRITON_INTERPRET=1 (small shapes: ~40 ms per program
+instance); the ``aot`` test compiles every kernel variant for sm_80 / sm_90
+and fails on register spills (``python tests/test_multi.py`` prints the table).
 """
 
 from __future__ import annotations
+
+import json
+import os
+import sys
 
 import pytest
 import torch
@@ -419,3 +426,306 @@ def test_equals_peft_mixed_batch_inference():
     tol = tolerance_2x(y_peft.reshape(-1, n_out), y64, torch.float32)
     assert_close_to(y.reshape(-1, n_out), y64, tol, "fastlora vs float64 (yardstick: PEFT's error)")
     assert_close_to(y, y_peft, tol, "fastlora vs PEFT mixed batch")
+
+
+# ---------------------------------------------------------------------------
+# the Triton kernels under the interpreter
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def km(monkeypatch):
+    """fastlora.kernels.lora_multi with the split reductions forced to 2 programs per
+    segment (so tiny shapes run the cross-program sums too)."""
+    mod = pytest.importorskip("fastlora.kernels.lora_multi")
+    monkeypatch.setattr(mod, "split_rows", lambda device, row_blocks, other: min(2, row_blocks))
+    return mod
+
+
+def _launches():
+    from fastlora.kernels import lora as klora
+
+    return klora
+
+
+# (lead, M per lead, K, N, r, n, empty): the decode path (M <= 16) and the sorted path
+# (several row tiles, several column blocks, split reductions); r = 1 and r = 40 (BLOCK_R 64).
+KERNEL_CASES = [
+    pytest.param((), 13, 40, 36, 8, 4, (1,), id="decode-13"),
+    pytest.param((2,), 23, 48, 40, 8, 4, (2,), id="sorted-2x23"),
+    pytest.param((), 37, 24, 20, 1, 3, (), id="sorted-r1"),
+    pytest.param((), 20, 24, 36, 40, 3, (0,), id="sorted-r40"),
+]
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp16"])
+@pytest.mark.parametrize("dropout", [0.0, 0.2], ids=["p0", "p0.2"])
+@pytest.mark.parametrize("lead,m,k,n_out,r,n,empty", KERNEL_CASES)
+def test_kernels_against_float64(km, lead, m, k, n_out, r, n, empty, dropout, dtype):
+    x, w, a, b, sc, ids, bias = make_multi(m, k, n_out, r, n, dtype, lead=lead, empty=empty, seed=3)
+    dy = torch.randn(*lead, m, n_out, generator=torch.Generator().manual_seed(4)).to(dtype)
+    originals = [t.clone() for t in (x, w, a, b, sc, ids, bias)]
+    klora = _launches()
+    klora.reset_launch_count()
+    leaves = [t.clone().requires_grad_(True) for t in (x, a, b, bias)]
+    torch.manual_seed(9)
+    seed = new_dropout_seed()
+    torch.manual_seed(9)
+    y = fastlora.lora_linear_multi(leaves[0], w, leaves[1], leaves[2], sc, ids, leaves[3], dropout=dropout)
+    assert klora.launch_count() == 2
+    klora.reset_launch_count()
+    y.backward(dy, retain_graph=True)
+    assert klora.launch_count() == 3
+    first = [t.grad.clone() for t in leaves]
+    for t in leaves:
+        t.grad = None
+    y.backward(dy)
+    for name, g1, t in zip(("dx", "dA", "dB", "dbias"), first, leaves):
+        assert torch.equal(g1, t.grad), f"{name}: backward twice is not bit-identical"
+    for before, after in zip(originals, (x, w, a, b, sc, ids, bias)):
+        assert torch.equal(before, after), "an input was modified"
+    mm = x.numel() // k
+    mask, keep = km.dropout_keep_mask(seed, (mm, k), dropout, x.device) if dropout else (None, 1.0)
+    grads = [first[0].reshape(mm, k), *first[1:]]
+    check_all(y.detach().reshape(mm, n_out), grads, x.reshape(mm, k), w, a, b, sc, ids, bias, dy.reshape(mm, n_out),
+              mask, keep, what=f"(kernels {dtype})")  # fmt: skip
+    for e in empty:
+        assert torch.equal(first[1][e], torch.zeros_like(a[e])) and torch.equal(first[2][e], torch.zeros_like(b[e]))
+
+
+@pytest.mark.interpreter
+def test_kernels_decode_and_sorted_paths_agree(km, monkeypatch):
+    """The same 12 rows (every adapter, base rows, unsorted) through both forward paths."""
+    x, w, a, b, sc, ids, bias = make_multi(12, 40, 36, 8, 5, seed=6)
+    y_dec, s_dec = km.lora_multi_forward(x, w, a, b, sc, ids, bias, 0.3, 77)
+    monkeypatch.setattr(km, "DECODE_MAX_M", 0)
+    y_srt, s_srt = km.lora_multi_forward(x, w, a, b, sc, ids, bias, 0.3, 77)
+    mask, keep = km.dropout_keep_mask(77, (12, 40), 0.3, x.device)
+    y64 = reference.lora_multi_float64(x, w, a, b, sc, ids, bias, mask, keep)
+    y_t, _ = _by_hand(x, w, a, b, sc, ids, bias, torch.zeros(12, 36), mask, keep)
+    tol = tolerance_2x(y_t, y64, torch.float32)
+    assert_close_to(y_dec, y64, tol, "decode path")
+    assert_close_to(y_srt, y64, tol, "sorted path")
+    assert_close_to(s_dec, s_srt, 1e-5, "S (decode vs sorted)")
+    assert torch.equal(s_dec[ids < 0], torch.zeros_like(s_dec[ids < 0])), "S must be zero on base rows"
+
+
+@pytest.mark.interpreter
+def test_kernels_gradients_equal_training_each_adapter_alone(km):
+    x, w, a, b, sc, ids, bias = make_multi(41, 32, 24, 8, 4, empty=(3,), seed=8)
+    dy = torch.randn(41, 24, generator=torch.Generator().manual_seed(3))
+    _, grads, _ = run_multi(x, w, a, b, sc, ids, bias, dy)
+    _check_alone(grads, x, w, a, b, sc, ids, bias, dy)
+
+
+@pytest.mark.interpreter
+def test_kernels_dropout_mask_is_the_single_adapter_ops(km):
+    """One adapter on every row and the same seed: the Triton LoRA op's mask (fp32: the
+    two differ by rounding only; another mask would be off by O(1))."""
+    x, w, a, b, _, _, bias = make_multi(33, 40, 24, 8, 1, seed=2)
+    ids = torch.zeros(33, dtype=torch.long)
+    torch.manual_seed(7)
+    y_multi = fastlora.lora_linear_multi(x, w, a, b, torch.tensor([1.5]), ids, bias, dropout=0.3)
+    torch.manual_seed(7)
+    y_single = fastlora.lora_linear(x, w, a[0], b[0], 1.5, bias, dropout=0.3)
+    assert_close_to(y_multi, y_single, 1e-5, "multi vs lora_linear (kernels), same seed")
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("m", [5, 40], ids=["decode", "sorted"])
+def test_kernels_reject_ids_out_of_range(km, m):
+    x, w, a, b, sc, ids, bias = make_multi(m, 16, 12, 4, 2)
+    ids = ids.clone()
+    ids[m // 2] = 2
+    with pytest.raises(ValueError, match=r"adapter_ids must be in \[-1, 2\).*to 2"):
+        fastlora.lora_linear_multi(x, w, a, b, sc, ids, bias)
+
+
+@pytest.mark.interpreter
+def test_kernels_fp32_adapters_on_an_fp16_base(km):
+    x, w, a, b, sc, ids, bias = make_multi(21, 32, 24, 8, 3, torch.float16, seed=4)
+    dy = torch.randn(21, 24, generator=torch.Generator().manual_seed(2)).half()
+    y, grads, _ = run_multi(x, w, a.float(), b.float(), sc, ids, bias, dy)
+    assert y.dtype == torch.float16 and grads[1].dtype == grads[2].dtype == torch.float32
+    y64, g64 = float64_all(x, w, a.float(), b.float(), sc, ids, bias, dy)
+    # the kernels read the adapters cast to fp16 and round y, dx, S: 4 fp16 roundings bound it.
+    for name, got, oracle in zip(("y", "dx", "dA", "dB"), [y, *grads[:3]], [y64, *g64[:3]]):
+        assert_close_to(got, oracle, 4 * 2**-11 * oracle.abs().max().item(), f"{name} (mixed, kernels)")
+
+
+def test_config_functions(monkeypatch):
+    """The GPU config lists (outside the interpreter's one config): never empty, powers
+    of two >= 16 (tl.dot), decode tiles of 16 rows."""
+    km = pytest.importorskip("fastlora.kernels.lora_multi")
+    monkeypatch.setattr(km, "interpreting", lambda: False)
+    pow2 = lambda v: v >= 16 and v & (v - 1) == 0  # noqa: E731
+    for arch in (80, 86, 90, 100):
+        for dtype in (torch.float32, torch.float16, torch.bfloat16):
+            for block_r in (16, 64, 128):
+                lists = [km.dy_pass_configs(arch, dtype, block_r=block_r)]
+                for dropout in (False, True):
+                    lists += [
+                        km.gemm_configs(arch, dtype, has_dropout=dropout, block_r=block_r),
+                        km.shrink_configs(arch, dtype, has_dropout=dropout, block_r=block_r),
+                        km.decode_shrink_configs(arch, dtype, has_dropout=dropout, block_r=block_r),
+                        km.down_grad_configs(arch, dtype, has_dropout=dropout, block_r=block_r),
+                    ]
+                decode = km.gemm_configs(arch, dtype, block_r=block_r, decode=True)
+                assert all(c.kwargs["BLOCK_M"] == 16 for c in decode)
+                for cands in lists + [decode]:
+                    assert cands
+                    for c in cands:
+                        assert all(pow2(v) for name, v in c.kwargs.items() if name.startswith("BLOCK")), c
+
+
+# ---------------------------------------------------------------------------
+# ahead-of-time compilation for sm_80 / sm_90 (no spills)
+# ---------------------------------------------------------------------------
+
+# kernel -> (jit attr, pointer dtypes ("x" = the variant's), flag combinations (first = superset), config fn)
+_AOT = {
+    "gemm_fwd": ("_multi_gemm_kernel",
+                 dict(p_ptr="x", q_ptr="x", l_ptr="x", e_ptr="x", bias_ptr="x", out_ptr="x", perm_ptr="i32",
+                      ids_ptr="i32", scale_ptr="fp32"),
+                 [dict(HAS_BIAS=True, HAS_DROPOUT=False, ROW_SCALE=True, L_SORTED=False, DECODE=False)]),
+    "gemm_decode": ("_multi_gemm_kernel",
+                    dict(p_ptr="x", q_ptr="x", l_ptr="x", e_ptr="x", bias_ptr="x", out_ptr="x", perm_ptr="i32",
+                         ids_ptr="i32", scale_ptr="fp32"),
+                    [dict(HAS_BIAS=True, HAS_DROPOUT=False, ROW_SCALE=True, L_SORTED=False, DECODE=True)]),
+    "gemm_dx": ("_multi_gemm_kernel",
+                dict(p_ptr="x", q_ptr="x", l_ptr="fp32", e_ptr="x", bias_ptr="x", out_ptr="x", perm_ptr="i32",
+                     ids_ptr="i32", scale_ptr="fp32"),
+                [dict(HAS_BIAS=False, HAS_DROPOUT=True, ROW_SCALE=False, L_SORTED=True, DECODE=False),
+                 dict(HAS_BIAS=False, HAS_DROPOUT=False, ROW_SCALE=False, L_SORTED=True, DECODE=False)]),
+    "shrink": ("_multi_shrink_kernel", dict(x_ptr="x", a_ptr="x", s_ptr="x", perm_ptr="i32", sids_ptr="i32"),
+               [dict(HAS_DROPOUT=True), dict(HAS_DROPOUT=False)]),
+    "decode_shrink": ("_decode_shrink_kernel", dict(x_ptr="x", a_ptr="x", s_ptr="x", ids_ptr="i32"),
+                      [dict(HAS_DROPOUT=True)]),
+    "dy_pass": ("_multi_dy_kernel",
+                dict(dy_ptr="x", b_ptr="x", s_ptr="x", scale_ptr="fp32", perm_ptr="i32", seg_ptr="i32", ds_ptr="fp32",
+                     db_ptr="x", dbias_ptr="x", ws_ds_ptr="fp32", ws_db_ptr="fp32", ws_dbias_ptr="fp32",
+                     cnt_m_ptr="i32", cnt_db_ptr="i32", cnt_dbias_ptr="i32"),
+                [dict(NEED_DS=True, NEED_DB=True, NEED_DBIAS=True), dict(NEED_DS=True, NEED_DB=False, NEED_DBIAS=False)]),
+    "down_grad": ("_multi_down_grad_kernel",
+                  dict(ds_ptr="fp32", x_ptr="x", da_ptr="x", perm_ptr="i32", seg_ptr="i32", ws_ptr="fp32", cnt_ptr="i32"),
+                  [dict(HAS_DROPOUT=True), dict(HAS_DROPOUT=False)]),
+}  # fmt: skip
+_AOT_FLOATS = {"inv_keep"}
+_AOT_I64 = {"seed"}
+_AOT_UNIT = {"stride_xk", "stride_ak", "stride_sr", "stride_pk", "stride_lr", "stride_on", "stride_dyn", "stride_br",
+             "stride_dsr", "stride_en", "stride_er"}  # fmt: skip
+_AOT_DIV16 = {"stride_xm", "stride_pm", "stride_om", "stride_dym", "K", "N"}
+
+
+def _aot_configs(kernel, arch, dtype, flags, block_r):
+    km = __import__("fastlora.kernels.lora_multi", fromlist=["x"])
+    if kernel.startswith("gemm"):
+        return km.gemm_configs(arch, dtype, has_dropout=flags["HAS_DROPOUT"], block_r=block_r, decode=flags["DECODE"])
+    if kernel == "shrink":
+        return km.shrink_configs(arch, dtype, has_dropout=flags["HAS_DROPOUT"], block_r=block_r)
+    if kernel == "decode_shrink":
+        return km.decode_shrink_configs(arch, dtype, has_dropout=flags["HAS_DROPOUT"], block_r=block_r)
+    if kernel == "dy_pass":
+        return km.dy_pass_configs(arch, dtype, block_r=block_r)
+    return km.down_grad_configs(arch, dtype, has_dropout=flags["HAS_DROPOUT"], block_r=block_r)
+
+
+def _aot_variants():
+    """Every config of every kernel for bf16 and fp32 at ranks 16 and 64 with the superset
+    flags; the other flag combinations and fp16 on the first config."""
+    names = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+    out = []
+    for arch in (80, 90):
+        for kernel, (_, _, combos) in _AOT.items():
+            for dtype in names:
+                for block_r in (16, 64):
+                    for i, flags in enumerate(combos):
+                        cfgs = _aot_configs(kernel, arch, dtype, flags, block_r)
+                        if dtype == torch.float16 or i > 0:
+                            cfgs = cfgs[:1]
+                        for cfg in cfgs:
+                            out.append(dict(kernel=kernel, arch=arch, dtype=names[dtype], block_r=block_r, flags=flags,
+                                            tiles=dict(cfg.kwargs), num_warps=cfg.num_warps,
+                                            num_stages=cfg.num_stages))  # fmt: skip
+    return out
+
+
+def _aot_compile_one(v):
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    from fastlora.kernels import lora_multi
+
+    attr, ptrs, _ = _AOT[v["kernel"]]
+    fn = getattr(lora_multi, attr)
+    while not isinstance(fn, triton.runtime.JITFunction):  # unwrap @triton.autotune
+        fn = fn.fn
+    constexprs = dict(v["flags"], **v["tiles"])
+    if "IEEE" in fn.arg_names:
+        constexprs["IEEE"] = v["dtype"] == "fp32"
+    constexprs["BLOCK_R"] = v["block_r"]
+    constexprs = {k: val for k, val in constexprs.items() if k in fn.arg_names}
+    unit = [n for n in fn.arg_names if n in _AOT_UNIT]
+    constexprs.update({n: 1 for n in unit})
+    signature = {}
+    for name in fn.arg_names:
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name in ptrs:
+            signature[name] = "*" + (v["dtype"] if ptrs[name] == "x" else ptrs[name])
+        elif name in _AOT_FLOATS:
+            signature[name] = "fp32"
+        elif name in _AOT_I64:
+            signature[name] = "i64"
+        else:
+            signature[name] = "i32"
+    hinted = [n for n in fn.arg_names if n in ptrs or n in _AOT_DIV16]
+    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in hinted}
+    try:
+        src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+        kernel = triton.compile(src, target=GPUTarget("cuda", v["arch"], 32),
+                                options=dict(num_warps=v["num_warps"], num_stages=v["num_stages"]))  # fmt: skip
+    except Exception as exc:  # noqa: BLE001 - reported, then failed by the test
+        return dict(v, error=f"{type(exc).__name__}: {str(exc)[-2000:]}")
+    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        usage = subprocess.run([str(cuobjdump), "--dump-resource-usage", f.name], capture_output=True, text=True,
+                               check=True).stdout  # fmt: skip
+    line = next(ln for ln in usage.splitlines() if "REG:" in ln)
+    fields = dict(tok.split(":", 1) for tok in line.split() if ":" in tok)
+    return dict(v, reg=int(fields["REG"]), stack=int(fields["STACK"]), shared=int(kernel.metadata.shared))
+
+
+def main() -> None:
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(max_workers=2) as pool:
+        for result in pool.map(_aot_compile_one, _aot_variants(), chunksize=1):
+            print(json.dumps(result), flush=True)
+
+
+def _aot_describe(r) -> str:
+    flags = ",".join(f"{k}={int(v)}" for k, v in r["flags"].items())
+    tiles = " ".join(f"{k}={v}" for k, v in r["tiles"].items())
+    return f"{r['kernel']:13s} sm_{r['arch']} {r['dtype']} R={r['block_r']:<3d} {flags:50s} {tiles} w{r['num_warps']} s{r['num_stages']}"
+
+
+@pytest.mark.aot
+def test_every_multi_kernel_variant_compiles_without_spills():
+    pytest.importorskip("triton")
+    from _aot import check_compiled, compile_in_subprocess
+
+    results = compile_in_subprocess(__file__)
+    check_compiled(results, set(_AOT), _aot_describe, "fix the config in kernels/lora_multi.py")
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    main()
