@@ -46,7 +46,6 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .. import reference
 from .._backend import interpreting
 from . import lora
 
@@ -809,7 +808,9 @@ def multi_shrink(x: Tensor, lora_A: Tensor, rows: SortedRows | None, ids: Tensor
     return s
 
 
-def _gemm(p, q_strides, l, l_sorted, e, e_strides, bias, out_n, rows, ids, scaling, dropout_p, seed, decode):
+def _gemm(p, q, q_strides, l, l_sorted, e, e_strides, bias, out_n, rows, ids, scaling, dropout_p, seed, decode):
+    """OUT [M, out_n] = P Q + D(c[a] * L E[a]) + bias (see ``_multi_gemm_kernel``); Q and E
+    given by their strides (k, n) and (adapter, r, n)."""
     m, k = p.shape
     r = l.shape[1]
     out = torch.empty((m, out_n), dtype=p.dtype, device=p.device)
@@ -822,7 +823,7 @@ def _gemm(p, q_strides, l, l_sorted, e, e_strides, bias, out_n, rows, ids, scali
         _multi_gemm_kernel,
         lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(out_n, meta["BLOCK_N"]),),
         p.device,
-        p, q_strides[2], l, e, bias if bias is not None else out, out,
+        p, q, l, e, bias if bias is not None else out, out,
         perm, row_ids, scaling if scaling is not None else out,
         m, out_n, k, r,
         p.stride(0), p.stride(1), q_strides[0], q_strides[1], l.stride(0), l.stride(1),
@@ -845,7 +846,7 @@ def multi_expand_gemm(x: Tensor, weight: Tensor, s: Tensor, lora_B: Tensor, scal
     _expect(weight, (n_out, x.shape[1]), "weight", "[N, K]")
     _expect(s, (x.shape[0], r), "s", "[M, r]")
     return _gemm(
-        x, (weight.stride(1), weight.stride(0), weight), s, False, lora_B,
+        x, weight, (weight.stride(1), weight.stride(0)), s, False, lora_B,
         (lora_B.stride(0), lora_B.stride(2), lora_B.stride(1)), bias, n_out, rows, ids,
         scaling.to(torch.float32).contiguous(), 0.0, 0, rows is None,
     )  # fmt: skip
@@ -860,7 +861,7 @@ def multi_dx_gemm(dy: Tensor, weight: Tensor, ds_sorted: Tensor, lora_A: Tensor,
     n, r, k = lora_A.shape
     _expect(weight, (dy.shape[1], k), "weight", "[N, K]")
     return _gemm(
-        dy, (weight.stride(0), weight.stride(1), weight), ds_sorted, True, lora_A,
+        dy, weight, (weight.stride(0), weight.stride(1)), ds_sorted, True, lora_A,
         (lora_A.stride(0), lora_A.stride(1), lora_A.stride(2)), None, k, rows, None, None, dropout_p, seed, False,
     )  # fmt: skip
 
@@ -1027,7 +1028,3 @@ def lora_multi_backward(
 def dropout_keep_mask(seed: int, shape: tuple[int, int], p: float, device: torch.device) -> tuple[Tensor, float]:
     """The mask these kernels use: ``fastlora.kernels.lora.dropout_keep_mask`` (the same Philox stream)."""
     return lora.dropout_keep_mask(seed, shape, p, device)
-
-
-# Referenced so that ``reference`` (the twin) stays importable from here for the tests.
-_reference = reference
