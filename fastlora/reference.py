@@ -278,8 +278,7 @@ def adapter_segments(adapter_ids: Tensor, n_adapters: int) -> tuple[Tensor, list
     id is outside [-1, n_adapters).
     """
     ids = adapter_ids.reshape(-1).to(torch.int64)
-    order = torch.argsort(ids, stable=True)
-    sorted_ids = ids.index_select(0, order)
+    sorted_ids, order = torch.sort(ids, stable=True)
     # bounds[j] = first sorted position with id >= j - 1: segment j (j = 0 the base)
     # is [bounds[j], bounds[j + 1]); every id is in range iff bounds[0] == 0 and
     # bounds[-1] == M.
@@ -381,10 +380,15 @@ def lora_multi_backward(
     n_adapters, r = lora_A.shape[0], lora_A.shape[1]
     mixed = lora_A.dtype != x.dtype
     dx = torch.mm(dy, weight) if need_x else None
-    da = torch.zeros_like(lora_A) if need_a else None
-    db = torch.zeros_like(lora_B) if need_b else None
+    da = torch.empty_like(lora_A) if need_a else None
+    db = torch.empty_like(lora_B) if need_b else None
     if need_x or need_a or need_b:
         order, counts = adapter_segments(adapter_ids, n_adapters)
+        for a, c in enumerate(counts[1:]):
+            if c == 0:  # an adapter without rows: zero gradients (the others are written whole below)
+                for g in (da, db):
+                    if g is not None:
+                        g[a].zero_()
         rows = order[counts[0] :]
         if rows.numel():
             ml, branch = rows.numel(), lora_A.dtype
