@@ -543,6 +543,21 @@ def test_kernels_reject_ids_out_of_range(km, m):
 
 
 @pytest.mark.interpreter
+def test_kernels_zero_rows(km):
+    """No rows: no launches, [..., 0, N] out, zero adapter gradients."""
+    _, w, a, b, sc, _, bias = make_multi(4, 24, 16, 4, 3)
+    x = torch.randn(3, 0, 24, requires_grad=True)
+    ag, bg = a.clone().requires_grad_(True), b.clone().requires_grad_(True)
+    klora = _launches()
+    klora.reset_launch_count()
+    y = fastlora.lora_linear_multi(x, w, ag, bg, sc, torch.zeros(3, 0, dtype=torch.long), bias)
+    y.sum().backward()
+    assert klora.launch_count() == 0
+    assert y.shape == (3, 0, 16) and x.grad.shape == x.shape
+    assert torch.equal(ag.grad, torch.zeros_like(a)) and torch.equal(bg.grad, torch.zeros_like(b))
+
+
+@pytest.mark.interpreter
 def test_kernels_fp32_adapters_on_an_fp16_base(km):
     x, w, a, b, sc, ids, bias = make_multi(21, 32, 24, 8, 3, torch.float16, seed=4)
     dy = torch.randn(21, 24, generator=torch.Generator().manual_seed(2)).half()
