@@ -323,6 +323,11 @@ def lora_multi_forward(
     contiguous segment takes two small GEMMs (shrink, expand), whose result is
     added into its rows of y (``index_add_``). Temporaries: the gathered LoRA
     rows of x and one segment's [rows, N] expand; nothing [M, N] besides y.
+
+    NOTE: a loop over the adapters, not ``torch.bmm`` over segments padded to the
+    longest: on CPU (1 thread, 8 ragged adapters, r=16) the LoRA part took 0.94 ms
+    vs 1.75 ms (M=512, K=N=512) and 5.5 vs 13.5 ms (M=2048, K=N=1024), best of
+    repeats; padding wastes work and memory on ragged batches.
     """
     m, k = x.shape
     n_adapters, r = lora_A.shape[0], lora_A.shape[1]
