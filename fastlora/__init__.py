@@ -9,6 +9,7 @@ from .layers import LoRAConv1D, LoRAConv1d, LoRAConv2d, LoRAConv3d, LoRAEmbeddin
 from .loraplus import create_loraplus_optimizer, loraplus_param_groups
 from .model import LoRAConfig, apply_lora, count_parameters, merge_lora, unmerge_lora
 from .modules import LoRALinear
+from .multi import lora_linear_multi
 from .peft_io import load_adapter, save_adapter
 from .peft_model import PeftFallbackWarning, fallback_counts, from_peft, reset_fallback_counts
 from .qlora import QLoRALinear, qlora_linear
@@ -48,6 +49,7 @@ __all__ = [
     "get_backend",
     "load_adapter",
     "lora_linear",
+    "lora_linear_multi",
     "loraplus_param_groups",
     "merge_adalora",
     "merge_lora",
