@@ -48,13 +48,12 @@ from torch import Tensor
 
 from .._backend import interpreting
 from . import lora
-
-_keep_mask = lora.keep_mask_tile
-_mma = lora.dot_acc
-_mma_f32_lhs = lora.dot_f32_lhs
-_launch = lora.launch_kernel
-_block_r = lora.padded_rank
-_dropout_args = lora.dropout_args
+from ._common import dot_acc as _mma
+from ._common import dot_f32_lhs as _mma_f32_lhs
+from ._common import dropout_args as _dropout_args
+from ._common import keep_mask as _keep_mask
+from ._common import launch as _launch
+from ._common import padded_rank as _block_r
 
 DECODE_MAX_M = 16  # forward batches up to this many rows take the decode path
 
