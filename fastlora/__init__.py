@@ -16,10 +16,10 @@ from .dora import DoRALinear, QDoRALinear, dora_linear
 from .functional import lora_linear
 from .layers import LoRAConv1D, LoRAConv1d, LoRAConv2d, LoRAConv3d, LoRAEmbedding
 from .loraplus import create_loraplus_optimizer, loraplus_param_groups
-from .model import LoRAConfig, apply_lora, count_parameters, merge_lora
+from .model import LoRAConfig, apply_lora, count_parameters, merge_lora, unmerge_lora
 from .modules import LoRAAdapter, LoRALinear
 from .peft_io import load_adapter, save_adapter
-from .peft_model import from_peft
+from .peft_model import PeftFallbackWarning, fallback_counts, from_peft, reset_fallback_counts
 from .qlora import QLoRALinear, qlora_linear
 from .vera import VeRAConfig, VeRALinear, VeRAProjection, apply_vera, merge_vera, vera_layers
 from . import adapters, quant, registry
@@ -31,11 +31,11 @@ __all__ = [
     "AdaLoRALinear",
     "AdaLoRARankAllocator",
     "DoRALinear",
+    "LoRAAdapter",
     "LoRAConfig",
     "LoRAConv1D",
     "LoRAConv1d",
     "LoRAConv2d",
-    "LoRAAdapter",
     "LoRAConv3d",
     "LoRAEmbedding",
     "LoRALinear",
@@ -57,7 +57,10 @@ __all__ = [
     "create_loraplus_optimizer",
     "delete_adapter",
     "disable_adapter",
+    "PeftFallbackWarning",
+    "fallback_counts",
     "from_peft",
+    "reset_fallback_counts",
     "get_backend",
     "load_adapter",
     "lora_linear",
@@ -72,6 +75,7 @@ __all__ = [
     "save_adapter",
     "set_adapter",
     "set_backend",
+    "unmerge_lora",
     "use_backend",
     "vera_layers",
 ]

@@ -315,7 +315,13 @@ class FusedOp:
                 # NOTE: the kernels read the adapters in the activation dtype (fp32
                 # accumulation throughout); fp32 adapters are cast, autograd-tracked.
                 args[i_a], args[i_b] = args[i_a].to(x.dtype), args[i_b].to(x.dtype)
-        y = self.function.apply(*args, float(scaling), call.dropout_p, *consts, call.seed, call.backend)
+        if not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            # NOTE: inference (no_grad / inference_mode): no graph to record, so the backend runs
+            # directly; autograd.Function.apply would cost more host time than the op itself
+            # at small sizes, and saves nothing here anyway.
+            y = self.forward(call.backend, call.seed, *args, float(scaling), call.dropout_p, *consts)[0]
+        else:
+            y = self.function.apply(*args, float(scaling), call.dropout_p, *consts, call.seed, call.backend)
         return with_leading_dims(y, x)
 
 

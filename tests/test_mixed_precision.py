@@ -1,7 +1,7 @@
 """Mixed precision as users run it, against PEFT under the same settings:
 fp32 parameters under bf16/fp16 autocast, and a bf16 base with fp32 adapters.
 Both are measured against float64 math; fastlora's error must stay within 2x
-PEFT's (DESIGN.md's rule) and its dtypes must be PEFT's."""
+PEFT's (CONTRIBUTING.md, Tolerances) and its dtypes must be PEFT's."""
 
 from __future__ import annotations
 
