@@ -292,6 +292,9 @@ class NamedAdapters:
         cannot share the fused call's one mask: the adapters without dropout share
         the fused call, and each one with dropout adds its own term the way PEFT
         computes it (its dropped input is then saved for backward, as in PEFT).
+        Saved for backward by the fused call: X, S [M, sum r] and the concatenated
+        A [sum r, K] and B [N, sum r] (adapter-sized; a single adapter's are its
+        parameters, nothing new).
         """
         if not names:
             return self._base_forward(x)

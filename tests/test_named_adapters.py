@@ -218,6 +218,22 @@ def test_two_adapters_without_dropout_make_one_fused_call(monkeypatch):
     assert calls == [10, 4, 6]
 
 
+def test_two_active_adapters_save_x_s_and_the_concatenated_adapters_only():
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+    from saved_bytes import record_saved_tensors
+
+    ours, _ = build(2)
+    set_adapter(ours, ["default", "b"])
+    layer = ours.fc1  # K=24, N=40, r = 4 + 6
+    x = torch.randn(37, 24, requires_grad=True)
+    rec = record_saved_tensors(lambda: layer(x), exclude=list(layer.parameters()) + list(layer.buffers()))
+    # X, S [M, 10] and the concatenated A [10, K] / B [N, 10] (adapter-sized, never [M, N] or [N, K])
+    assert rec.nbytes == 4 * (37 * 24 + 37 * 10 + 10 * 24 + 40 * 10), rec.describe()
+
+
 def test_dropout_masks_are_independent_per_adapter_as_in_peft(monkeypatch):
     torch.manual_seed(0)
     linear = nn.Linear(1, 1, bias=False)
