@@ -33,7 +33,7 @@ from ._files import check_regular_file, read_regular_file, write_files_atomicall
 from ._patterns import compile_module_pattern
 from .dora import DoRALinear, QDoRALinear
 from .model import LoRAConfig, lora_layers
-from .modules import LoRALinear
+from .modules import DEFAULT_ADAPTER, LoRAAdapter, LoRALinear
 from .qlora import QLoRALinear
 from .registry import (
     adapter_layers,
@@ -105,30 +105,41 @@ def _adaptable_names(model: nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if n and (kind.builder_for(m) is not None or is_adapter_layer(m))]
 
 
-def _lora_file(model: nn.Module, layers: dict) -> tuple[dict, dict]:
-    """PEFT's LoRA config and tensors for ``model``'s LoRA layers."""
+def _slot(layer, adapter_name: str):
+    """What holds adapter ``adapter_name``'s r / alpha / dropout / use_rslora: the
+    layer's named-adapter slot (LoRALinear, QLoRALinear), else the layer itself."""
+    return layer.adapter(adapter_name) if hasattr(layer, "has_adapter") else layer
+
+
+def _layer_tensors(layer, adapter_name: str) -> dict:
+    return layer.peft_tensors(adapter_name) if hasattr(layer, "has_adapter") else layer.peft_tensors()
+
+
+def _lora_file(model: nn.Module, layers: dict, adapter_name: str = DEFAULT_ADAPTER) -> tuple[dict, dict]:
+    """PEFT's LoRA config and tensors for ``model``'s LoRA layers (adapter ``adapter_name``)."""
+    slots = {n: _slot(m, adapter_name) for n, m in layers.items()}
     dora = {_is_dora(m) for m in layers.values()}
     if len(dora) > 1:
         mixed = sorted(n for n, m in layers.items() if _is_dora(m))
         raise ValueError(f"save_adapter: PEFT's format has one use_dora per adapter, but only {mixed} are DoRA layers")
     for attr in ("dropout", "use_rslora"):
-        values = {getattr(m, attr) for m in layers.values()}
+        values = {getattr(m, attr) for m in slots.values()}
         if len(values) > 1:
             raise ValueError(f"save_adapter: PEFT's format has one {attr} per adapter, but the layers use {sorted(values)}")
-    r = _most_common(m.r for m in layers.values())
-    alpha = _most_common(m.alpha for m in layers.values())
-    first = next(iter(layers.values()))
+    r = _most_common(m.r for m in slots.values())
+    alpha = _most_common(m.alpha for m in slots.values())
+    first = next(iter(slots.values()))
     config = dict(PEFT_LORA_DEFAULTS)
     config.update(
         r=r,
         lora_alpha=int(alpha) if float(alpha).is_integer() else alpha,
         lora_dropout=first.dropout,
         use_rslora=first.use_rslora,
-        use_dora=_is_dora(first),
+        use_dora=_is_dora(next(iter(layers.values()))),
         fan_in_fan_out=any(getattr(m, "fan_in_fan_out", False) for m in layers.values()),
         target_modules=_module_key(list(layers), _adaptable_names(model)),
-        rank_pattern={re.escape(n): m.r for n, m in layers.items() if m.r != r},
-        alpha_pattern={re.escape(n): m.alpha for n, m in layers.items() if m.alpha != alpha},
+        rank_pattern={re.escape(n): m.r for n, m in slots.items() if m.r != r},
+        alpha_pattern={re.escape(n): m.alpha for n, m in slots.items() if m.alpha != alpha},
     )
     return config, {}
 
@@ -174,6 +185,7 @@ def save_adapter(
     modules_to_save: list[str] | None = None,
     base_model_name_or_path: str | None = None,
     task_type: str | None = None,
+    adapter_name: str = DEFAULT_ADAPTER,
 ) -> None:
     """Write ``model``'s adapters (LoRA / DoRA, VeRA or AdaLoRA: one kind per
     file, as PEFT has one ``peft_type``) to the folder ``path`` in PEFT's format,
@@ -182,11 +194,19 @@ def save_adapter(
     ``modules_to_save``: names of (non-adapter) modules whose full weights are
     stored too, as PEFT does for its ``modules_to_save``; by default the ones
     given to :func:`fastlora.apply_lora` (or read by :func:`load_adapter`).
+    ``adapter_name``: which named adapter of the LoRA layers to write (PEFT's
+    file holds one; :mod:`fastlora.adapters`), ``"default"`` by default.
     Everything is serialized before the first byte is written, and the two
     files replace the previous ones atomically: on any error the folder keeps
     its previous adapter byte for byte.
     """
     by_kind = {k: adapter_layers(model, k) for k in ("lora", "vera", "adalora")}
+    by_kind["lora"] = {
+        n: m for n, m in by_kind["lora"].items()
+        if (m.has_adapter(adapter_name) if hasattr(m, "has_adapter") else adapter_name == DEFAULT_ADAPTER)
+    }  # fmt: skip
+    if adapter_name != DEFAULT_ADAPTER and not by_kind["lora"]:
+        raise ValueError(f"save_adapter: no LoRA layer of the model has an adapter named {adapter_name!r}")
     present = [k for k, v in by_kind.items() if v]
     if not present:
         raise ValueError("save_adapter: the model has no adapter layers (apply_lora first)")
@@ -203,7 +223,10 @@ def save_adapter(
         raise TypeError(f"save_adapter: modules_to_save must be a list of module names, got {modules_to_save!r}")
     base_model_name_or_path = _optional_str(base_model_name_or_path, "base_model_name_or_path")
     task_type = _optional_str(task_type, "task_type")
-    config, extra = {"lora": _lora_file, "vera": _vera_file, "adalora": _adalora_file}[kind](model, layers)
+    if kind == "lora":
+        config, extra = _lora_file(model, layers, adapter_name)
+    else:
+        config, extra = {"vera": _vera_file, "adalora": _adalora_file}[kind](model, layers)
     config.update(
         modules_to_save=list(modules_to_save) if modules_to_save else None,
         base_model_name_or_path=base_model_name_or_path,
@@ -212,7 +235,7 @@ def save_adapter(
     )
     tensors: dict[str, torch.Tensor] = {k: t.detach().contiguous() for k, t in extra.items()}
     for name, layer in layers.items():
-        for key, t in layer.peft_tensors().items():
+        for key, t in _layer_tensors(layer, adapter_name).items():
             tensors[f"{PREFIX}{name}.{key}"] = t.detach().contiguous()
     for key in modules_to_save or []:
         hits = [n for n, _ in model.named_modules() if n and matches_suffix(n, key)]
@@ -356,6 +379,8 @@ class _LayerPlan:
     tensors: dict[str, torch.Tensor]
     alpha: float
     init: str
+    adapter: LoRAAdapter | None = None  # a named adapter built unattached, inserted into ``layer`` on apply
+    adapter_name: str = DEFAULT_ADAPTER
 
 
 @dataclass
@@ -376,12 +401,32 @@ def _layer_config(config: dict, r: int, alpha: float) -> LoRAConfig:
     )  # fmt: skip
 
 
-def _plan_layer(model: nn.Module, name: str, config: dict, r: int, alpha: float, init: str, file) -> tuple[nn.Module, bool]:
+def _plan_layer(
+    model: nn.Module, name: str, config: dict, r: int, alpha: float, init: str, file, adapter_name: str = DEFAULT_ADAPTER
+) -> tuple[nn.Module, bool, LoRAAdapter | None]:
     """The layer an adapter's tensors for ``name`` go into: the existing one when
-    its rank and kind fit (its old adapter is replaced), else a new unattached one."""
+    its rank and kind fit (its old adapter is replaced), else a new unattached
+    one. On a layer with named adapters (LoRALinear / QLoRALinear) the adapter is
+    built unattached and replaces (or joins) that layer's adapter of the same
+    name on apply: its other adapters are kept."""
     module = model.get_submodule(name)
     use_dora = bool(config.get("use_dora", False))
     layer_config = _layer_config(config, r, alpha)
+    named = hasattr(module, "has_adapter") and not _is_dora(module) and not use_dora
+    if named and not module.merged and (adapter_name != DEFAULT_ADAPTER or len(module.adapter_names()) > 1 or module.r != r):
+        if init != "default":
+            raise _fail(file, f"{name}: an init_lora_weights={init!r} adapter rewrites the base weight; load it into the base model")
+        adapter = LoRAAdapter(
+            module.in_features, module.out_features, r=r, alpha=alpha, dropout=layer_config.dropout,
+            use_rslora=layer_config.use_rslora, device=module._adapter_device(), dtype=module._adapter_dtype(),
+        )  # fmt: skip
+        return module, False, adapter
+    if adapter_name != DEFAULT_ADAPTER and is_adapter_layer(module):
+        raise _fail(
+            file,
+            f"{name}: a {type(module).__name__} holds one adapter; adapter_name={adapter_name!r} needs a LoRALinear or "
+            "QLoRALinear (named adapters) and a non-DoRA adapter file",
+        )
     if is_adapter_layer(module):
         if module.merged:
             raise _fail(file, f"the model's layer {name!r} is merged; unmerge() it before loading")
@@ -392,7 +437,7 @@ def _plan_layer(model: nn.Module, name: str, config: dict, r: int, alpha: float,
                     f"{name}: an init_lora_weights={init!r} adapter rewrites the base weight into a residual; load it "
                     "into the base model (not into a model that already has LoRA layers)",
                 )
-            return module, False
+            return module, False, None
         if isinstance(module, QLoRALinear):
             if module.r != r:
                 raise _fail(
@@ -406,19 +451,23 @@ def _plan_layer(model: nn.Module, name: str, config: dict, r: int, alpha: float,
                 use_rslora=layer_config.use_rslora, compute_dtype=module.compute_dtype, lora_dtype=module.lora_A.dtype,
             )  # fmt: skip
             layer.train(module.training)
-            return layer, True
+            return layer, True, None
         if isinstance(module, LoRALinear):  # a dense LoRA / DoRA layer of another rank or kind
             cls = DoRALinear if use_dora else LoRALinear
             layer = cls.from_linear(module, r=r, alpha=alpha, dropout=layer_config.dropout, use_rslora=layer_config.use_rslora)
-            return layer, True
+            return layer, True, None
         raise _fail(file, f"{name} is a {type(module).__name__} of rank {module.r}; the adapter has rank {r}")
     builder = kind_for(LoRAConfig).builder_for(module)
     if init != "default" and not isinstance(module, nn.Linear):
         raise _fail(file, f"{name}: init_lora_weights={init!r} is supported on nn.Linear bases only")
-    return builder(module, name, layer_config, None), True
+    if adapter_name != DEFAULT_ADAPTER and (use_dora or not isinstance(module, nn.Linear)):
+        raise _fail(file, f"{name}: adapter_name={adapter_name!r} needs a non-DoRA LoRA adapter on an nn.Linear base")
+    return builder(module, name, layer_config, None), True, None
 
 
-def plan_adapter_load(model: nn.Module, path: str | os.PathLike, config: dict, tensors: dict[str, torch.Tensor]) -> LoadPlan:
+def plan_adapter_load(
+    model: nn.Module, path: str | os.PathLike, config: dict, tensors: dict[str, torch.Tensor], adapter_name: str = DEFAULT_ADAPTER
+) -> LoadPlan:
     """Check the adapter's tensors against the layers they go into and build the
     new layers (unattached). Raises :class:`AdapterFormatError`; changes nothing."""
     r_default, alpha_default = config.get("r", 8), config.get("lora_alpha", 8)
@@ -441,10 +490,11 @@ def plan_adapter_load(model: nn.Module, path: str | os.PathLike, config: dict, t
     for name in targets:
         r = pattern_value(name, config.get("rank_pattern") or {}, r_default)
         alpha = pattern_value(name, config.get("alpha_pattern") or {}, alpha_default)
-        layer, new = _plan_layer(model, name, config, r, alpha, init, path)
-        entry = _LayerPlan(name, layer, new, {}, float(alpha), init)
+        layer, new, adapter = _plan_layer(model, name, config, r, alpha, init, path, adapter_name)
+        entry = _LayerPlan(name, layer, new, {}, float(alpha), init, adapter, adapter_name)
         plan.layers.append(entry)
-        for key, t in layer.peft_tensors().items():
+        live = {"lora_A.weight": adapter.lora_A, "lora_B.weight": adapter.lora_B} if adapter is not None else layer.peft_tensors()
+        for key, t in live.items():
             expected[f"{PREFIX}{name}.{key}"] = (entry, key, t)
     return _assign_tensors(model, path, plan, expected, tensors)
 
@@ -585,18 +635,32 @@ def apply_load_plan(model: nn.Module, plan: LoadPlan) -> nn.Module:
     freeze_base(model)
     for entry in plan.layers:
         layer = entry.layer
+        if entry.adapter is not None:  # a named adapter into a layer that keeps its others
+            with torch.no_grad():
+                entry.adapter.lora_A.copy_(entry.tensors["lora_A.weight"])
+                entry.adapter.lora_B.copy_(entry.tensors["lora_B.weight"])
+            active = list(layer.active_adapters)
+            if layer.has_adapter(entry.adapter_name):
+                layer.delete_adapter(entry.adapter_name)
+            layer.insert_adapter(entry.adapter_name, entry.adapter)
+            # NOTE: as PEFT's load_adapter (is_trainable=False): a loaded non-default adapter is
+            # frozen and not made active; "default" keeps its place in the active set.
+            layer.set_adapter(active)
+            continue
         if entry.new:
             set_submodule(model, entry.name, layer)
+            if entry.adapter_name != DEFAULT_ADAPTER:
+                layer.rename_default(entry.adapter_name)
         else:
             layer.alpha, layer.dropout, layer.use_rslora = entry.alpha, dropout, rslora
             layer.scaling = lora_scaling(layer.r, entry.alpha, rslora)
         with torch.no_grad():
             if entry.init != "default":
                 layer.reset_lora_parameters(entry.init)  # PEFT's residual of the base, as the adapter was trained on
-            live = layer.peft_tensors()
+            live = _layer_tensors(layer, entry.adapter_name)
             for key, tensor in entry.tensors.items():
                 live[key].copy_(tensor)
-        for t in layer.peft_tensors().values():
+        for t in _layer_tensors(layer, entry.adapter_name).values():
             t.requires_grad_(True)
     with torch.no_grad():
         for param, tensor in plan.params:
@@ -611,7 +675,7 @@ def apply_load_plan(model: nn.Module, plan: LoadPlan) -> nn.Module:
     return model
 
 
-def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+def load_adapter(model: nn.Module, path: str | os.PathLike, *, adapter_name: str = DEFAULT_ADAPTER) -> nn.Module:
     """Load a PEFT LoRA adapter folder into ``model`` (in place; returns it).
 
     Targeted modules become LoRA layers of the adapter's kind (:class:`LoRALinear`,
@@ -625,6 +689,11 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     shapes, non-floating or non-finite tensors): :class:`AdapterFormatError`
     naming them, and the model is unchanged. Base weights are frozen; the
     loaded adapters (and ``modules_to_save``) are trainable.
+
+    ``adapter_name``: load the file as that named adapter of the LoRA layers
+    (:mod:`fastlora.adapters`); a layer's other adapters are kept, and a loaded
+    non-default adapter is frozen and inactive until ``set_adapter`` (PEFT's
+    ``load_adapter`` with ``is_trainable=False``).
     """
     file, raw = _read_config_json(path)
     peft_type = raw.get("peft_type", "LORA")
@@ -636,7 +705,9 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     tensors = _read_tensors(path)
     with restoring_requires_grad(model):
         if peft_type == "LORA":
-            plan = plan_adapter_load(model, path, config, tensors)
+            plan = plan_adapter_load(model, path, config, tensors, adapter_name)
+        elif adapter_name != DEFAULT_ADAPTER:
+            raise _fail(path, f"adapter_name={adapter_name!r}: named adapters are LoRA adapters; this file is {peft_type}")
         else:
             plan = _plan_other_load(model, path, peft_type, config, tensors)
     return apply_load_plan(model, plan)

@@ -614,3 +614,46 @@ def test_bf16_base_gets_fp32_adapters_as_peft_autocasts():
     assert model.fc2.lora_adapters["b"].lora_B.dtype == torch.float32
     set_adapter(model, ["default", "b"])
     assert model(x_input().to(torch.bfloat16)).dtype == torch.bfloat16
+
+
+def test_named_adapters_save_and_load_in_peft_format(tmp_path):
+    """save_adapter(adapter_name=...) writes one named adapter as PEFT does;
+    load_adapter(adapter_name=...) adds it to layers that keep their others;
+    PEFT's load_adapter of the same file gives the same outputs."""
+    import fastlora
+    from fastlora import adapters
+
+    peft = pytest.importorskip("peft")
+    def base():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 4))
+
+    model = fastlora.apply_lora(base(), r=2, alpha=4.0)
+    adapters.add_adapter(model, "other", fastlora.LoRAConfig(r=3, alpha=6.0))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    fastlora.save_adapter(model, tmp_path / "other", adapter_name="other")
+    fastlora.save_adapter(model, tmp_path / "default")
+    with pytest.raises(ValueError, match="no LoRA layer of the model has an adapter named 'nope'"):
+        fastlora.save_adapter(model, tmp_path / "nope", adapter_name="nope")
+    x = torch.randn(5, 12)
+    adapters.set_adapter(model, "other")
+    want_other = model.eval()(x)
+    adapters.set_adapter(model, "default")
+    want_default = model(x)
+    # ours: a model with the default adapter gets "other" from the file, keeping default
+    ours = fastlora.load_adapter(base(), tmp_path / "default")
+    fastlora.load_adapter(ours, tmp_path / "other", adapter_name="other")
+    ours.eval()
+    torch.testing.assert_close(ours(x), want_default, rtol=0, atol=1e-6)  # loaded "other" is inactive
+    assert not any(p.requires_grad for n, p in ours.named_parameters() if "lora_adapters.other" in n)
+    adapters.set_adapter(ours, "other")
+    torch.testing.assert_close(ours(x), want_other, rtol=0, atol=1e-6)  # the same weights and ops
+    # PEFT loading the same two files
+    theirs = peft.PeftModel.from_pretrained(base(), str(tmp_path / "default"))
+    theirs.load_adapter(str(tmp_path / "other"), adapter_name="other")
+    theirs.set_adapter("other")
+    torch.testing.assert_close(theirs.eval()(x), want_other, rtol=0, atol=1e-5)  # PEFT's op order: fp32 rounding
