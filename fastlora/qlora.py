@@ -479,33 +479,39 @@ class QLoRALinear(NamedAdapters, nn.Module):
             destination[prefix + "merged"] = torch.tensor(True)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        # NOTE: the quant state is checked before anything of this layer is written (the
+        # adapters and the bias included): a rejected state leaves the layer as it was.
         base = prefix + "weight"
         ours = {k[len(prefix) :]: v for k, v in state_dict.items() if k == base or k.startswith(base + ".")}
         merged_key = prefix + "merged"
-        unexpected_keys[:] = [k for k in unexpected_keys if k not in {prefix + k for k in ours} and k != merged_key]
-        if "weight" not in ours:
-            missing_keys.append(base)
+        problem = None
+        qw = None
+        if "weight" in ours:
+            try:
+                qw = QuantizedWeight.from_state_dict(ours, "weight")
+            except (KeyError, ValueError, TypeError) as exc:
+                problem = f"{base}: the 4-bit quant state is invalid: {exc}"
+        if qw is not None:
+            expected = (self.out_features, self.in_features)
+            mine = (self.quant_type, self.blocksize, self.double_quant)
+            theirs = (qw.quant_type, qw.blocksize, qw.double_quant)
+            if qw.shape != expected:
+                problem = f"{base}: the state dict holds a weight of shape {qw.shape}, this layer expects {expected}"
+            elif mine != theirs:
+                problem = (
+                    f"{base}: the state dict holds (quant_type, blocksize, double_quant)={theirs}, this layer was "
+                    f"built with {mine}; build the layer with the same settings (or QLoRALinear(QuantizedWeight.from_state_dict(...)))"
+                )
+        if problem is not None:
+            error_msgs.append(problem)
             return
-        try:
-            qw = QuantizedWeight.from_state_dict(ours, "weight")
-        except (KeyError, ValueError, TypeError) as exc:
-            error_msgs.append(f"{base}: the 4-bit quant state is invalid: {exc}")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        unexpected_keys[:] = [k for k in unexpected_keys if k not in {prefix + k for k in ours} and k != merged_key]
+        if qw is None:
+            missing_keys.append(base)
             return
         known = set(qw.state_dict("weight"))
         unexpected_keys.extend(prefix + k for k in ours if k not in known)  # a strict load reports stray weight.* keys
-        expected = (self.out_features, self.in_features)
-        if qw.shape != expected:
-            error_msgs.append(f"{base}: the state dict holds a weight of shape {qw.shape}, this layer expects {expected}")
-            return
-        mine = (self.quant_type, self.blocksize, self.double_quant)
-        theirs = (qw.quant_type, qw.blocksize, qw.double_quant)
-        if mine != theirs:
-            error_msgs.append(
-                f"{base}: the state dict holds (quant_type, blocksize, double_quant)={theirs}, this layer was "
-                f"built with {mine}; build the layer with the same settings (or QLoRALinear(QuantizedWeight.from_state_dict(...)))"
-            )
-            return
         # NOTE: the validated state's tensors replace the buffers all at once (on this layer's
         # device; a meta layer gets real tensors, as load_state_dict(assign=True) asks): never a
         # half-written state, and a different nested blocksize (other buffer sizes) loads too.
