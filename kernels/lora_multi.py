@@ -81,8 +81,8 @@ def gemm_configs(
 
     Sorted path: ``kernels/configs.gemm_configs``'s tiles minus those that spill
     with the per-adapter epilogue loop: 128x256 always (STACK 96-176 bytes), and
-    at ranks above 16 on sm_80 everything above 64x64 (128x128 w8: STACK
-    192-360; 64x128 w8 in dX: 104). Decode: one BLOCK_M = 16 tile of rows;
+    at ranks above 16 or with dropout on sm_80 everything above 64x64
+    (128x128 w8: STACK 16-360; 64x128 w8 in dX: 104). Decode: one BLOCK_M = 16 tile of rows;
     BLOCK_N 128 spills on sm_90 (the per-row epilogue's [BLOCK_R, BLOCK_N] fp32
     slice of B), and narrow columns give a memory-bound GEMV more programs.
     """
@@ -105,8 +105,11 @@ def gemm_configs(
     if _family(arch) == 90:
         if block_r <= 16:
             return [_cfg(8, 4, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8), _cfg(4, 4, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8)]
-        return [_cfg(8, 4, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8), _cfg(8, 4, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8)]
-    if block_r <= 16:
+        # NOTE: above rank 16 the 128x128 tile spills on sm_90 (STACK 16-48, REG 255, Triton 3.9)
+        return [_cfg(8, 4, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8)]
+    # NOTE: with dropout, sm_80's 128x128 w8 dX tile spills (STACK 16, REG 255, Triton 3.9) since the
+    # shared fp32-operand helper of kernels/_common.py; 64-row tiles do not.
+    if block_r <= 16 and not has_dropout:
         return [_cfg(8, 4, BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8), _cfg(4, 4, BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, GROUP_M=8)]
     return [_cfg(4, 4, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8)]
 
