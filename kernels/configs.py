@@ -83,16 +83,15 @@ def gemm_configs(
     NOTE: with dropout the LoRA term of dX is a second [BLOCK_M, BLOCK_N] fp32
     tensor live next to the accumulator (the mask applies to it alone), so the
     dropout variant drops the 128x256 tiles, which spill. Ranks above 16 widen
-    the epilogue's [BLOCK_M, R_CHUNK] operand (R_CHUNK = min(rank, 64), see
-    :func:`rank_chunk`; ranks 128 and 256 step through it, unrolled): 128x256
-    spills on sm_80 at r=64, so does 128x128 with 4 warps on both archs (hence
-    8 warps there).
+    the epilogue's [BLOCK_M, R_CHUNK] operand (R_CHUNK: the padded rank up to
+    64, unrolled steps of 32 above, see :func:`rank_chunk`): 128x256 spills on
+    sm_80 at r=64, so does 128x128 with 4 warps on both archs (hence 8 warps
+    there); ranks 128 and 256 have their own list (NOTE below).
     ``store_pre`` (DoRA's forward: the tile is also stored, rounded, before its
     column scale) drops the 128x256 tiles too: their second store spills
     (STACK 8-16 bytes on sm_80 and sm_90, REG 254-255). ``lora_f32`` (fp32
-    adapters on 16-bit activations: the LoRA term is three
-    tensor-core dots of hi/lo-split fp32 operands in steps of 16 ranks) drops
-    them as well.
+    adapters on 16-bit activations: the LoRA term is three tensor-core dots of
+    hi/lo-split fp32 operands in steps of 16 ranks) has one tile (NOTE below).
     """
     if interpreting():
         return [_cfg(4, 1, BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4)]
