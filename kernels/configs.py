@@ -51,15 +51,18 @@ def _family(arch: int) -> int:
     return 90 if 90 <= arch < 120 else 80
 
 
-def rank_chunk(block_r: int, f32_adapters: bool = False) -> int:
-    """Rank columns per step of the GEMMs' LoRA epilogue (``R_CHUNK``): the
-    whole padded rank up to 64, steps of 32 above (ranks 128 and 256; steps of
-    64 spill on sm_80), so a GEMM tile's registers stop growing with the rank
-    (32 under the interpreter, so the tests step). ``f32_adapters`` (fp32
-    adapters on 16-bit activations: both factors split hi/lo, three dots):
-    steps of 16."""
+def rank_chunk(block_r: int, dtype: torch.dtype = torch.bfloat16, f32_adapters: bool = False) -> int:
+    """Rank columns per step of the GEMMs' LoRA epilogue (``R_CHUNK``) for
+    activations of ``dtype``: the whole padded rank up to 64, then steps of 32
+    for 16-bit activations (ranks 128 and 256; steps of 64 spill on sm_80) and
+    of 64 for fp32 (FMA dots; steps of 32 spill on sm_90 in DoRA's GEMM at rank
+    256, STACK 8), so a GEMM tile's registers stop growing with the rank (32
+    under the interpreter, so the tests step). ``f32_adapters`` (fp32 adapters
+    on 16-bit activations: both factors split hi/lo, three dots): steps of 16."""
     if interpreting():
         return min(block_r, 32)
+    if dtype == torch.float32:
+        return min(block_r, 64)
     if f32_adapters:
         return 16
     return 32 if block_r > 64 else block_r
@@ -80,16 +83,15 @@ def gemm_configs(
     NOTE: with dropout the LoRA term of dX is a second [BLOCK_M, BLOCK_N] fp32
     tensor live next to the accumulator (the mask applies to it alone), so the
     dropout variant drops the 128x256 tiles, which spill. Ranks above 16 widen
-    the epilogue's [BLOCK_M, R_CHUNK] operand (R_CHUNK = min(rank, 64), see
-    :func:`rank_chunk`; ranks 128 and 256 step through it, unrolled): 128x256
-    spills on sm_80 at r=64, so does 128x128 with 4 warps on both archs (hence
-    8 warps there).
+    the epilogue's [BLOCK_M, R_CHUNK] operand (R_CHUNK: the padded rank up to
+    64, unrolled steps of 32 above, see :func:`rank_chunk`): 128x256 spills on
+    sm_80 at r=64, so does 128x128 with 4 warps on both archs (hence 8 warps
+    there); ranks 128 and 256 have their own list (NOTE below).
     ``store_pre`` (DoRA's forward: the tile is also stored, rounded, before its
     column scale) drops the 128x256 tiles too: their second store spills
     (STACK 8-16 bytes on sm_80 and sm_90, REG 254-255). ``lora_f32`` (fp32
-    adapters on 16-bit activations: the LoRA term is three
-    tensor-core dots of hi/lo-split fp32 operands in steps of 16 ranks) drops
-    them as well.
+    adapters on 16-bit activations: the LoRA term is three tensor-core dots of
+    hi/lo-split fp32 operands in steps of 16 ranks) has one tile (NOTE below).
     """
     if interpreting():
         return [_cfg(4, 1, BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4)]
@@ -178,10 +180,11 @@ def dy_pass_configs(arch: int, dtype: torch.dtype, *, block_r: int = 16, lora_f3
         # NOTE: the dS workspace is what grows with the rank, so ranks 128 and 256
         # take 256 columns per program, in rank blocks small enough to stay
         # spill-free (64 rank columns spill at 256 columns: sm_80 STACK 32-192,
-        # sm_90 16 when only dS is needed; 32 do not, REG 110-255). The rank
-        # blocks of one dY tile are neighbours on the fastest grid axis, so they
-        # read it together (once from HBM, then L2).
-        return [_cfg(8, 3, BLOCK_M=64, BLOCK_N=256, BLOCK_R=32), _cfg(8, 3, BLOCK_M=64, BLOCK_N=128, BLOCK_R=64)]
+        # sm_90 16 when only dS is needed; 32 do not). BLOCK_M=32, not 64: 64x256
+        # reaches REG 255 on sm_80 and spills with triton 3.4 (32x256: REG
+        # 106-231 with 3.6-3.9). The rank blocks of one dY tile are neighbours on
+        # the fastest grid axis, so they read it together (once from HBM, then L2).
+        return [_cfg(8, 3, BLOCK_M=32, BLOCK_N=256, BLOCK_R=32), _cfg(8, 3, BLOCK_M=64, BLOCK_N=128, BLOCK_R=64)]
     return [_cfg(8, 3, BLOCK_M=64, BLOCK_N=128, BLOCK_R=br), _cfg(4, 3, BLOCK_M=32, BLOCK_N=64, BLOCK_R=br)]
 
 

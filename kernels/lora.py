@@ -539,7 +539,7 @@ def _gemm(
         float(scaling), int(seed), keep_levels, inv_keep, m_bucket(m),
         HAS_BIAS=bias is not None, HAS_DROPOUT=has_dropout, IEEE=p.dtype == torch.float32, BLOCK_R=padded_rank(r),
         HAS_COL_SCALE=col_scale is not None, STORE_PRE=store_pre,
-        F32_ADAPTERS=f32_adapters, R_CHUNK=configs.rank_chunk(padded_rank(r), f32_adapters),
+        F32_ADAPTERS=f32_adapters, R_CHUNK=configs.rank_chunk(padded_rank(r), p.dtype, f32_adapters),
     )  # fmt: skip
     return out, pre
 

@@ -304,7 +304,7 @@ def _qgemm(p, qw, l, e, bias, scaling, dropout_p, seed, w_rows_are_out) -> Tenso
         float(scaling), int(seed), keep_levels, inv_keep,
         W_ROWS_ARE_OUT=w_rows_are_out, **_state_meta(qw), HAS_BIAS=bias is not None, HAS_DROPOUT=has_dropout,
         IEEE=p.dtype == torch.float32, BLOCK_R=block_r, **cfg.kwargs,
-        F32_ADAPTERS=f32_adapters, R_CHUNK=configs.rank_chunk(block_r, f32_adapters),
+        F32_ADAPTERS=f32_adapters, R_CHUNK=configs.rank_chunk(block_r, p.dtype, f32_adapters),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     return out

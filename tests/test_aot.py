@@ -163,6 +163,9 @@ def _variants(full: bool):
     return out
 
 
+_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}  # names -> torch attribute names
+
+
 # Per kernel: (jit function attr, pointer arg -> dtype ("x" = the variant's dtype),
 # unit-stride args, args hinted divisible by 16). Every other non-constexpr arg is i32,
 # except floats and the i64 seed below.
@@ -214,6 +217,7 @@ def _compile_one(v):
     """Compile one variant; returns v with REG/STACK/SHARED or an error."""
     import tempfile
 
+    import torch
     import triton
     from triton.backends.compiler import GPUTarget
 
@@ -236,7 +240,7 @@ def _compile_one(v):
         constexprs.setdefault("HAS_COL_SCALE", False)
         constexprs.setdefault("STORE_PRE", False)
         f32_adapters = not main_ieee and adapters == "fp32"
-        constexprs.update(F32_ADAPTERS=f32_adapters, R_CHUNK=C.rank_chunk(v["block_r"], f32_adapters))
+        constexprs.update(F32_ADAPTERS=f32_adapters, R_CHUNK=C.rank_chunk(v["block_r"], getattr(torch, _DTYPES[v["dtype"]]), f32_adapters))
     constexprs.update({name: 1 for name in unit})
     signature = {}
     for name in fn.arg_names:

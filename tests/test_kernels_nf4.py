@@ -286,7 +286,7 @@ def _variants():
         tiles.update(
             W_ROWS_ARE_OUT=kind == "fwd", BLOCKSIZE=64, NESTED=nested, NESTED_BLOCKSIZE=256,
             HAS_BIAS=bias, HAS_DROPOUT=dropout, IEEE=dtype == torch.float32, BLOCK_R=block_r,
-            F32_ADAPTERS=adapters == "fp32", R_CHUNK=configs.rank_chunk(block_r, adapters == "fp32"),
+            F32_ADAPTERS=adapters == "fp32", R_CHUNK=configs.rank_chunk(block_r, dtype, adapters == "fp32"),
         )  # fmt: skip
         k = c.kwargs
         tag = f"{k['BLOCK_M']}x{k['BLOCK_N']}x{k['BLOCK_K']} R={block_r} bias={bias} dropout={dropout} nested={nested}"
