@@ -144,6 +144,7 @@ MULTI = FusedOp(
     fake_backward=_fake_backward,
     validate=_validate,
     autocast=("x", "weight", "lora_A", "lora_B", "bias"),
+    cast_adapters_for_kernels=True,  # kernels/lora_multi.py reads the adapters in x's dtype
     doc="""``y[m] = x[m] W^T + bias + scaling[a] * dropout(x)[m] A[a]^T B[a]^T``, a = ids[m], on 2-D x.
 
     Saved for backward: x (the caller's tensor), the caller's adapter_ids,
