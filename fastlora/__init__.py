@@ -12,6 +12,7 @@ from .modules import LoRALinear
 from .peft_io import load_adapter, save_adapter
 from .peft_model import from_peft
 from .qlora import QLoRALinear, qlora_linear
+from .strategies import set_strategy, strategies, strategy_report  # NOTE: the function shadows the module name
 from .vera import VeRAConfig, VeRALinear, VeRAProjection, apply_vera, merge_vera, vera_layers
 from . import quant, registry
 
@@ -54,6 +55,9 @@ __all__ = [
     "registry",
     "save_adapter",
     "set_backend",
+    "set_strategy",
+    "strategies",
+    "strategy_report",
     "use_backend",
     "vera_layers",
 ]

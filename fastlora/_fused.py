@@ -41,6 +41,7 @@ import torch
 from torch import Tensor
 
 from ._backend import resolve_backend
+from .strategies import ops_for, strategy_backend
 
 # Family of kernels -> the Triton module that implements it (the reference module
 # implements every family).
@@ -50,7 +51,11 @@ _KERNEL_MODULES = {"lora": "fastlora.kernels.lora", "nf4": "fastlora.kernels.nf4
 def backend_module(backend: str, family: str = "lora") -> ModuleType:
     """The module with a backend's forward/backward functions: ``fastlora.reference``
     for ``"reference"``, ``fastlora.kernels.<family>`` for ``"triton"`` (imported on
-    first use only, so importing fastlora never imports Triton)."""
+    first use only, so importing fastlora never imports Triton). A strategy spec
+    (``"triton:lora=cublas,..."``, see ``fastlora.strategies``) gives the object
+    implementing those strategies, with the same functions."""
+    if ":" in backend:
+        return ops_for(backend)
     if backend == "triton":
         return importlib.import_module(_KERNEL_MODULES[family])
     return importlib.import_module("fastlora.reference")
@@ -315,7 +320,9 @@ class FusedOp:
                 # NOTE: the kernels read the adapters in the activation dtype (fp32
                 # accumulation throughout); fp32 adapters are cast, autograd-tracked.
                 args[i_a], args[i_b] = args[i_a].to(x.dtype), args[i_b].to(x.dtype)
-        y = self.function.apply(*args, float(scaling), call.dropout_p, *consts, call.seed, call.backend)
+        # The strategies of this call (forced, or "auto": measured inside the op), as a constant string.
+        backend = strategy_backend(self.name, call.backend, args, call.dropout_p)
+        y = self.function.apply(*args, float(scaling), call.dropout_p, *consts, call.seed, backend)
         return with_leading_dims(y, x)
 
 
