@@ -96,7 +96,10 @@ _CACHE_MAX_KEYS = 2048  # per device entry: the file stays small
 # forcing
 # ----------------------------------------------------------------------------
 
-_forced: dict[str, str] = {}  # set_strategy's choices (read without a lock: dict reads are atomic)
+# set_strategy's choices. NOTE: replaced, never mutated (copy-on-write under _lock): a
+# reader on another thread iterates a dict that cannot change under it, and
+# torch.compile's guard on this global sees a new object when a choice changes.
+_forced: dict[str, str] = {}
 _lock = threading.RLock()
 
 
@@ -117,15 +120,16 @@ def set_strategy(op: str, name: str | None) -> None:
     """Force strategy ``name`` for ``op`` ("lora", "qlora" or "dropout") in this
     process, or clear the choice with None (``FASTLORA_STRATEGY`` and measuring
     apply again). Raises ValueError for an unknown op or name."""
+    global _forced
     if name is None:
         if op not in OPS:
             raise ValueError(f"set_strategy: op must be one of {tuple(OPS)}, got {op!r}")
         with _lock:
-            _forced.pop(op, None)
+            _forced = {k: v for k, v in _forced.items() if k != op}
         return
     _check(op, name, "set_strategy")
     with _lock:
-        _forced[op] = name
+        _forced = {**_forced, op: name}
 
 
 def parse_strategy_env(text: str) -> dict[str, str]:
