@@ -843,14 +843,26 @@ class TritonStrategy:
             return lora_down_grad_bits(ds, x, bits, dropout_p)
         return lora.lora_down_grad(ds, x, dropout_p, seed)
 
+    # NOTE: the kernels here read the adapters in the activation dtype (what
+    # FusedOp passes today). fp32 adapters on 16-bit activations (PEFT's mixed
+    # precision, which the LoRA kernels are being taught) run the default
+    # kernels' pair instead, forward and backward alike (S then carries no bits).
+    @staticmethod
+    def _mixed(x: Tensor, lora_A: Tensor) -> bool:
+        return lora_A.dtype != x.dtype
+
     # -- LoRA ------------------------------------------------------------------
     def lora_forward(self, x, weight, lora_A, lora_B, scaling, bias=None, dropout_p=0.0, seed=0):
         """``(y, s)`` as ``fastlora.reference.lora_forward``."""
+        if self._mixed(x, lora_A):
+            return lora.lora_forward(x, weight, lora_A, lora_B, scaling, bias, dropout_p, seed)
         s = self._shrink(x, lora_A, dropout_p, seed)
         return self._expand(x, weight, s, lora_B, scaling, bias), s
 
     def lora_backward(self, dy, x, weight, lora_A, lora_B, s, scaling, dropout_p=0.0, seed=0, needs=(True, False, True, True, False)):
         """``(dx, dweight, dA, dB, dbias)`` as ``fastlora.reference.lora_backward``."""
+        if self._mixed(x, lora_A):
+            return lora.lora_backward(dy, x, weight, lora_A, lora_B, s, scaling, dropout_p, seed, needs)
         need_x, need_w, need_a, need_b, need_bias = needs
         ds, db, dbias = lora.lora_dy_pass(dy, lora_B, s, scaling, need_x or need_a, need_b, need_bias)
         bits = self._bits(s, x, dropout_p)
@@ -867,6 +879,8 @@ class TritonStrategy:
     # -- QLoRA -----------------------------------------------------------------
     def qlora_forward(self, x, qweight, lora_A, lora_B, scaling, bias=None, dropout_p=0.0, seed=0):
         """``(y, s)`` as ``fastlora.reference.qlora_forward``."""
+        if self._mixed(x, lora_A):
+            return nf4.qlora_forward(x, qweight, lora_A, lora_B, scaling, bias, dropout_p, seed)
         s = self._shrink(x, lora_A, dropout_p, seed)
         if self.qlora == "dequant_in_gemm":
             y = nf4.qlora_expand_gemm(x, qweight, s, lora_B, scaling, bias)
@@ -883,6 +897,8 @@ class TritonStrategy:
 
     def qlora_backward(self, dy, x, qweight, lora_A, lora_B, s, scaling, dropout_p=0.0, seed=0, needs=(True, False, True, True, False)):
         """``(dx, None, dA, dB, dbias)`` as ``fastlora.reference.qlora_backward``."""
+        if self._mixed(x, lora_A):
+            return nf4.qlora_backward(dy, x, qweight, lora_A, lora_B, s, scaling, dropout_p, seed, needs)
         need_x, need_w, need_a, need_b, need_bias = needs
         if need_w:
             raise ValueError("qlora_backward: the 4-bit base weight is frozen; it has no gradient")

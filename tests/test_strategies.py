@@ -163,6 +163,25 @@ def test_spec_strings():
         parse_spec("triton:lora=warp")
 
 
+def test_env_var_forces_a_strategy_end_to_end(monkeypatch):
+    layer = _layer(torch.float32, 0.1)
+    x = torch.randn(37, K_REF, requires_grad=True)
+    frozen = list(layer.parameters())
+    monkeypatch.setenv("FASTLORA_STRATEGY", "dropout:stored_bits")
+    rec = record_saved_tensors(lambda: layer(x), exclude=frozen)
+    assert rec.nbytes == 37 * K_REF * 4 + 37 * 8 * 4 + 37 * K_REF // 8
+    monkeypatch.setenv("FASTLORA_STRATEGY", "dropout:regenerate")
+    assert record_saved_tensors(lambda: layer(x), exclude=frozen).nbytes == 37 * K_REF * 4 + 37 * 8 * 4
+
+
+def test_the_cuda_timer_measures_nothing_off_cuda():
+    from fastlora.strategies import cuda_event_timer
+
+    ran = []
+    assert cuda_event_timer("lora=fused", lambda: ran.append(1), CPU) is None
+    assert ran == []
+
+
 def test_measuring_can_be_turned_off(monkeypatch):
     from fastlora.strategies import _may_measure
 
@@ -535,7 +554,8 @@ def _run_layer(fn, x, a, b, bias, dy, seed, frozen=()):
     kl, ks = _kernels()
     leaves = [t.detach().clone().requires_grad_(True) for t in (x, a, b)]
     bb = bias.detach().clone().requires_grad_(True) if bias is not None else None
-    x_before = leaves[0].detach().clone()
+    inputs = [t for t in [*leaves, bb, *frozen] if t is not None]
+    before = [(t.detach().clone(), t._version) for t in inputs]
     kl.reset_launch_count()
     ks.reset_torch_gemm_count()
     torch.manual_seed(seed)
@@ -553,7 +573,8 @@ def _run_layer(fn, x, a, b, bias, dy, seed, frozen=()):
     y.backward(dy)
     second = [t.grad for t in leaves] + ([bb.grad] if bb is not None else [])
     assert all(torch.equal(p, q) for p, q in zip(first, second)), "backward is not deterministic"
-    assert torch.equal(leaves[0].detach(), x_before), "an input was written"
+    for t, (value, version) in zip(inputs, before):
+        assert t._version == version and torch.equal(t.detach(), value), f"input {tuple(t.shape)} was written"
     return [y.detach(), *first, *([None] if bb is None else [])], fwd, bwd, rec.nbytes
 
 
@@ -626,6 +647,27 @@ def test_qlora_strategies_against_float64(case):
         assert fwd == (2 + once, gemms) and bwd == (3 + once, gemms), f"launches {fwd} / {bwd}"
         mask_bytes = m * ((k + 7) // 8) if drop == "stored_bits" else 0
         assert saved == (m * k + m * r) * x.element_size() + mask_bytes
+
+
+@pytest.mark.interpreter
+def test_mixed_precision_adapters_take_the_default_kernels(monkeypatch):
+    """fp32 adapters on 16-bit activations: every strategy hands the call to the
+    default kernels' pair (forward and backward alike)."""
+    from fastlora.kernels import nf4
+
+    kl, ks = _kernels()
+    called = []
+    monkeypatch.setattr(kl, "lora_forward", lambda *a: called.append("lora fwd") or ("y", "s"))
+    monkeypatch.setattr(kl, "lora_backward", lambda *a: called.append("lora bwd") or (None,) * 5)
+    monkeypatch.setattr(nf4, "qlora_forward", lambda *a: called.append("qlora fwd") or ("y", "s"))
+    monkeypatch.setattr(nf4, "qlora_backward", lambda *a: called.append("qlora bwd") or (None,) * 5)
+    st = ks.TritonStrategy(lora="cublas", qlora="small_m", dropout="stored_bits")
+    x, a = torch.zeros(2, 8, dtype=torch.float16), torch.zeros(1, 8)
+    assert st.lora_forward(x, None, a, None, 1.0) == ("y", "s")
+    st.lora_backward(None, x, None, a, None, None, 1.0)
+    assert st.qlora_forward(x, None, a, None, 1.0) == ("y", "s")
+    st.qlora_backward(None, x, None, a, None, None, 1.0)
+    assert called == ["lora fwd", "lora bwd", "qlora fwd", "qlora bwd"]
 
 
 @pytest.mark.interpreter
