@@ -177,7 +177,9 @@ def _dy_pass(s: Shape) -> Launch:
     rp = _rpad(r)
     n_blocks = _cdiv(n, 256)
     ws = 2 * (n_blocks * m * rp * 4 if n_blocks > 1 else 0)
-    return Launch("dy_pass (dS, dB, dbias)", flops=4 * m * n * rp, bytes=m * n * e + n * r * e + m * r * e + m * r * 4 + n * r * e + n * e + ws)
+    # reads dY, B, S; writes dS (fp32), dB, dbias; dS partials per column block
+    nbytes = m * n * e + n * r * e + m * r * e + m * r * 4 + n * r * e + n * e + ws
+    return Launch("dy_pass (dS, dB, dbias)", flops=4 * m * n * rp, bytes=nbytes)
 
 
 def _down_grad(s: Shape, dropout: str) -> Launch:
@@ -193,8 +195,8 @@ def _down_grad(s: Shape, dropout: str) -> Launch:
 
 
 def _rank_expand(m: int, n: int, r: int, e: int, l_elem: int, dropout: str, name: str, bias: bool) -> Launch:
-    lc = Launch(name, flops=2 * m * n * _rpad(r), bytes=m * r * l_elem + r * n * e + (n * e if bias else 0) + m * n * e,
-                programs=_cdiv(m, 64) * _cdiv(n, 128))  # fmt: skip
+    nbytes = m * r * l_elem + r * n * e + (n * e if bias else 0) + m * n * e
+    lc = Launch(name, flops=2 * m * n * _rpad(r), bytes=nbytes, programs=_cdiv(m, 64) * _cdiv(n, 128))
     if dropout == "regenerate":
         lc.int_ops = PHILOX_OPS * m * n
     elif dropout == "stored_bits":
@@ -205,16 +207,19 @@ def _rank_expand(m: int, n: int, r: int, e: int, l_elem: int, dropout: str, name
 def _cublas(m: int, n: int, k: int, e: int, cands, name: str) -> Launch:
     """out [M, N] += A [M, K] B [K, N] with beta=1: the output read and written (cuBLAS
     assumed to fill the device, with GEMV/split-K kernels for few rows)."""
-    return Launch(name, flops=2 * m * n * k, bytes=gemm_bytes(m, n, k, m * k * e, k * n * e, 2 * m * n * e, cands[0]), kind="cublas")
+    nbytes = gemm_bytes(m, n, k, m * k * e, k * n * e, 2 * m * n * e, cands[0])
+    return Launch(name, flops=2 * m * n * k, bytes=nbytes, kind="cublas")
 
 
-def _fused_gemm(m: int, n: int, k: int, r: int, e: int, cands, name: str, l_elem: int, dropout: str, bias: bool, w_bytes=None) -> Launch:
+def _fused_gemm(
+    m: int, n: int, k: int, r: int, e: int, cands, name: str, l_elem: int, dropout: str, bias: bool, w_bytes=None
+) -> Launch:
     """OUT [M, N] = P [M, K] Q [K, N] + D(scaling L E) (+ bias), one write."""
     bm, bn = _pick(cands, m, n)
     w = k * n * e if w_bytes is None else w_bytes
-    lc = Launch(name, flops=2 * _cdiv(m, bm) * bm * n * k + 2 * m * n * _rpad(r),  # the MMA computes padded rows
-                bytes=gemm_bytes(m, n, k, m * k * e, w, m * n * e, (bm, bn)) + m * r * l_elem + r * n * e + (n * e if bias else 0),
-                programs=_cdiv(m, bm) * _cdiv(n, bn))  # fmt: skip
+    nbytes = gemm_bytes(m, n, k, m * k * e, w, m * n * e, (bm, bn)) + m * r * l_elem + r * n * e + (n * e if bias else 0)
+    flops = 2 * _cdiv(m, bm) * bm * n * k + 2 * m * n * _rpad(r)  # the MMA computes the padded rows too
+    lc = Launch(name, flops=flops, bytes=nbytes, programs=_cdiv(m, bm) * _cdiv(n, bn))
     if dropout != "none":  # the fused dX GEMMs regenerate in their epilogue, whichever dropout strategy
         lc.int_ops = PHILOX_OPS * m * n
     return lc
@@ -272,7 +277,8 @@ def launches(op: str, strategy: str, dropout: str, shape: Shape, phase: str, arc
             out.append(_rank_expand(m, n, r, e, e, "none", "rank_expand", True))
             out.append(_cublas(m, n, k, e, tiles["cublas"], "cublas addmm beta=1"))
         elif lora_path == "dequant_in_gemm":
-            out.append(_fused_gemm(m, n, k, r, e, tiles["qgemm"], "dequant-in-gemm+lora", e, "none", True, w_bytes=_w4_bytes(n, k)))
+            w4 = _w4_bytes(n, k)
+            out.append(_fused_gemm(m, n, k, r, e, tiles["qgemm"], "dequant-in-gemm+lora", e, "none", True, w_bytes=w4))
         else:
             out.append(_qgemv(m, n, k, r, e, e, "none", "qgemv+lora", True))
         return out
@@ -384,14 +390,15 @@ def model_markdown(gpus: list[str]) -> str:
     lines = ["# fastlora strategies: cost model", ""]
     lines += [
         "Predicted times from `bench/cost_model.py` (no measurement): bf16, r = 16, per layer.",
-        f"Model: t = max(tensor FLOPs / peak, DRAM bytes / bandwidth, Philox int ops / int rate) / u + {LAUNCH_US:g} µs per launch,",
+        "Model: t = max(tensor FLOPs / peak, DRAM bytes / bandwidth, Philox int ops / int rate) / u"
+        f" + {LAUNCH_US:g} µs per launch,",
         f"u = min(1, programs / SMs); GEMM operands re-read per tile row/column / {L2_REUSE} (L2 reuse);",
         f"Philox4x32-10 at {PHILOX_OPS} int ops per element on the CUDA cores (FP32 FLOP/s / 2). Bold: the fastest",
         "strategy of its dropout setting on that GPU. Launch counts: Triton launches (+ cuBLAS GEMMs), forward + backward.",
         "",
         "GPUs (dense, no sparsity): " + "; ".join(
-            f"{g}: {GPUS[g].bf16_flops / 1e12:.0f} TFLOP/s bf16, {GPUS[g].bandwidth / 1e12:.2f} TB/s, {GPUS[g].sms} SMs ({GPUS[g].source})"
-            for g in gpus),
+            f"{g}: {GPUS[g].bf16_flops / 1e12:.0f} TFLOP/s bf16, {GPUS[g].bandwidth / 1e12:.2f} TB/s, "
+            f"{GPUS[g].sms} SMs ({GPUS[g].source})" for g in gpus),
         "",
     ]  # fmt: skip
     for op, title, strats, shapes, phases in _sections():
@@ -403,14 +410,16 @@ def model_markdown(gpus: list[str]) -> str:
             lines += [f"lora={st}, dropout={d}", "", breakdown("lora", st, d, sq, "H200"), ""]
     lines += ["## Per launch: QLoRA decode M=1, K=N=4096, H200", ""]
     for st in ("dequant_in_gemm", "small_m"):
-        lines += [f"qlora={st}", "", breakdown("qlora", st, "none", Shape(1, 4096, 4096, 16), "H200").split("| bwd")[0].rstrip(), ""]
+        fwd_only = breakdown("qlora", st, "none", Shape(1, 4096, 4096, 16), "H200").split("| bwd")[0].rstrip()
+        lines += [f"qlora={st}", "", fwd_only, ""]
     return "\n".join(lines)
 
 
 def _sections():
     llama = [Shape(8192, k, n, 16, name=name) for name, k, n in LLAMA8B]
     return [
-        ("lora", "LoRA, M=8192, K=N=4096 (forward, backward, both)", LORA_STRATS, [Shape(8192, 4096, 4096, 16)], ("fwd", "bwd", "both")),
+        ("lora", "LoRA, M=8192, K=N=4096 (forward, backward, both)", LORA_STRATS, [Shape(8192, 4096, 4096, 16)],
+         ("fwd", "bwd", "both")),
         ("lora", "LoRA, Llama-8B projections, M=8192 (forward+backward)", LORA_STRATS, llama, ("both",)),
         ("qlora", "QLoRA training, M=8192, K=N=4096 (forward+backward)", QLORA_TRAIN, [Shape(8192, 4096, 4096, 16)], ("both",)),
         ("qlora", "QLoRA decode, M=1, Llama-8B projections (forward)", QLORA_DECODE,
@@ -478,8 +487,10 @@ def run_measure(device: str, out_dir: str, quick: bool, budget_s: float) -> int:
         qw = quantize_4bit(w.to(device)) if op == "qlora" else None
         w = w.to(device=device, dtype=dtype)
         x = torch.randn(shape.M, shape.K, generator=g).to(device=device, dtype=dtype).requires_grad_(phase == "both")
-        a = (torch.randn(shape.r, shape.K, generator=g) / shape.K**0.5).to(device=device, dtype=dtype).requires_grad_(phase == "both")
-        b = (torch.randn(shape.N, shape.r, generator=g) * 0.1).to(device=device, dtype=dtype).requires_grad_(phase == "both")
+        a = (torch.randn(shape.r, shape.K, generator=g) / shape.K**0.5).to(device=device, dtype=dtype)
+        b = (torch.randn(shape.N, shape.r, generator=g) * 0.1).to(device=device, dtype=dtype)
+        a.requires_grad_(phase == "both")
+        b.requires_grad_(phase == "both")
         bias = torch.zeros(shape.N, device=device, dtype=dtype)
         dy = torch.randn(shape.M, shape.N, generator=g).to(device=device, dtype=dtype)
         linear = torch.nn.Linear(shape.K, shape.N, device=device, dtype=dtype).requires_grad_(False)
@@ -542,8 +553,8 @@ def run_measure(device: str, out_dir: str, quick: bool, budget_s: float) -> int:
 def measured_markdown(rows: list[dict], stamp: dict, device: str) -> str:
     lines = [f"# fastlora strategies measured ({device}), the cost model beside", ""]
     lines += [f"- {k}: {v}" for k, v in stamp.items()]
-    lines += ["", "Times in ms: median (p20-p80) of forward (+ backward for phase 'both'), implementations interleaved "
-              "round by round; 'x nn.Linear' is the ratio to a frozen nn.Linear of the same shape (backward: dX only).", ""]  # fmt: skip
+    lines += ["", "Times in ms: median (p20-p80) of forward (+ backward for phase 'both'), implementations interleaved",
+              "round by round; 'x nn.Linear' is the ratio to a frozen nn.Linear of the same shape (backward: dX only).", ""]
     lines += ["| op | shape | phase | strategy/dropout | measured ms | x nn.Linear | model ms |", "|---|---|---|---|---|---|---|"]
     for row in rows:
         model = f"{row['model_ms']:.3f}" if row["model_ms"] == row["model_ms"] else "-"
@@ -587,7 +598,8 @@ def main(argv: list[str] | None = None) -> int:
         tmp = os.path.join(args.out, ".cost_model_cpu")
         run_measure("cpu", tmp, quick=False, budget_s=args.budget)
         with open(os.path.join(tmp, "strategies_cpu.md")) as fh:
-            measured = fh.read().replace("# fastlora strategies measured (cpu), the cost model beside", "## Measured on CPU: the reference path, dropout strategies")
+            title = "## Measured on CPU: the reference path, dropout strategies"
+            measured = fh.read().replace("# fastlora strategies measured (cpu), the cost model beside", title)
         for name in os.listdir(tmp):
             os.remove(os.path.join(tmp, name))
         os.rmdir(tmp)

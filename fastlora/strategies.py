@@ -498,7 +498,9 @@ def forget_measurements() -> None:
 # ----------------------------------------------------------------------------
 
 
-def choose(op: str, key: str, device: torch.device, candidates: list[str], run_for: Callable[[str], Callable[[], object]] | None) -> str:
+def choose(
+    op: str, key: str, device: torch.device, candidates: list[str], run_for: Callable[[str], Callable[[], object]] | None
+) -> str:
     """The candidate to run for ``key``: the fastest measured one. Candidates
     not measured yet are timed now when ``run_for`` is given (the forward of a
     call) and measuring is possible; with nothing measured, the first (the
@@ -595,6 +597,9 @@ def strategy_report() -> StrategyReport:
 # ----------------------------------------------------------------------------
 
 
+_NEEDS = (True, False, True, True, False)  # the reference's default: dx, dA, dB
+
+
 class _AutoOps:
     """The backend-module interface for a spec with ``auto``: each call picks its
     combination with :func:`choose` (timing the candidates on the forward of the
@@ -621,14 +626,15 @@ class _AutoOps:
             def run():
                 y, s = ops.lora_forward(x, weight, lora_A, lora_B, scaling, bias, dropout_p, seed)
                 if self.train:  # dY = y: a real-valued upstream gradient without touching any RNG
-                    ops.lora_backward(y, x, weight, lora_A, lora_B, s, scaling, dropout_p, seed, (True, False, True, True, bias is not None))
+                    needs = (True, False, True, True, bias is not None)
+                    ops.lora_backward(y, x, weight, lora_A, lora_B, s, scaling, dropout_p, seed, needs)
 
             return run
 
         name = self._pick("lora", key, x.device, x.shape[0], dropout_p, run_for)
         return self._ops(name).lora_forward(x, weight, lora_A, lora_B, scaling, bias, dropout_p, seed)
 
-    def lora_backward(self, dy, x, weight, lora_A, lora_B, s, scaling, dropout_p=0.0, seed=0, needs=(True, False, True, True, False)):
+    def lora_backward(self, dy, x, weight, lora_A, lora_B, s, scaling, dropout_p=0.0, seed=0, needs=_NEEDS):
         key = shape_key("lora", x, weight.shape[0], lora_A.shape[0], dropout_p, self.train)
         name = self._pick("lora", key, x.device, x.shape[0], dropout_p)
         return self._ops(name).lora_backward(dy, x, weight, lora_A, lora_B, s, scaling, dropout_p, seed, needs)
@@ -645,14 +651,15 @@ class _AutoOps:
             def run():
                 y, s = ops.qlora_forward(x, qweight, lora_A, lora_B, scaling, bias, dropout_p, seed)
                 if self.train:
-                    ops.qlora_backward(y, x, qweight, lora_A, lora_B, s, scaling, dropout_p, seed, (True, False, True, True, bias is not None))
+                    needs = (True, False, True, True, bias is not None)
+                    ops.qlora_backward(y, x, qweight, lora_A, lora_B, s, scaling, dropout_p, seed, needs)
 
             return run
 
         name = self._pick("qlora", key, x.device, x.shape[0], dropout_p, run_for)
         return self._ops(name).qlora_forward(x, qweight, lora_A, lora_B, scaling, bias, dropout_p, seed)
 
-    def qlora_backward(self, dy, x, qweight, lora_A, lora_B, s, scaling, dropout_p=0.0, seed=0, needs=(True, False, True, True, False)):
+    def qlora_backward(self, dy, x, qweight, lora_A, lora_B, s, scaling, dropout_p=0.0, seed=0, needs=_NEEDS):
         key = shape_key("qlora", x, qweight.shape[0], lora_A.shape[0], dropout_p, self.train, _quant_flags(qweight))
         name = self._pick("qlora", key, x.device, x.shape[0], dropout_p)
         return self._ops(name).qlora_backward(dy, x, qweight, lora_A, lora_B, s, scaling, dropout_p, seed, needs)

@@ -259,9 +259,11 @@ def _shrink_bits_kernel(
             _pack_bits(keep, BLOCK_M, BLOCK_K),
             mask=mask_m[:, None] & (cols_b < n_bytes)[None, :],
         )
-        x = tl.load(x_ptr + rm[:, None] * stride_xm + (k0 + rk)[None, :] * stride_xk, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        x_ptrs = x_ptr + rm[:, None] * stride_xm + (k0 + rk)[None, :] * stride_xk
+        x = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         x = tl.where(keep, x, tl.zeros_like(x))
-        a = tl.load(a_ptr + rr[None, :] * stride_ar + (k0 + rk)[:, None] * stride_ak, mask=mask_k[:, None] & mask_r[None, :], other=0.0)
+        a_ptrs = a_ptr + rr[None, :] * stride_ar + (k0 + rk)[:, None] * stride_ak
+        a = tl.load(a_ptrs, mask=mask_k[:, None] & mask_r[None, :], other=0.0)
         acc = _dot(x, a, acc, IEEE)
     acc = acc * tl.cast(inv_keep, tl.float32)
     s_ptrs = s_ptr + rm[:, None] * stride_sm + rr[None, :] * stride_sr
@@ -357,7 +359,8 @@ def _down_grad_bits_kernel(
     for mb in range(pid_s, m_blocks, SPLIT_M):
         rm = (mb * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
         mask_m = rm < M
-        ds_t = tl.load(ds_ptr + rr[:, None] * stride_dsr + rm[None, :] * stride_dsm, mask=mask_r[:, None] & mask_m[None, :], other=0.0)
+        ds_ptrs = ds_ptr + rr[:, None] * stride_dsr + rm[None, :] * stride_dsm
+        ds_t = tl.load(ds_ptrs, mask=mask_r[:, None] & mask_m[None, :], other=0.0)
         x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :] * stride_xk, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         keep = _load_keep(bits_ptr, rm, mask_m, pid_k * BLOCK_K, K, stride_bm, BLOCK_M, BLOCK_K)
         x = tl.where(keep, x, tl.zeros_like(x))
@@ -745,7 +748,8 @@ def qlora_gemv(
     m, red = p.shape
     out_n = n_w if w_rows_are_out else k_w
     if red != (k_w if w_rows_are_out else n_w):
-        raise ValueError(f"qlora_gemv: p has {red} columns, the weight {list(qweight.shape)} needs {k_w if w_rows_are_out else n_w}")
+        need = k_w if w_rows_are_out else n_w
+        raise ValueError(f"qlora_gemv: p has {red} columns, the weight {list(qweight.shape)} needs {need}")
     r = l.shape[1]
     _expect(l, (m, r), "l", "[M, r]")
     _expect(e, (r, out_n), "e", "[r, OUT]")
@@ -787,6 +791,7 @@ def qlora_gemv(
 # the strategies: the same pairs as fastlora.reference
 # ----------------------------------------------------------------------------
 
+_NEEDS = (True, False, True, True, False)  # the reference's default: dx, dA, dB
 LORA = ("fused", "cublas")
 QLORA = ("dequant_in_gemm", "dequant_once", "small_m")
 DROPOUT = ("regenerate", "stored_bits")
@@ -859,7 +864,7 @@ class TritonStrategy:
         s = self._shrink(x, lora_A, dropout_p, seed)
         return self._expand(x, weight, s, lora_B, scaling, bias), s
 
-    def lora_backward(self, dy, x, weight, lora_A, lora_B, s, scaling, dropout_p=0.0, seed=0, needs=(True, False, True, True, False)):
+    def lora_backward(self, dy, x, weight, lora_A, lora_B, s, scaling, dropout_p=0.0, seed=0, needs=_NEEDS):
         """``(dx, dweight, dA, dB, dbias)`` as ``fastlora.reference.lora_backward``."""
         if self._mixed(x, lora_A):
             return lora.lora_backward(dy, x, weight, lora_A, lora_B, s, scaling, dropout_p, seed, needs)
@@ -895,7 +900,7 @@ class TritonStrategy:
             y = qlora_gemv(x, qweight, s, lora_B.t(), scaling, bias, w_rows_are_out=True)
         return y, s
 
-    def qlora_backward(self, dy, x, qweight, lora_A, lora_B, s, scaling, dropout_p=0.0, seed=0, needs=(True, False, True, True, False)):
+    def qlora_backward(self, dy, x, qweight, lora_A, lora_B, s, scaling, dropout_p=0.0, seed=0, needs=_NEEDS):
         """``(dx, None, dA, dB, dbias)`` as ``fastlora.reference.qlora_backward``."""
         if self._mixed(x, lora_A):
             return nf4.qlora_backward(dy, x, qweight, lora_A, lora_B, s, scaling, dropout_p, seed, needs)

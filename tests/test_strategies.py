@@ -258,10 +258,13 @@ def test_cache_file_round_trip(tmp_path, monkeypatch):
     path = tmp_path / "c" / "s.json"
     monkeypatch.setenv("FASTLORA_STRATEGY_CACHE", str(path))
     written = []
-    import fastlora.strategies as S  # noqa: F401 - `fastlora.strategies` is the function; this is the module
-    module = sys.modules["fastlora.strategies"]
+    module = sys.modules["fastlora.strategies"]  # the module (the package attribute is the function)
     real_write = module.write_files_atomically
-    monkeypatch.setattr(module, "write_files_atomically", lambda folder, files: (written.append(folder), real_write(folder, files)))
+    def spy(folder, files):
+        written.append(folder)
+        return real_write(folder, files)
+
+    monkeypatch.setattr(module, "write_files_atomically", spy)
     with use_timer(FakeTimer({"lora=fused": 3e-3, "lora=cublas": 1.5e-3})):
         assert choose("lora", "k4", CPU, CANDS, _runner([])) == "lora=cublas"
     assert written == [str(path.parent)]  # through the atomic writer, into the file's folder
@@ -871,7 +874,8 @@ def _compile_one(v: dict) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(kernel.asm["cubin"])
         f.flush()
-        usage = subprocess.run([str(cuobjdump), "--dump-resource-usage", f.name], capture_output=True, text=True, check=True).stdout
+        args = [str(cuobjdump), "--dump-resource-usage", f.name]
+        usage = subprocess.run(args, capture_output=True, text=True, check=True).stdout
     line = next(ln for ln in usage.splitlines() if "REG:" in ln)
     fields = dict(tok.split(":", 1) for tok in line.split() if ":" in tok)
     return dict(v, reg=int(fields["REG"]), stack=int(fields["STACK"]), shared=int(kernel.metadata.shared))
@@ -895,7 +899,8 @@ def _describe(r: dict) -> str:
 def test_every_strategy_kernel_compiles_without_spills():
     pytest.importorskip("triton")
     results = compile_in_subprocess(__file__)
-    check_compiled(results, {"shrink_bits", "rank_expand", "down_grad_bits", "qgemv"}, _describe, "fix the config in kernels/strategies.py")
+    kernels = {"shrink_bits", "rank_expand", "down_grad_bits", "qgemv"}
+    check_compiled(results, kernels, _describe, "fix the config in kernels/strategies.py")
 
 
 if __name__ == "__main__":
