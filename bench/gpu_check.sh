@@ -10,6 +10,8 @@
 #   lora_cuda.csv    lora_cuda.md    python bench/report.py --device cuda
 #   qlora_cuda.csv   qlora_cuda.md   python bench/report_qlora.py --device cuda
 #   dora_cuda.csv    dora_cuda.md    python bench/report_dora.py --device cuda
+#   strategies_cuda.csv strategies_cuda.md  python bench/cost_model.py --measure: every strategy, the model beside
+#   strategy_cache.json  the strategies chosen by measurement on this GPU (FASTLORA_STRATEGY_CACHE)
 #   pytest-all.log   junit-all.xml   pytest -m "not gpu" tests  (the rest, as on CPU)
 #   summary.txt      one line per step: exit code and seconds
 #
@@ -203,6 +205,37 @@ else
     env TRITON_INTERPRET=0 "$PY" bench/report_dora.py --device cpu --quick --out "$OUT"
 fi
 
+# ------------------------------------------------------------------ strategies
+# Every strategy of fastlora.strategies() timed on this GPU (each forced in turn,
+# interleaved round by round), the cost model's prediction for the matching GPU
+# printed beside each measurement; then one measured choice per shape through
+# the public API, which writes its cache file here.
+if [ $MODE = cuda ]; then
+  run_step "bench/cost_model.py --measure --device cuda" 150 "$OUT/strategies.log" \
+    env TRITON_INTERPRET=0 FASTLORA_STRATEGY_CACHE="$OUT/strategy_cache.json" \
+    "$PY" bench/cost_model.py --measure --device cuda --budget 120 --out "$OUT"
+  run_step "strategy choice (measured)" 60 "$OUT/strategy_choice.log" \
+    env TRITON_INTERPRET=0 FASTLORA_STRATEGY_CACHE="$OUT/strategy_cache.json" "$PY" -c '
+import torch, fastlora
+dev, bf = "cuda", torch.bfloat16
+for m, k, n in ((8192, 4096, 4096), (1, 4096, 4096), (16, 4096, 4096)):
+    x = torch.randn(m, k, device=dev, dtype=bf, requires_grad=m > 16)
+    w = torch.randn(n, k, device=dev, dtype=bf) / k**0.5
+    a = (torch.randn(16, k, device=dev, dtype=bf) / k**0.5).requires_grad_(m > 16)
+    b = (torch.randn(n, 16, device=dev, dtype=bf) * 0.1).requires_grad_(m > 16)
+    if m > 16:
+        fastlora.lora_linear(x, w, a, b, 2.0, dropout=0.1).sum().backward()
+    else:
+        with torch.no_grad():
+            fastlora.qlora_linear(x, fastlora.quant.quantize_4bit(w), a, b, 2.0)
+torch.cuda.synchronize()
+print(fastlora.strategy_report())
+'
+else
+  run_step "bench/cost_model.py --measure --device cpu --quick" 90 "$OUT/strategies.log" \
+    env TRITON_INTERPRET=0 "$PY" bench/cost_model.py --measure --device cpu --quick --out "$OUT"
+fi
+
 # ------------------------------------------------------------------ the other tiers
 if [ $MODE = cuda ]; then TESTS=${GPU_CHECK_TESTS:-tests}; else TESTS=${GPU_CHECK_TESTS:-tests/test_memory.py}; fi
 # shellcheck disable=SC2086  # TESTS may name several paths
@@ -217,4 +250,6 @@ log "done in $(($(date +%s) - START))s; files: $(cd "$OUT" && ls | tr '\n' ' ')"
 [ -f "$OUT/lora_$MODE.md" ] && cat "$OUT/lora_$MODE.md"
 [ -f "$OUT/qlora_$MODE.md" ] && cat "$OUT/qlora_$MODE.md"
 [ -f "$OUT/dora_$MODE.md" ] && cat "$OUT/dora_$MODE.md"
+[ -f "$OUT/strategies_$MODE.md" ] && cat "$OUT/strategies_$MODE.md"
+[ -f "$OUT/strategy_choice.log" ] && cat "$OUT/strategy_choice.log"
 exit 0

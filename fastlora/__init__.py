@@ -22,6 +22,7 @@ from .multi import lora_linear_multi
 from .peft_io import load_adapter, save_adapter
 from .peft_model import PeftFallbackWarning, fallback_counts, from_peft, reset_fallback_counts
 from .qlora import QLoRALinear, qlora_linear
+from .strategies import set_strategy, strategies, strategy_report  # NOTE: the function shadows the module name
 from .vera import VeRAConfig, VeRALinear, VeRAProjection, apply_vera, merge_vera, vera_layers
 from . import adapters, quant, registry
 
@@ -77,6 +78,9 @@ __all__ = [
     "save_adapter",
     "set_adapter",
     "set_backend",
+    "set_strategy",
+    "strategies",
+    "strategy_report",
     "unmerge_lora",
     "use_backend",
     "vera_layers",

@@ -41,6 +41,7 @@ import torch
 from torch import Tensor
 
 from ._backend import resolve_backend
+from .strategies import ops_for, strategy_backend
 
 # Family of kernels -> the Triton module that implements it (the reference module
 # implements every family).
@@ -50,7 +51,11 @@ _KERNEL_MODULES = {"lora": "fastlora.kernels.lora", "nf4": "fastlora.kernels.nf4
 def backend_module(backend: str, family: str = "lora") -> ModuleType:
     """The module with a backend's forward/backward functions: ``fastlora.reference``
     for ``"reference"``, ``fastlora.kernels.<family>`` for ``"triton"`` (imported on
-    first use only, so importing fastlora never imports Triton)."""
+    first use only, so importing fastlora never imports Triton). A strategy spec
+    (``"triton:lora=cublas,..."``, see ``fastlora.strategies``) gives the object
+    implementing those strategies, with the same functions."""
+    if ":" in backend:
+        return ops_for(backend)
     if backend == "triton":
         return importlib.import_module(_KERNEL_MODULES[family])
     return importlib.import_module("fastlora.reference")
@@ -320,13 +325,15 @@ class FusedOp:
                 # accumulation); fp32 adapters are cast, autograd-tracked. The LoRA, QLoRA and
                 # DoRA kernels take fp32 adapters as they are (the LoRA branch in fp32).
                 args[i_a], args[i_b] = args[i_a].to(x.dtype), args[i_b].to(x.dtype)
+        # The strategies of this call (forced, or "auto": measured inside the op), as a constant string.
+        backend = strategy_backend(self.name, call.backend, args, call.dropout_p)
         if not torch.is_grad_enabled() and not torch.compiler.is_compiling():
             # NOTE: inference (no_grad / inference_mode): no graph to record, so the backend runs
             # directly; autograd.Function.apply would cost more host time than the op itself
             # at small sizes, and saves nothing here anyway.
-            y = self.forward(call.backend, call.seed, *args, float(scaling), call.dropout_p, *consts)[0]
+            y = self.forward(backend, call.seed, *args, float(scaling), call.dropout_p, *consts)[0]
         else:
-            y = self.function.apply(*args, float(scaling), call.dropout_p, *consts, call.seed, call.backend)
+            y = self.function.apply(*args, float(scaling), call.dropout_p, *consts, call.seed, backend)
         return with_leading_dims(y, x)
 
 
