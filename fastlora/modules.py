@@ -13,6 +13,7 @@ Named adapters (PEFT's multi-adapter layers): the first adapter is
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -36,6 +37,18 @@ def check_adapter_name(name, what: str = "adapter_name") -> str:
             f"layer), got {name!r}"
         )
     return name
+
+
+def _warn_merged_training(layer: nn.Module) -> None:
+    """Once per layer: training a merged layer gives its adapters no gradient."""
+    if not layer.__dict__.get("_warned_merged_training", False):
+        layer.__dict__["_warned_merged_training"] = True
+        warnings.warn(
+            f"{type(layer).__name__} is merged (the update is in its weight): in training its adapters receive no "
+            "gradient. Call unmerge() (or fastlora.unmerge_lora(model)) before training, or eval() for inference.",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 class LoRAAdapter(nn.Module):
@@ -640,6 +653,8 @@ class LoRALinear(NamedAdapters, MergeableLinear):
             lora_A = self.lora_A
             if lora_A is not None:
                 if self.merged:
+                    if self.training and lora_A.requires_grad and torch.is_grad_enabled():
+                        _warn_merged_training(self)
                     return F.linear(x, self.weight, self.bias)
                 return lora_linear(
                     x, self.weight, lora_A, self.lora_B, self.scaling, self.bias, dropout=self.dropout, training=self.training

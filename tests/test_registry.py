@@ -173,3 +173,12 @@ def test_merge_in_place_refuses_4bit_layers_before_changing_anything():
     with pytest.raises(ValueError, match=r"merge_lora\(unload=False\): \['0'\] hold 4-bit weights"):
         fastlora.merge_lora(model, unload=False)
     assert not model[2].merged
+
+
+def test_training_a_merged_layer_warns_that_its_adapters_get_no_gradient():
+    model = fastlora.apply_lora(mlp(), r=2, target_modules=["0"])
+    model[0].merge()
+    model.train()
+    with pytest.warns(UserWarning, match="is merged .* its adapters receive no gradient"):
+        model(torch.randn(3, 12, requires_grad=True)).sum().backward()
+    assert model[0].lora_A.grad is None
