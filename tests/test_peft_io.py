@@ -283,3 +283,41 @@ def test_save_adapter_remembers_modules_to_save(tmp_path):
     x = torch.randn(3, 24)
     with torch.no_grad():
         assert_close_to(theirs(x), model.eval()(x), TOL, "PEFT-loaded output with the saved head")
+
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from fastlora.peft_fields import PEFT_LORA_DEFAULTS  # noqa: E402
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(-3, 40) | st.floats(allow_nan=True, allow_infinity=True) | st.text(max_size=6),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+    max_leaves=5,
+)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(field=st.sampled_from(sorted(PEFT_LORA_DEFAULTS)), value=_JSON)
+def test_any_single_config_value_loads_or_is_refused_with_the_model_untouched(tmp_path_factory, field, value):
+    """Property: replacing one field of a valid adapter_config.json by any JSON value
+    either loads, or raises AdapterFormatError with the model bit-identical and its
+    module types unchanged; never another exception, never a half-applied load."""
+    folder = tmp_path_factory.mktemp("adapter")
+    model = apply_lora(base_net(), r=4)
+    save_adapter(model, folder)
+    cfg_file = folder / "adapter_config.json"
+    cfg = json.loads(cfg_file.read_text())
+    cfg[field] = value
+    cfg_file.write_text(json.dumps(cfg))
+    target = apply_lora(base_net(), r=2, target_modules=["head"])
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    types = [type(m) for m in target.modules()]
+    flags = [p.requires_grad for p in target.parameters()]
+    try:
+        load_adapter(target, folder)
+    except AdapterFormatError:
+        after = target.state_dict()
+        assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+        assert types == [type(m) for m in target.modules()]
+        assert flags == [p.requires_grad for p in target.parameters()]
