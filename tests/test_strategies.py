@@ -240,11 +240,13 @@ def test_chooser_times_each_candidate_once_and_keeps_the_fastest():
     assert "lora=cublas" in text and "measured" in text and "k1" in text
 
 
-def test_chooser_without_measurement_uses_the_default():
+def test_chooser_without_measurement_uses_the_default_and_measures_later():
     assert choose("lora", "k2", CPU, CANDS, _runner([])) == "lora=fused"  # CPU, no timer: nothing measured
     (rec,) = fastlora.strategy_report()
     assert rec["source"] == "default" and rec["times_ms"] == {}
     assert "no choice made yet" in str(type(fastlora.strategy_report())())
+    with use_timer(FakeTimer({"lora=fused": 2e-3, "lora=cublas": 1e-3})):  # measurable now: not stuck on the default
+        assert choose("lora", "k2", CPU, CANDS, _runner([])) == "lora=cublas"
 
 
 def test_a_failing_candidate_is_never_chosen():
