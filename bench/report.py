@@ -567,7 +567,7 @@ def write_markdown(path: str, rows: list[dict], stamp: dict, device: str, notes:
                  _ratio(row, "saved_ratio_fastlora_peft"), str(row.get("linear_saved_bytes")),
                  f"{diff:.2e}" if diff is not None else "-"]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "## Targets (DESIGN.md / issue 2; reported, not asserted)", ""]
+    lines += ["", "## Targets (CONTRIBUTING.md, Performance targets; reported, not asserted)", ""]
     lines += ["| shape | dropout | target | measured | met |", "|---|---|---|---|---|"]
     for row in rows:
         for name, value, ok in targets(row, device):

@@ -6,13 +6,17 @@
 Two sections (issue 3, "Benchmarks"):
 
 1. **Dequantize** a 4-bit weight (nf4 / fp4, double quantization on / off,
-   blocksize 64) to the weight dtype: fastlora's ``dequantize_4bit`` (the
-   reference twin on CPU, the Triton kernel on CUDA; on CUDA the reference is
-   timed too) vs ``bitsandbytes.functional.dequantize_4bit``, and a device copy
+   blocksize 64) to the weight dtype (CPU: fp32, fp16 and bf16; CUDA: bf16):
+   fastlora's ``dequantize_4bit`` (the reference twin on CPU, the Triton
+   kernel on CUDA; on CUDA the reference is timed too) vs
+   ``bitsandbytes.functional.dequantize_4bit``, and a device copy
    ``dst.copy_(src)`` of the same number of output bytes measured in the same
-   run. GB/s counts bytes read + written: packed codes + absmax (+ nested
-   absmax and offset) + the output (code tables excluded: 64 B / 1 KiB). The
-   copy moves 2x the output bytes; "of copy" = dequant GB/s / copy GB/s.
+   run. fastlora/bnb is the ratio of the medians; "per round" is the median
+   (p20-p80) of the ratios of the two calls of each interleaved round, which
+   load from other processes disturbs less. GB/s counts bytes read + written:
+   packed codes + absmax (+ nested absmax and offset) + the output (code
+   tables excluded: 64 B / 1 KiB). The copy moves 2x the output bytes; "of
+   copy" = dequant GB/s / copy GB/s.
 2. **QLoRA layer** forward, backward and forward+backward at the same shape:
    fastlora ``QLoRALinear`` (nf4, double quant, blocksize 64) vs fastlora
    ``LoRALinear`` on the full-precision weight (same dtype) vs PEFT LoRA on a
@@ -108,13 +112,17 @@ class DequantCase:
         return f"{self.N}x{self.K}-{self.quant_type}-dq{int(self.double_quant)}-{SHORT[self.dtype]}"
 
 
+def dequant_dtypes(device: str) -> tuple[torch.dtype, ...]:
+    """Output dtypes of the dequant section: bf16 on CUDA; fp32, fp16, bf16 on CPU."""
+    return (torch.bfloat16,) if device == "cuda" else (torch.float32, torch.float16, torch.bfloat16)
+
+
 def default_dequant_cases(device: str, quick: bool) -> list[DequantCase]:
-    """4096x4096 bf16 on CUDA, 2048x2048 fp32 on CPU (quick: 1024^2 / 512^2); nf4/fp4 x double quant on/off."""
-    if device == "cuda":
-        n, dtype = (1024 if quick else 4096), torch.bfloat16
-    else:
-        n, dtype = (512 if quick else 2048), torch.float32
-    return [DequantCase(n, n, qt, dq, dtype) for qt in QUANT_TYPES for dq in DOUBLE_QUANT]
+    """4096x4096 on CUDA, 2048x2048 on CPU (quick: 1024^2 / 512^2); nf4/fp4 x double quant on/off x
+    :func:`dequant_dtypes` (the weight is quantized from, and dequantized to, that dtype)."""
+    n = (1024 if quick else 4096) if device == "cuda" else (512 if quick else 2048)
+    return [DequantCase(n, n, qt, dq, dtype) for qt in QUANT_TYPES for dq in DOUBLE_QUANT
+            for dtype in dequant_dtypes(device)]
 
 
 def default_layer_shapes(device: str, quick: bool) -> list[Shape]:
@@ -215,8 +223,15 @@ def build_dequant(case: DequantCase, device: str, with_bnb: bool = True) -> tupl
     return fns, info
 
 
-def time_calls(fns: dict[str, Callable[[], object]], device: str, reps: int, warmup: int) -> dict[str, list[float]]:
+def time_calls(fns: dict[str, Callable[[], object]], device: str, reps: int, warmup: int,
+               cpu_samples: dict[str, list[float]] | None = None) -> dict[str, list[float]]:
     """Seconds per call of each function, interleaved round by round.
+
+    On CPU, ``cpu_samples`` (if given) also receives each call's CPU time of the
+    calling thread (``time.thread_time``): with one thread everything (PyTorch
+    ops and bitsandbytes' native loop) runs in that thread, so this excludes the
+    time other processes hold the core, which dominates wall time on a loaded
+    machine.
 
     On CUDA each call is bracketed by events with a 256 MiB L2 flush before it
     (untimed; it also keeps the GPU busy while the call is launched, so launch
@@ -242,14 +257,20 @@ def time_calls(fns: dict[str, Callable[[], object]], device: str, reps: int, war
             samples[name] = [s.elapsed_time(e) / 1e3 for s, e in evs]
         return samples
     clock = Clock(device)
+    if cpu_samples is not None:
+        cpu_samples.update({k: [] for k in fns})
     for rnd in range(warmup + reps):
         for name, fn in fns.items():
+            c0 = time.thread_time()
             t0 = clock.start()
             out = fn()
             t = clock.stop(t0)
+            c = time.thread_time() - c0
             del out
             if rnd >= warmup:
                 samples[name].append(t)
+                if cpu_samples is not None:
+                    cpu_samples[name].append(c)
     return samples
 
 
@@ -269,7 +290,8 @@ def run_dequant(case: DequantCase, device: str, reps: int, warmup: int, with_bnb
     for key in ("fastlora_equals_reference", "packed_equals_bnb", "output_equals_bnb"):
         if key in info:
             row[key] = info[key]
-    samples = time_calls(fns, device, reps, warmup)
+    cpu_samples: dict[str, list[float]] | None = {} if device == "cpu" else None
+    samples = time_calls(fns, device, reps, warmup, cpu_samples)
     copy_med = put_quantiles(row, "copy", samples.pop("copy"))
     row["copy_gbps"] = 2 * info["bytes_written"] / copy_med / 1e9
     for impl, vals in samples.items():
@@ -278,6 +300,16 @@ def run_dequant(case: DequantCase, device: str, reps: int, warmup: int, with_bnb
         row[f"{impl}_of_copy"] = row[f"{impl}_gbps"] / row["copy_gbps"]
     if "bnb_ms" in row:
         row["ratio_fastlora_bnb"] = row["fastlora_ms"] / row["bnb_ms"]
+        # Paired: round i timed fastlora then bnb back to back, so a burst of load hits both.
+        paired = [f / b for f, b in zip(samples["fastlora"], samples["bnb"])]
+        p20, med, p80 = quantiles(paired)
+        row["ratio_per_round"], row["ratio_per_round_p20"], row["ratio_per_round_p80"] = med, p20, p80
+    if cpu_samples:
+        for impl in ("fastlora", "bnb"):
+            if impl in cpu_samples:
+                put_quantiles(row, f"{impl}_cpu", cpu_samples[impl])
+        if "bnb_cpu_ms" in row:
+            row["ratio_fastlora_bnb_cpu"] = row["fastlora_cpu_ms"] / row["bnb_cpu_ms"]
     return row, info["notes"]
 
 
@@ -456,21 +488,33 @@ def write_markdown(path: str, deq_rows: list[dict], layer_rows: list[dict], stam
         lines += ["## Dequantize 4-bit -> weight dtype (blocksize 64)", "",
                   f"fastlora = {deq_rows[0]['fastlora_impl']}; bnb = bitsandbytes.functional.dequantize_4bit. "
                   "GB/s = (packed + absmax [+ nested absmax + offset] read + output written) / median time; "
-                  "copy GB/s = 2 x output bytes / median time of dst.copy_(src); 'of copy' = GB/s / copy GB/s.", ""]
-        head = ["weight", "MiB moved", "fastlora ms", "fastlora GB/s", "fl of copy"]
+                  "copy GB/s = 2 x output bytes / median time of dst.copy_(src); 'of copy' = GB/s / copy GB/s. "
+                  "fastlora/bnb = ratio of the medians (< 1: fastlora faster); per round = median (p20-p80) of "
+                  "fastlora/bnb within each interleaved round. CPU ms (CPU only): CPU time of the calling "
+                  "thread per call (time.thread_time), which leaves out the time other processes hold the core.",
+                  ""]
+        head = ["weight", "fastlora ms", "bnb ms", "fastlora/bnb", "fastlora/bnb per round"]
+        cpu_time = any("fastlora_cpu_ms" in r for r in deq_rows)
+        if cpu_time:
+            head += ["fastlora CPU ms", "bnb CPU ms", "fastlora/bnb CPU"]
         for i in extra:
             head += [f"{i} ms", f"{i} GB/s"]
-        head += ["bnb ms", "bnb GB/s", "bnb of copy", "fl/bnb time", "copy ms", "copy GB/s", "== bnb (bytes, values)"]
+        head += ["MiB moved", "fastlora GB/s", "bnb GB/s", "copy ms", "copy GB/s", "fl of copy", "bnb of copy",
+                 "== bnb (bytes, values)"]
         body = []
         for r in deq_rows:
-            cells = [r["case"], f"{r['bytes_moved'] / 2**20:.2f}", _q(r, "fastlora"), _num(r, "fastlora_gbps", ".3g"),
-                     _num(r, "fastlora_of_copy")]
+            per_round = (f"{r['ratio_per_round']:.2f} ({r['ratio_per_round_p20']:.2f}-{r['ratio_per_round_p80']:.2f})"
+                         if "ratio_per_round" in r else "n/a")
+            cells = [r["case"], _q(r, "fastlora"), _q(r, "bnb"), _num(r, "ratio_fastlora_bnb", ".2f"), per_round]
+            if cpu_time:
+                cells += [_q(r, "fastlora_cpu"), _q(r, "bnb_cpu"), _num(r, "ratio_fastlora_bnb_cpu", ".2f")]
             for i in extra:
                 cells += [_q(r, i), _num(r, f"{i}_gbps", ".3g")]
             exact = (f"{_num(r, 'packed_equals_bnb')}, {_num(r, 'output_equals_bnb')}"
                      if "output_equals_bnb" in r else "n/a")
-            cells += [_q(r, "bnb"), _num(r, "bnb_gbps", ".3g"), _num(r, "bnb_of_copy"), _num(r, "ratio_fastlora_bnb"),
-                      _q(r, "copy"), _num(r, "copy_gbps", ".3g"), exact]
+            cells += [f"{r['bytes_moved'] / 2**20:.2f}", _num(r, "fastlora_gbps", ".3g"), _num(r, "bnb_gbps", ".3g"),
+                      _q(r, "copy"), _num(r, "copy_gbps", ".3g"), _num(r, "fastlora_of_copy"), _num(r, "bnb_of_copy"),
+                      exact]
             body.append(cells)
         lines += _table(head, body)
         if any("fastlora_equals_reference" in r for r in deq_rows):
@@ -569,6 +613,12 @@ def main(argv: list[str] | None = None) -> int:
         notes.append("CPU: fastlora runs its reference path (PyTorch ops; dequantizes W to a temporary in forward "
                      "and again in backward); the Triton kernels need CUDA. Every dequant call allocates its output "
                      "(page faults included); the copy writes into a preallocated tensor")
+        notes.append("CPU dequant: fastlora gathers two fp32 values per packed byte from a 256-entry table "
+                     "(torch.index_select, one scalar load/store per byte), scales each block in place and converts "
+                     "once, in chunks of 2**19 elements; bitsandbytes runs one native C++ loop over the output. The "
+                     "gather alone costs about as much as bitsandbytes' whole call")
+        notes.append(f"the machine is shared ({os.cpu_count()} logical CPUs, see the load averages above): other "
+                     "processes add noise; the per-round ratio pairs the two calls of each round")
     else:
         notes.append("CUDA: fastlora runs the Triton kernels (dequant-in-GEMM for the layer); each dequant/copy "
                      f"call is preceded by an untimed {FLUSH_BYTES // 2**20} MiB L2 flush")
@@ -611,12 +661,13 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         try:
             if kind == "dequant":
-                reps = args.reps or (5 if args.quick else (100 if device == "cuda" else 40))
+                reps = args.reps or (5 if args.quick else (100 if device == "cuda" else 60))
                 row, case_notes = run_dequant(case, device, reps, warmup, with_bnb)
                 notes += [n for n in case_notes if n not in notes]
                 deq_rows.append(row)
                 print(f"dequant {case.label}: fastlora {_q(row, 'fastlora')} ms {_num(row, 'fastlora_gbps', '.3g')} GB/s "
-                      f"({_num(row, 'fastlora_of_copy')} of copy); bnb {_q(row, 'bnb')} ms "
+                      f"({_num(row, 'fastlora_of_copy')} of copy); bnb {_q(row, 'bnb')} ms; fastlora/bnb "
+                      f"{_num(row, 'ratio_fastlora_bnb', '.2f')} (CPU time {_num(row, 'ratio_fastlora_bnb_cpu', '.2f')}) "
                       f"[{time.perf_counter() - t0:.1f}s]", flush=True)
             else:
                 reps = args.reps or default_layer_reps(device, args.quick)

@@ -1,7 +1,8 @@
 """pytest-benchmark suite: QLoRA, fastlora vs bitsandbytes (+ PEFT).
 
 * ``test_dequant``: dequantize one 4-bit weight (nf4 / fp4, double quant on /
-  off, blocksize 64): fastlora (reference on CPU, Triton kernel on CUDA) vs
+  off, blocksize 64; output fp32 / fp16 / bf16 on CPU, bf16 on CUDA, as the
+  report): fastlora (reference on CPU, Triton kernel on CUDA) vs
   ``bitsandbytes.functional.dequantize_4bit`` vs a device copy of the output's
   bytes. ``extra_info``: p20/p80 (ms), GB/s (quant state read + output
   written; the copy: 2x the output).
@@ -38,6 +39,7 @@ from report_qlora import (  # noqa: E402
     build_qlora_layers,
     default_dequant_cases,
     default_layer_shapes,
+    dequant_dtypes,
     have_bnb,
     have_peft,
 )
@@ -73,13 +75,16 @@ def _record_quantiles(benchmark) -> float | None:
 
 
 @pytest.mark.parametrize("impl", ["fastlora", "bnb", "copy"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize("double_quant", DOUBLE_QUANT, ids=lambda dq: f"dq{int(dq)}")
 @pytest.mark.parametrize("quant_type", QUANT_TYPES)
-def test_dequant(benchmark, pytestconfig, bench_device, bench_rounds, quant_type, double_quant, impl):
+def test_dequant(benchmark, pytestconfig, bench_device, bench_rounds, quant_type, double_quant, dtype, impl):
     if impl == "bnb" and not have_bnb():
         pytest.skip("bitsandbytes is not importable: the bitsandbytes baseline is skipped")
+    if dtype not in dequant_dtypes(bench_device):
+        pytest.skip(f"the report dequantizes to {dequant_dtypes(bench_device)} on {bench_device}")
     size = default_dequant_cases(bench_device, _quick(pytestconfig))[0]
-    case = DequantCase(size.N, size.K, quant_type, double_quant, size.dtype)
+    case = DequantCase(size.N, size.K, quant_type, double_quant, dtype)
     fns, info = _cached(("dequant", case, bench_device), lambda: build_dequant(case, bench_device))
     if impl not in fns:
         pytest.skip(f"{impl} dequantize is unavailable here: {'; '.join(info['notes']) or 'see report_qlora.py'}")

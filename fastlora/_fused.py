@@ -141,6 +141,8 @@ class FusedOp:
       differentiable_forward: ``(seed, *inputs, *consts) -> y`` in differentiable
         torch ops (the bias input None), for ``create_graph=True`` backward; by
         default the reference backend's ``forward``.
+      cast_adapters_for_kernels: cast fp32 adapters to the activation dtype on the
+        Triton backend (for kernels that read them in that dtype).
     """
 
     def __init__(
@@ -160,6 +162,7 @@ class FusedOp:
         validate: Callable,
         autocast: Sequence[str],
         differentiable_forward: Callable | None = None,
+        cast_adapters_for_kernels: bool = False,
         doc: str = "",
     ) -> None:
         self.name = name
@@ -176,6 +179,7 @@ class FusedOp:
         self.differentiable_forward = differentiable_forward or (lambda seed, *args: forward("reference", seed, *args)[0])
         self.autocast_index = tuple(self.input_names.index(n) for n in autocast)
         self.adapter_index = tuple(self.input_names.index(n) for n in ("lora_A", "lora_B"))
+        self.cast_adapters_for_kernels = cast_adapters_for_kernels
         self._register_custom_ops(fake_forward, fake_backward)
         self.function = self._make_function(function_name, doc)
 
@@ -314,15 +318,22 @@ class FusedOp:
         call = self.prepare(x, dropout, training)
         args = list(inputs)
         args[0] = call.x2d
-        if call.backend == "triton":
+        if call.backend == "triton" and self.cast_adapters_for_kernels:
             i_a, i_b = self.adapter_index
             if args[i_a].dtype != x.dtype:
-                # NOTE: the kernels read the adapters in the activation dtype (fp32
-                # accumulation throughout); fp32 adapters are cast, autograd-tracked.
+                # NOTE: this op's kernels read the adapters in the activation dtype (fp32
+                # accumulation); fp32 adapters are cast, autograd-tracked. The LoRA, QLoRA and
+                # DoRA kernels take fp32 adapters as they are (the LoRA branch in fp32).
                 args[i_a], args[i_b] = args[i_a].to(x.dtype), args[i_b].to(x.dtype)
         # The strategies of this call (forced, or "auto": measured inside the op), as a constant string.
         backend = strategy_backend(self.name, call.backend, args, call.dropout_p)
-        y = self.function.apply(*args, float(scaling), call.dropout_p, *consts, call.seed, backend)
+        if not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            # NOTE: inference (no_grad / inference_mode): no graph to record, so the backend runs
+            # directly; autograd.Function.apply would cost more host time than the op itself
+            # at small sizes, and saves nothing here anyway.
+            y = self.forward(backend, call.seed, *args, float(scaling), call.dropout_p, *consts)[0]
+        else:
+            y = self.function.apply(*args, float(scaling), call.dropout_p, *consts, call.seed, backend)
         return with_leading_dims(y, x)
 
 

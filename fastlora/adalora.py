@@ -179,6 +179,10 @@ class AdaLoRALinear(MergeableLinear):
             dropout=self.dropout, training=self.training,
         )
 
+    def peft_tensors(self) -> dict[str, Tensor]:
+        """This layer's entries of a PEFT AdaLoRA adapter file (no ``.weight`` suffix)."""
+        return {"lora_A": self.lora_A, "lora_B": self.lora_B, "lora_E": self.lora_E}
+
     @torch.no_grad()
     def delta_weight(self) -> Tensor:
         """``(lora_B @ (lora_A * lora_E)) * scaling / (ranknum + 1e-5)`` [out, in], as

@@ -26,6 +26,7 @@ from .peft_fields import ALIASES, PEFT_LORA_DEFAULTS, default_target_modules, in
 from .qlora import QLoRALinear
 from .registry import (
     adapter_layers,
+    is_adapter_layer,
     apply_adapter,
     count_parameters,
     merge_adapters,
@@ -216,11 +217,39 @@ def lora_layers(model: nn.Module) -> dict[str, LoRALinear | QLoRALinear]:
     return adapter_layers(model, "lora")
 
 
-def merge_lora(model: nn.Module) -> nn.Module:
-    """Replace every adapter layer (LoRA, and VeRA / AdaLoRA ones too) by a plain
-    module with the update merged in (in place); returns ``model`` (a bare
-    adapter layer returns its merged ``nn.Linear``)."""
-    return merge_adapters(model)
+def merge_lora(model: nn.Module, *, unload: bool = True) -> nn.Module:
+    """Merge every adapter layer's update (LoRA, and VeRA / AdaLoRA / the other
+    kinds too) into its base weight; returns ``model``.
+
+    ``unload=True`` (PEFT's ``merge_and_unload``): each adapter layer is replaced
+    by a plain module of its base type with the update merged in (a bare
+    adapter layer returns its merged module). ``unload=False`` (PEFT's
+    ``merge_adapter``): the layers stay, merged in place (their forward skips the
+    adapters), and :func:`unmerge_lora` subtracts the updates again. 4-bit layers
+    cannot merge in place without re-quantizing: with ``unload=False`` they are a
+    ValueError naming them, raised before any layer changes."""
+    if unload:
+        return merge_adapters(model)
+    layers = {"": model} if is_adapter_layer(model) else adapter_layers(model)
+    quantized = sorted(n for n, m in layers.items() if isinstance(m, QLoRALinear))
+    if quantized:
+        raise ValueError(
+            f"merge_lora(unload=False): {quantized} hold 4-bit weights, which cannot take the update in place "
+            "without re-quantizing; use merge_lora(model) (full-precision layers) or layer.merge_and_quantize()"
+        )
+    for layer in layers.values():
+        layer.merge()
+    return model
 
 
-__all__ = ["LoRAConfig", "QUANT_TYPES", "upcast_adapters", "apply_lora", "count_parameters", "lora_layers", "merge_lora"]
+def unmerge_lora(model: nn.Module) -> nn.Module:
+    """Undo :func:`merge_lora` ``(unload=False)``: subtract each merged layer's update
+    from its base weight (exact up to the weight dtype's rounding); returns ``model``."""
+    layers = {"": model} if is_adapter_layer(model) else adapter_layers(model)
+    for layer in layers.values():
+        if layer.merged:
+            layer.unmerge()
+    return model
+
+
+__all__ = ["LoRAConfig", "QUANT_TYPES", "upcast_adapters", "apply_lora", "count_parameters", "lora_layers", "merge_lora", "unmerge_lora"]

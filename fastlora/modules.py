@@ -1,8 +1,19 @@
-"""nn.Linear drop-ins with a LoRA adapter: :class:`LoRALinear`."""
+"""nn.Linear drop-ins with LoRA adapters: :class:`LoRALinear`, and the named
+adapters that it and :class:`fastlora.QLoRALinear` share (:class:`NamedAdapters`).
+
+Named adapters (PEFT's multi-adapter layers): the first adapter is
+``"default"`` and lives in the layer's own attributes (``lora_A``, ``lora_B``,
+``r``, ``alpha``, ``scaling``, ``dropout``, ``use_rslora``: state-dict keys
+``lora_A`` / ``lora_B``, as before); every other adapter is a
+:class:`LoRAAdapter` in the ``nn.ModuleDict`` ``lora_adapters`` (state-dict keys
+``lora_adapters.<name>.lora_A`` [r, in] and ``lora_adapters.<name>.lora_B``
+[out, r]). The model-level API is :mod:`fastlora.adapters`.
+"""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -10,6 +21,367 @@ from torch import Tensor, nn
 
 from .functional import lora_linear
 from .validation import INITS, check_init, check_lora_hyperparameters, lora_scaling, pissa_niter
+
+DEFAULT_ADAPTER = "default"  # the adapter in the layer's own attributes (PEFT's first adapter name)
+BASE_ONLY = "__base__"  # PEFT's adapter_names entry for rows that get the base layer alone
+_DEFAULT_ONLY = [DEFAULT_ADAPTER]
+
+
+def check_adapter_name(name, what: str = "adapter_name") -> str:
+    """A usable adapter name: a non-empty string without ``"."`` (an nn.ModuleDict
+    key, as PEFT's), never ``"__base__"`` (PEFT's marker for the base layer)."""
+    if not isinstance(name, str) or not name or "." in name or name == BASE_ONLY:
+        raise ValueError(
+            f"{what} must be a non-empty string without '.' and other than {BASE_ONLY!r} (PEFT's marker for the base "
+            f"layer), got {name!r}"
+        )
+    return name
+
+
+class LoRAAdapter(nn.Module):
+    """One named LoRA adapter of a layer (every adapter but ``"default"``).
+
+    ``lora_A`` [r, in], ``lora_B`` [out, r] and the hyperparameters ``r``,
+    ``alpha``, ``dropout``, ``use_rslora``, ``scaling`` (``alpha / r``, or
+    ``alpha / sqrt(r)``), the same names the layer uses for its default adapter.
+    Initialised as PEFT does (``"default"``: A kaiming-uniform a=sqrt(5);
+    ``"gaussian"``: A ~ N(0, 1/r); B = 0 in both).
+    """
+
+    def __init__(
+        self, in_features: int, out_features: int, *, r: int = 8, alpha: float = 8.0, dropout: float = 0.0,
+        use_rslora: bool = False, init: str = "default", device=None, dtype=None,
+    ) -> None:  # fmt: skip
+        super().__init__()
+        check_lora_hyperparameters(r, alpha, dropout)
+        if check_init(init) not in ("default", "gaussian"):
+            raise NotImplementedError(
+                f"LoRAAdapter(init={init!r}): PiSSA / OLoRA rewrite the base weight, which the layer's other adapters "
+                "share; a named adapter supports init='default' and init='gaussian'"
+            )
+        self._set_hyperparameters(r, alpha, dropout, use_rslora)
+        self.lora_A = nn.Parameter(torch.empty(r, in_features, device=device, dtype=dtype))
+        self.lora_B = nn.Parameter(torch.empty(out_features, r, device=device, dtype=dtype))
+        self.reset_parameters(init)
+
+    def _set_hyperparameters(self, r: int, alpha: float, dropout: float, use_rslora: bool) -> None:
+        self.r = r
+        self.alpha = float(alpha)
+        self.dropout = float(dropout)
+        self.use_rslora = bool(use_rslora)
+        self.scaling = lora_scaling(r, alpha, use_rslora)
+
+    @classmethod
+    def from_parameters(
+        cls, lora_A: nn.Parameter, lora_B: nn.Parameter, *, alpha: float, dropout: float, use_rslora: bool
+    ) -> "LoRAAdapter":
+        """An adapter around existing parameters (shared, not copied: an optimizer
+        holding them keeps working)."""
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self._set_hyperparameters(lora_A.shape[0], alpha, dropout, use_rslora)
+        self.lora_A = lora_A
+        self.lora_B = lora_B
+        return self
+
+    @torch.no_grad()
+    def reset_parameters(self, init: str = "default") -> None:
+        if init == "gaussian":
+            nn.init.normal_(self.lora_A, std=1.0 / self.r)
+        else:
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B)
+
+    def extra_repr(self) -> str:
+        return (
+            f"r={self.r}, alpha={self.alpha:g}, scaling={self.scaling:g}, dropout={self.dropout:g}"
+            + (", rslora=True" if self.use_rslora else "")
+        )
+
+
+def rows_forward(x: Tensor, adapter_ids: Tensor, n_adapters: int, run, base) -> Tensor:
+    """A mixed batch, one adapter per row of x's first dimension: ``y[m] =
+    run(x[m], a)`` for ``a = adapter_ids[m] >= 0``, ``base(x[m])`` for ``-1``.
+
+    One call per adapter that has rows (PEFT loops the same way). This is the one
+    place a layer's mixed batch is computed: the segmented op
+    ``fastlora.lora_linear_multi(x, weight, lora_A [n, r, K], lora_B [n, N, r],
+    scaling [n], adapter_ids, bias, dropout=..., training=...)`` takes exactly the
+    ids built here (``-1`` = base only) and replaces this loop for a dense base.
+    """
+    out = None
+    for a in range(-1, n_adapters):
+        rows = (adapter_ids == a).nonzero().squeeze(1)
+        if rows.numel() == 0:
+            continue
+        y = base(x[rows]) if a < 0 else run(x[rows], a)
+        if out is None:
+            out = y.new_empty(*x.shape[:-1], y.shape[-1])
+        out.index_copy_(0, rows, y)
+    return base(x) if out is None else out
+
+
+class NamedAdapters:
+    """Several named LoRA adapters on one linear layer, as PEFT's LoRA layers hold them.
+
+    The default adapter is the layer's own ``lora_A`` / ``lora_B`` / ``r`` /
+    ``alpha`` / ``scaling`` / ``dropout`` / ``use_rslora`` (all None once the
+    default adapter is deleted, or when the layer was built for another name);
+    the others are :class:`LoRAAdapter` modules in ``self.lora_adapters``.
+
+    ``active_adapters``: the adapters the forward uses (their updates summed, as
+    PEFT's; names this layer lacks are skipped); ``disable_adapters``: the base
+    layer alone; ``merged_adapters``: what :meth:`merge` added into the weight.
+
+    A layer class provides ``_fused(x, lora_A, lora_B, scaling, dropout)`` (one
+    fused call: base + one LoRA term), ``_base_forward(x)``, ``_acc_dtype()``
+    and ``_unmerge_for_disable()``.
+    """
+
+    lora_A: nn.Parameter | None
+    lora_B: nn.Parameter | None
+
+    def _init_named_adapters(self) -> None:
+        self.lora_adapters = nn.ModuleDict()
+        self.active_adapters = [DEFAULT_ADAPTER]
+        self.disable_adapters = False
+        self.merged_adapters: list[str] = []
+
+    def __setstate__(self, state: dict) -> None:
+        # NOTE: a layer pickled whole before named adapters existed has none of their state
+        super().__setstate__(state)
+        if "active_adapters" not in self.__dict__:
+            self._init_named_adapters()
+
+    # -- what the layer holds ------------------------------------------------------
+    def adapter_names(self) -> list[str]:
+        """This layer's adapters: ``"default"`` (if present) first, then the others in insertion order."""
+        names = [DEFAULT_ADAPTER] if self.lora_A is not None else []
+        return names + list(self.lora_adapters.keys())
+
+    def has_adapter(self, name: str) -> bool:
+        return (self.lora_A is not None) if name == DEFAULT_ADAPTER else name in self.lora_adapters
+
+    def adapter(self, name: str):
+        """The object holding adapter ``name``'s ``lora_A``, ``lora_B``, ``r``, ``alpha``,
+        ``scaling``, ``dropout``, ``use_rslora``: the layer itself for ``"default"``,
+        its :class:`LoRAAdapter` otherwise."""
+        if not self.has_adapter(name):
+            raise KeyError(f"{type(self).__name__} has no adapter {name!r}; its adapters are {self.adapter_names()}")
+        return self if name == DEFAULT_ADAPTER else self.lora_adapters[name]
+
+    def _present(self, names: Sequence[str]) -> list[str]:
+        return [n for n in names if self.has_adapter(n)]
+
+    def _refuse_variant(self, what: str) -> None:
+        # NOTE: DoRA subclasses (fastlora.dora) add a magnitude whose norm belongs to one
+        # adapter; several named adapters on them are not defined here yet.
+        if "lora_magnitude" in self._parameters:
+            raise NotImplementedError(f"{what}: {type(self).__name__} is a DoRA layer; named adapters support plain LoRA layers only")
+
+    # -- changing the adapters -----------------------------------------------------
+    def add_adapter(
+        self, name: str, *, r: int = 8, alpha: float = 8.0, dropout: float = 0.0, use_rslora: bool = False,
+        init: str = "default", dtype: torch.dtype | None = None,
+    ) -> None:  # fmt: skip
+        """Add adapter ``name`` [r, in] / [out, r] on the base weight's device, in
+        ``dtype`` (default: the base weight's, as PEFT creates it). PEFT's init:
+        B = 0, so a fresh adapter changes no output. It is not made active and keeps
+        requires_grad=True until :meth:`set_adapter` decides (the model-level
+        :func:`fastlora.adapters.add_adapter` freezes it, as PEFT does)."""
+        self._refuse_variant("add_adapter")
+        check_adapter_name(name, "name")
+        if self.has_adapter(name):
+            raise ValueError(f"{type(self).__name__} already has an adapter {name!r}")
+        adapter = LoRAAdapter(
+            self.in_features, self.out_features, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora, init=init,
+            device=self._adapter_device(), dtype=dtype or self._adapter_dtype(),
+        )  # fmt: skip
+        self.insert_adapter(name, adapter)
+
+    def insert_adapter(self, name: str, adapter: LoRAAdapter) -> None:
+        """Attach a built :class:`LoRAAdapter` as ``name`` (``"default"`` goes into the
+        layer's own attributes, sharing the adapter's parameters); the shapes are checked."""
+        self._refuse_variant("insert_adapter")
+        check_adapter_name(name, "name")
+        if self.has_adapter(name):
+            raise ValueError(f"{type(self).__name__} already has an adapter {name!r}")
+        expected = ((adapter.r, self.in_features), (self.out_features, adapter.r))
+        got = (tuple(adapter.lora_A.shape), tuple(adapter.lora_B.shape))
+        if got != expected:
+            raise ValueError(f"adapter {name!r}: lora_A/lora_B have shapes {got}, this layer needs {expected}")
+        if name == DEFAULT_ADAPTER:
+            self.lora_A, self.lora_B = adapter.lora_A, adapter.lora_B
+            self.r, self.alpha, self.dropout = adapter.r, adapter.alpha, adapter.dropout
+            self.use_rslora, self.scaling = adapter.use_rslora, adapter.scaling
+        else:
+            self.lora_adapters[name] = adapter
+
+    def delete_adapter(self, name: str) -> None:
+        """Remove adapter ``name`` (and from the active set). A merged adapter is
+        refused: unmerge first (PEFT refuses too)."""
+        self.adapter(name)
+        if self.merged and name in self.merged_adapters:
+            raise ValueError(f"delete_adapter: adapter {name!r} is merged into the weight; unmerge() first")
+        if name == DEFAULT_ADAPTER:
+            self.lora_A = None
+            self.lora_B = None
+            self.r = self.alpha = self.dropout = self.use_rslora = self.scaling = None
+        else:
+            del self.lora_adapters[name]
+        self.active_adapters = [n for n in self.active_adapters if n != name]
+
+    def rename_default(self, name: str) -> None:
+        """Move the default adapter to ``name`` (its parameters are moved, not copied):
+        a layer built for another adapter name keeps it in ``lora_adapters``."""
+        if name == DEFAULT_ADAPTER:
+            return
+        self._refuse_variant("rename_default")
+        adapter = LoRAAdapter.from_parameters(
+            self.adapter(DEFAULT_ADAPTER).lora_A, self.lora_B, alpha=self.alpha, dropout=self.dropout, use_rslora=self.use_rslora
+        )
+        check_adapter_name(name, "name")
+        if self.has_adapter(name):
+            raise ValueError(f"{type(self).__name__} already has an adapter {name!r}")
+        self.delete_adapter(DEFAULT_ADAPTER)
+        self.lora_adapters[name] = adapter
+        self.active_adapters = [name if n == DEFAULT_ADAPTER else n for n in self.active_adapters]
+
+    def set_adapter(self, names: str | Sequence[str], *, inference_mode: bool = False) -> None:
+        """Make ``names`` the active adapters (PEFT's layer ``set_adapter``): their
+        parameters require grad (unless ``inference_mode``), every other adapter's
+        are frozen. Names this layer lacks are kept in the active set and skipped."""
+        names = [names] if isinstance(names, str) else list(names)
+        for name in self.adapter_names():
+            slot = self.adapter(name)
+            for p in (slot.lora_A, slot.lora_B):
+                p.requires_grad_(name in names and not inference_mode)
+        self.active_adapters = names
+
+    def peft_tensors(self, adapter_name: str = DEFAULT_ADAPTER) -> dict[str, Tensor]:
+        """Adapter ``adapter_name``'s entries of a PEFT adapter file, keyed relative
+        to the module name (``lora_A.weight`` [r, in], ``lora_B.weight`` [out, r]);
+        the live parameters, not copies."""
+        slot = self.adapter(adapter_name)
+        return {"lora_A.weight": slot.lora_A, "lora_B.weight": slot.lora_B}
+
+    # -- the forward ---------------------------------------------------------------
+    def _single_default(self) -> bool:
+        """True when the forward is the one fused call on the default adapter (the common case)."""
+        return self.active_adapters == [DEFAULT_ADAPTER] and self.lora_A is not None and not self.disable_adapters
+
+    def _named_forward(self, x: Tensor, adapter_names: Sequence[str] | None) -> Tensor:
+        if self.disable_adapters:
+            if self.merged:
+                self._unmerge_for_disable()  # PEFT unmerges on a disabled forward too
+            return self._base_forward(x)
+        if adapter_names is not None:
+            return self._mixed_batch_forward(x, adapter_names)
+        if self.merged:
+            return self._base_forward(x)
+        return self._adapters_forward(x, self._present(self.active_adapters))
+
+    def _adapters_forward(self, x: Tensor, names: Sequence[str]) -> Tensor:
+        """``base(x) + sum_i scaling_i * dropout_i(x) A_i^T B_i^T`` (PEFT's sum over the
+        active adapters, each with its own dropout).
+
+        Without dropout (or in eval) every adapter joins one fused call: A
+        concatenated along r, B likewise with each block multiplied by
+        ``scaling_i / scaling_0`` (exact: the same sum of rank-1 terms). In training,
+        PEFT draws an independent mask per adapter, so an adapter with dropout
+        cannot share the fused call's one mask: the adapters without dropout share
+        the fused call, and each one with dropout adds its own term the way PEFT
+        computes it (its dropped input is then saved for backward, as in PEFT).
+        Saved for backward by the fused call: X, S [M, sum r] and the concatenated
+        A [sum r, K] and B [N, sum r] (adapter-sized; a single adapter's are its
+        parameters, nothing new).
+        """
+        if not names:
+            return self._base_forward(x)
+        slots = [self.adapter(n) for n in names]
+        if len(slots) == 1:
+            s = slots[0]
+            return self._fused(x, s.lora_A, s.lora_B, s.scaling, s.dropout)
+        if self.training:
+            shared = [s for s in slots if s.dropout == 0.0]
+            groups = ([shared] if shared else []) + [[s] for s in slots if s.dropout > 0.0]
+        else:
+            groups = [slots]
+        first, rest = groups[0], groups[1:]
+        y = self._fused(x, *_concat_adapters(first))
+        for (s,) in rest:
+            h = x.to(s.lora_A.dtype)
+            term = F.linear(F.linear(F.dropout(h, s.dropout, True), s.lora_A), s.lora_B) * s.scaling
+            y = y + term.to(y.dtype)
+        return y
+
+    def _mixed_batch_forward(self, x: Tensor, adapter_names: Sequence[str]) -> Tensor:
+        """PEFT's mixed batch: row ``m`` of x's first dimension gets adapter
+        ``adapter_names[m]`` alone (``"__base__"``, or a name this layer lacks: the
+        base layer alone), whatever the active set."""
+        if isinstance(adapter_names, str) or len(adapter_names) != x.shape[0]:
+            got = repr(adapter_names) if isinstance(adapter_names, str) else f"{len(adapter_names)} names"
+            raise ValueError(
+                f"adapter_names must be a list with one name per row of x's first dimension ({x.shape[0]}), got {got}"
+            )
+        if self.merged:
+            raise ValueError("adapter_names cannot be used while adapters are merged into the weight; unmerge() first")
+        names, adapter_ids = self.gather_adapter_ids(adapter_names, x.device)
+        slots = [self.adapter(n) for n in names]
+        return rows_forward(
+            x, adapter_ids, len(slots), lambda xs, a: self._fused(xs, slots[a].lora_A, slots[a].lora_B, slots[a].scaling,
+                                                                  slots[a].dropout),
+            self._base_forward,
+        )  # fmt: skip
+
+    def gather_adapter_ids(self, adapter_names: Sequence[str], device=None) -> tuple[list[str], Tensor]:
+        """``(names, adapter_ids)``: the distinct adapters of ``adapter_names`` this
+        layer has (first-appearance order) and, per row, the index into ``names``
+        (``-1`` for ``"__base__"`` and for names this layer lacks): the operands
+        ``lora_linear_multi`` takes once the adapters are stacked."""
+        names = [n for n in dict.fromkeys(adapter_names) if n != BASE_ONLY and self.has_adapter(n)]
+        index = {n: i for i, n in enumerate(names)}
+        ids = torch.tensor([index.get(n, -1) for n in adapter_names], dtype=torch.int64, device=device)
+        return names, ids
+
+    # -- merging ---------------------------------------------------------------------
+    @torch.no_grad()
+    def delta_weight(self, adapter_names: Sequence[str] | None = None) -> Tensor:
+        """``sum_i scaling_i * B_i @ A_i`` [out, in] over ``adapter_names`` (default: the
+        merged adapters while merged, else the active ones), in float32 (float64 for
+        float64); zeros when none applies."""
+        if adapter_names is None:
+            adapter_names = self.merged_adapters if self.merged and self.merged_adapters else self.active_adapters
+        acc = self._acc_dtype()
+        delta = None
+        for name in self._present(adapter_names):
+            s = self.adapter(name)
+            term = (s.lora_B.to(acc) @ s.lora_A.to(acc)) * s.scaling
+            delta = term if delta is None else delta + term
+        if delta is None:
+            delta = torch.zeros(self.out_features, self.in_features, dtype=acc, device=self._adapter_device())
+        return delta
+
+    def _adapters_repr(self) -> str:
+        extra = list(self.lora_adapters.keys())
+        text = f", adapters={self.adapter_names()}" if extra or self.lora_A is None else ""
+        if self.active_adapters != [DEFAULT_ADAPTER]:
+            text += f", active={self.active_adapters}"
+        return text + (", disabled=True" if self.disable_adapters else "")
+
+
+def _concat_adapters(slots) -> tuple[Tensor, Tensor, float, float]:
+    """One ``(lora_A, lora_B, scaling, dropout)`` computing ``sum_i scaling_i * (x A_i^T) B_i^T``:
+    A concatenated on dim 0, B on dim 1 with block i scaled by ``scaling_i / scaling``."""
+    if len(slots) == 1:
+        s = slots[0]
+        return s.lora_A, s.lora_B, s.scaling, s.dropout
+    ref = next((s.scaling for s in slots if s.scaling != 0), 0.0)
+    lora_A = torch.cat([s.lora_A for s in slots], 0)
+    lora_B = torch.cat([s.lora_B if s.scaling == ref else s.lora_B * (s.scaling / ref if ref else 0.0) for s in slots], 1)
+    # NOTE: a group of several adapters has no dropout in effect (training: all p = 0;
+    # eval: dropout is off), so the fused call gets p = 0.
+    return lora_A, lora_B, ref, 0.0
 
 class MergeableLinear(nn.Linear):
     """Merge / unmerge / to_linear for an ``nn.Linear`` whose adapter update is
@@ -65,7 +437,7 @@ class MergeableLinear(nn.Linear):
         return out
 
 
-class LoRALinear(MergeableLinear):
+class LoRALinear(NamedAdapters, MergeableLinear):
     """``nn.Linear`` with a frozen base weight and a trainable low-rank update.
 
     ``y = x W^T + scaling * dropout(x) A^T B^T + bias`` with ``lora_A`` [r, in]
@@ -77,6 +449,13 @@ class LoRALinear(MergeableLinear):
 
     Adapters may be float32 on a bf16/fp16 base (PEFT's mixed precision): the
     LoRA branch and the adapter gradients are then computed in float32.
+
+    Several named adapters (:class:`NamedAdapters`, :mod:`fastlora.adapters`): the
+    attributes above are the ``"default"`` adapter's; others live in
+    ``lora_adapters``. With only the default adapter active the forward is the
+    same single fused call as ever; ``forward(x, adapter_names=[...])`` is PEFT's
+    mixed batch (one adapter per row of x's first dimension, ``"__base__"`` for
+    the base layer alone).
     """
 
     is_adapter_layer = True  # apply_lora / apply_vera never wrap it again
@@ -137,6 +516,7 @@ class LoRALinear(MergeableLinear):
         factory = {"device": self.weight.device, "dtype": self.weight.dtype}
         self.lora_A = nn.Parameter(torch.empty(r, self.in_features, **factory))
         self.lora_B = nn.Parameter(torch.empty(self.out_features, r, **factory))
+        self._init_named_adapters()
         self.reset_lora_parameters(init)
 
     @torch.no_grad()
@@ -248,32 +628,72 @@ class LoRALinear(MergeableLinear):
 
     def reset_parameters(self) -> None:  # called by nn.Linear.__init__
         super().reset_parameters()
-        if hasattr(self, "lora_A"):
+        if getattr(self, "lora_A", None) is not None:
             self.reset_lora_parameters()
 
-    def forward(self, x: Tensor) -> Tensor:
-        if self.merged:
-            return F.linear(x, self.weight, self.bias)
-        return lora_linear(
-            x, self.weight, self.lora_A, self.lora_B, self.scaling, self.bias, dropout=self.dropout, training=self.training
-        )
+    def forward(self, x: Tensor, *, adapter_names: Sequence[str] | None = None) -> Tensor:
+        """``x W^T + bias`` plus the active adapters' updates (see the class docstring);
+        ``adapter_names``: PEFT's mixed batch, one adapter name per row of x's first
+        dimension."""
+        # NOTE: the common case (only "default" active) is checked inline, before any other work
+        if adapter_names is None and self.active_adapters == _DEFAULT_ONLY and not self.disable_adapters:
+            lora_A = self.lora_A
+            if lora_A is not None:
+                if self.merged:
+                    return F.linear(x, self.weight, self.bias)
+                return lora_linear(
+                    x, self.weight, lora_A, self.lora_B, self.scaling, self.bias, dropout=self.dropout, training=self.training
+                )
+        return self._named_forward(x, adapter_names)
 
-    def peft_tensors(self) -> dict[str, Tensor]:
-        """This layer's entries of a PEFT adapter file, keyed relative to the module
-        name (``lora_A.weight`` [r, in], ``lora_B.weight`` [out, r]); the live
-        parameters, not copies."""
-        return {"lora_A.weight": self.lora_A, "lora_B.weight": self.lora_B}
+    # -- what NamedAdapters needs --------------------------------------------------
+    def _fused(self, x: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float, dropout: float) -> Tensor:
+        return lora_linear(x, self.weight, lora_A, lora_B, scaling, self.bias, dropout=dropout, training=self.training)
+
+    def _base_forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+    def _acc_dtype(self) -> torch.dtype:
+        return torch.float64 if self.weight.dtype == torch.float64 else torch.float32
+
+    def _adapter_device(self) -> torch.device:
+        return self.weight.device
+
+    def _adapter_dtype(self) -> torch.dtype:
+        return self.weight.dtype
+
+    def _unmerge_for_disable(self) -> None:
+        self.unmerge()
+
+    # -- merging -------------------------------------------------------------------
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Add the active adapters' update (``delta_weight()``) into the base weight
+        (rounded once to the weight's dtype); later forwards skip the adapter branch.
+        :meth:`unmerge` subtracts exactly the adapters merged here."""
+        if self.merged:
+            return
+        self.merged_adapters = self._present(self.active_adapters)
+        super().merge()
 
     @torch.no_grad()
-    def delta_weight(self) -> Tensor:
-        """``scaling * B @ A`` [out, in], computed in float32 (float64 for float64 weights)."""
-        acc = torch.float64 if self.weight.dtype == torch.float64 else torch.float32
-        return (self.lora_B.to(acc) @ self.lora_A.to(acc)) * self.scaling
+    def unmerge(self) -> None:
+        """Subtract the merged adapters' update again (exact up to the weight dtype's rounding)."""
+        if not self.merged:
+            return
+        super().unmerge()
+        self.merged_adapters = []
 
     def extra_repr(self) -> str:
-        return (
-            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-            f"r={self.r}, alpha={self.alpha:g}, scaling={self.scaling:g}, dropout={self.dropout:g}"
+        default = (
+            f", r={self.r}, alpha={self.alpha:g}, scaling={self.scaling:g}, dropout={self.dropout:g}"
             + (", rslora=True" if self.use_rslora else "")
+            if self.lora_A is not None
+            else ""
+        )
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+            + default
+            + self._adapters_repr()
             + (", merged=True" if self.merged else "")
         )

@@ -61,6 +61,26 @@ HANDLED = {
     "loftq_config", "use_dora", "fan_in_fan_out",
 }
 
+# What PEFT 0.21.2 writes for a VeRA and an AdaLoRA adapter, with the defaults.
+PEFT_VERA_DEFAULTS: dict = {
+    "auto_mapping": None, "base_model_name_or_path": None, "bias": "none", "d_initial": 0.1, "fan_in_fan_out": False,
+    "inference_mode": True, "init_weights": True, "layers_pattern": None, "layers_to_transform": None,
+    "modules_to_save": None, "peft_type": "VERA", "peft_version": "0.21.2", "projection_prng_key": 0, "r": 256,
+    "revision": None, "save_projection": True, "target_modules": None, "task_type": None, "vera_dropout": 0.0,
+}  # fmt: skip
+VERA_HANDLED = {
+    "auto_mapping", "base_model_name_or_path", "d_initial", "fan_in_fan_out", "inference_mode", "modules_to_save",
+    "peft_type", "peft_version", "projection_prng_key", "r", "revision", "save_projection", "target_modules",
+    "task_type", "vera_dropout",
+}  # fmt: skip
+PEFT_ADALORA_DEFAULTS: dict = {
+    **PEFT_LORA_DEFAULTS, "peft_type": "ADALORA", "beta1": 0.85, "beta2": 0.85, "deltaT": 1, "init_r": 12,
+    "orth_reg_weight": 0.5, "rank_pattern": None, "target_r": 8, "tfinal": 0, "tinit": 0, "total_step": None,
+}  # fmt: skip
+ADALORA_HANDLED = HANDLED - {"use_dora", "use_rslora"} | {
+    "beta1", "beta2", "deltaT", "init_r", "orth_reg_weight", "target_r", "tfinal", "tinit", "total_step",
+}  # fmt: skip
+
 # PEFT 0.21's ``TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING`` (peft/utils/constants.py):
 # what ``target_modules=None`` means for a transformers model of each ``model_type``.
 DEFAULT_TARGET_MODULES: dict[str, list[str] | str] = {
@@ -121,21 +141,27 @@ def default_target_modules(model):
     return list(value) if isinstance(value, list) else value
 
 
-def unsupported_fields(fields: dict) -> list[str]:
+def unsupported_fields(fields: dict, defaults: dict | None = None, handled: set | None = None) -> list[str]:
     """PEFT config fields set to something other than their default that fastlora
-    does not implement (sorted); unknown fields are the caller's to refuse."""
+    does not implement (sorted); unknown fields are the caller's to refuse.
+    ``defaults`` / ``handled``: another peft_type's tables (LoRA's by default)."""
+    defaults = PEFT_LORA_DEFAULTS if defaults is None else defaults
+    handled = HANDLED if handled is None else handled
     return sorted(
         k for k, v in fields.items()
-        if k in PEFT_LORA_DEFAULTS and k not in HANDLED and v != PEFT_LORA_DEFAULTS[k]
-        and not (v in (None, [], {}) and not PEFT_LORA_DEFAULTS[k])
+        if k in defaults and k not in handled and v != defaults[k] and not (v in (None, [], {}) and not defaults[k])
     )  # fmt: skip
 
 
 __all__ = [
+    "ADALORA_HANDLED",
     "ALIASES",
     "DEFAULT_TARGET_MODULES",
     "HANDLED",
+    "PEFT_ADALORA_DEFAULTS",
     "PEFT_LORA_DEFAULTS",
+    "PEFT_VERA_DEFAULTS",
+    "VERA_HANDLED",
     "default_target_modules",
     "init_from_peft",
     "model_type",

@@ -33,9 +33,10 @@ from ._files import check_regular_file, read_regular_file, write_files_atomicall
 from ._patterns import compile_module_pattern
 from .dora import DoRALinear, QDoRALinear
 from .model import LoRAConfig, lora_layers
-from .modules import LoRALinear
+from .modules import DEFAULT_ADAPTER, LoRAAdapter, LoRALinear
 from .qlora import QLoRALinear
 from .registry import (
+    adapter_layers,
     freeze_base,
     is_adapter_layer,
     kind_for,
@@ -47,9 +48,17 @@ from .registry import (
     set_submodule,
     target_names,
 )
-from .peft_fields import PEFT_LORA_DEFAULTS, unsupported_fields
+from .peft_fields import (
+    ADALORA_HANDLED,
+    PEFT_ADALORA_DEFAULTS,
+    PEFT_LORA_DEFAULTS,
+    PEFT_VERA_DEFAULTS,
+    VERA_HANDLED,
+    unsupported_fields,
+)
 from .validation import check_init, is_int, is_number, lora_scaling, pissa_niter
 
+PEFT_TYPES = ("LORA", "VERA", "ADALORA")
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
@@ -96,6 +105,79 @@ def _adaptable_names(model: nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if n and (kind.builder_for(m) is not None or is_adapter_layer(m))]
 
 
+def _slot(layer, adapter_name: str):
+    """What holds adapter ``adapter_name``'s r / alpha / dropout / use_rslora: the
+    layer's named-adapter slot (LoRALinear, QLoRALinear), else the layer itself."""
+    return layer.adapter(adapter_name) if hasattr(layer, "has_adapter") else layer
+
+
+def _layer_tensors(layer, adapter_name: str) -> dict:
+    return layer.peft_tensors(adapter_name) if hasattr(layer, "has_adapter") else layer.peft_tensors()
+
+
+def _lora_file(model: nn.Module, layers: dict, adapter_name: str = DEFAULT_ADAPTER) -> tuple[dict, dict]:
+    """PEFT's LoRA config and tensors for ``model``'s LoRA layers (adapter ``adapter_name``)."""
+    slots = {n: _slot(m, adapter_name) for n, m in layers.items()}
+    dora = {_is_dora(m) for m in layers.values()}
+    if len(dora) > 1:
+        mixed = sorted(n for n, m in layers.items() if _is_dora(m))
+        raise ValueError(f"save_adapter: PEFT's format has one use_dora per adapter, but only {mixed} are DoRA layers")
+    for attr in ("dropout", "use_rslora"):
+        values = {getattr(m, attr) for m in slots.values()}
+        if len(values) > 1:
+            raise ValueError(f"save_adapter: PEFT's format has one {attr} per adapter, but the layers use {sorted(values)}")
+    r = _most_common(m.r for m in slots.values())
+    alpha = _most_common(m.alpha for m in slots.values())
+    first = next(iter(slots.values()))
+    config = dict(PEFT_LORA_DEFAULTS)
+    config.update(
+        r=r,
+        lora_alpha=int(alpha) if float(alpha).is_integer() else alpha,
+        lora_dropout=first.dropout,
+        use_rslora=first.use_rslora,
+        use_dora=_is_dora(next(iter(layers.values()))),
+        fan_in_fan_out=any(getattr(m, "fan_in_fan_out", False) for m in layers.values()),
+        target_modules=_module_key(list(layers), _adaptable_names(model)),
+        rank_pattern={re.escape(n): m.r for n, m in slots.items() if m.r != r},
+        alpha_pattern={re.escape(n): m.alpha for n, m in slots.items() if m.alpha != alpha},
+    )
+    return config, {}
+
+
+def _vera_file(model: nn.Module, layers: dict) -> tuple[dict, dict]:
+    """PEFT's VeRA config and the shared projections (``base_model.vera_A`` / ``vera_B``)."""
+    first = next(iter(layers.values()))
+    projections = {id(m.vera_projection) for m in layers.values()}
+    if len(projections) > 1 or len({m.r for m in layers.values()}) > 1 or len({m.dropout for m in layers.values()}) > 1:
+        raise ValueError("save_adapter: PEFT's VeRA format has one shared projection, one r and one dropout per adapter")
+    proj = first.vera_projection
+    persistent = "vera_A" not in proj._non_persistent_buffers_set
+    kept = getattr(model, "fastlora_adapter_configs", {}).get("vera")
+    config = dict(PEFT_VERA_DEFAULTS)
+    config.update(
+        r=first.r, vera_dropout=first.dropout, d_initial=first.d_initial, save_projection=persistent,
+        projection_prng_key=kept.projection_prng_key if kept is not None else 0,
+        target_modules=_module_key(list(layers), _adaptable_names(model)),
+    )  # fmt: skip
+    extra = {"base_model.vera_A": proj.vera_A, "base_model.vera_B": proj.vera_B} if persistent else {}
+    return config, extra
+
+
+def _adalora_file(model: nn.Module, layers: dict) -> tuple[dict, dict]:
+    """PEFT's AdaLoRA config: the schedule of the config the layers were made with,
+    the full (unpruned) tensors, so no rank_pattern (pruned triplets have E = 0)."""
+    first = next(iter(layers.values()))
+    kept = getattr(model, "fastlora_adapter_configs", {}).get("adalora")
+    config = dict(PEFT_ADALORA_DEFAULTS)
+    config.update(
+        init_r=first.r, lora_alpha=int(first.alpha) if float(first.alpha).is_integer() else first.alpha,
+        lora_dropout=first.dropout, target_modules=_module_key(list(layers), _adaptable_names(model)),
+    )  # fmt: skip
+    if kept is not None:
+        config.update({k: getattr(kept, k) for k in ("target_r", "tinit", "tfinal", "deltaT", "beta1", "beta2", "orth_reg_weight", "total_step")})
+    return config, {}
+
+
 def save_adapter(
     model: nn.Module,
     path: str | os.PathLike,
@@ -103,59 +185,57 @@ def save_adapter(
     modules_to_save: list[str] | None = None,
     base_model_name_or_path: str | None = None,
     task_type: str | None = None,
+    adapter_name: str = DEFAULT_ADAPTER,
 ) -> None:
-    """Write ``model``'s LoRA adapters to the folder ``path`` in PEFT's format,
+    """Write ``model``'s adapters (LoRA / DoRA, VeRA or AdaLoRA: one kind per
+    file, as PEFT has one ``peft_type``) to the folder ``path`` in PEFT's format,
     loadable by ``peft.PeftModel.from_pretrained`` on the same base model.
 
-    ``modules_to_save``: names of (non-LoRA) modules whose full weights are
+    ``modules_to_save``: names of (non-adapter) modules whose full weights are
     stored too, as PEFT does for its ``modules_to_save``; by default the ones
     given to :func:`fastlora.apply_lora` (or read by :func:`load_adapter`).
+    ``adapter_name``: which named adapter of the LoRA layers to write (PEFT's
+    file holds one; :mod:`fastlora.adapters`), ``"default"`` by default.
     Everything is serialized before the first byte is written, and the two
     files replace the previous ones atomically: on any error the folder keeps
     its previous adapter byte for byte.
     """
-    layers = lora_layers(model)
-    if not layers:
-        raise ValueError("save_adapter: the model has no LoRA layers (apply_lora first)")
+    by_kind = {k: adapter_layers(model, k) for k in ("lora", "vera", "adalora")}
+    by_kind["lora"] = {
+        n: m for n, m in by_kind["lora"].items()
+        if (m.has_adapter(adapter_name) if hasattr(m, "has_adapter") else adapter_name == DEFAULT_ADAPTER)
+    }  # fmt: skip
+    if adapter_name != DEFAULT_ADAPTER and not by_kind["lora"]:
+        raise ValueError(f"save_adapter: no LoRA layer of the model has an adapter named {adapter_name!r}")
+    present = [k for k, v in by_kind.items() if v]
+    if not present:
+        raise ValueError("save_adapter: the model has no adapter layers (apply_lora first)")
+    if len(present) > 1:
+        raise ValueError(f"save_adapter: the model has {present} adapter layers; a PEFT adapter file holds one kind")
+    kind = present[0]
+    layers = by_kind[kind]
     merged = [n for n, m in layers.items() if m.merged]
     if merged:
         raise ValueError(f"save_adapter: layers {merged} are merged; unmerge() them first so the adapters are separate")
-    dora = {_is_dora(m) for m in layers.values()}
-    if len(dora) > 1:
-        mixed = sorted(n for n, m in layers.items() if _is_dora(m))
-        raise ValueError(f"save_adapter: PEFT's format has one use_dora per adapter, but only {mixed} are DoRA layers")
-    for attr in ("dropout", "use_rslora"):
-        values = {getattr(m, attr) for m in layers.values()}
-        if len(values) > 1:
-            raise ValueError(f"save_adapter: PEFT's format has one {attr} per adapter, but the layers use {sorted(values)}")
     if modules_to_save is None:
         modules_to_save = getattr(model, "fastlora_modules_to_save", None)
     elif isinstance(modules_to_save, str) or not all(isinstance(k, str) for k in modules_to_save):
         raise TypeError(f"save_adapter: modules_to_save must be a list of module names, got {modules_to_save!r}")
     base_model_name_or_path = _optional_str(base_model_name_or_path, "base_model_name_or_path")
     task_type = _optional_str(task_type, "task_type")
-    r = _most_common(m.r for m in layers.values())
-    alpha = _most_common(m.alpha for m in layers.values())
-    first = next(iter(layers.values()))
-    config = dict(PEFT_LORA_DEFAULTS)
+    if kind == "lora":
+        config, extra = _lora_file(model, layers, adapter_name)
+    else:
+        config, extra = {"vera": _vera_file, "adalora": _adalora_file}[kind](model, layers)
     config.update(
-        r=r,
-        lora_alpha=int(alpha) if float(alpha).is_integer() else alpha,
-        lora_dropout=first.dropout,
-        use_rslora=first.use_rslora,
-        use_dora=_is_dora(first),
-        fan_in_fan_out=any(getattr(m, "fan_in_fan_out", False) for m in layers.values()),
-        target_modules=_module_key(list(layers), _adaptable_names(model)),
-        rank_pattern={re.escape(n): m.r for n, m in layers.items() if m.r != r},
-        alpha_pattern={re.escape(n): m.alpha for n, m in layers.items() if m.alpha != alpha},
         modules_to_save=list(modules_to_save) if modules_to_save else None,
         base_model_name_or_path=base_model_name_or_path,
         task_type=task_type,
         auto_mapping={"base_model_class": type(model).__name__, "parent_library": type(model).__module__},
     )
-    tensors: dict[str, torch.Tensor] = {}
+    tensors: dict[str, torch.Tensor] = {k: t.detach().contiguous() for k, t in extra.items()}
     for name, layer in layers.items():
-        for key, t in layer.peft_tensors().items():
+        for key, t in _layer_tensors(layer, adapter_name).items():
             tensors[f"{PREFIX}{name}.{key}"] = t.detach().contiguous()
     for key in modules_to_save or []:
         hits = [n for n, _ in model.named_modules() if n and matches_suffix(n, key)]
@@ -198,10 +278,7 @@ def _check_names(config: dict, key: str, file, *, regex_ok: bool) -> None:
         raise _fail(file, f"{key} must be a string or a list of strings, got {value!r}")
 
 
-def read_adapter_config(path: str | os.PathLike) -> dict:
-    """Read and validate ``adapter_config.json``: every field PEFT writes is known,
-    every value fastlora uses is checked (type, range, finiteness) here, before
-    anything else happens; errors name the offending field."""
+def _read_config_json(path) -> tuple[str, dict]:
     file = os.path.join(path, CONFIG_NAME)
     try:
         raw = read_regular_file(file, max_bytes=MAX_CONFIG_BYTES, what="adapter config", error=AdapterFormatError)
@@ -213,8 +290,22 @@ def read_adapter_config(path: str | os.PathLike) -> dict:
         raise _fail(file, f"not valid JSON ({exc})") from None
     if not isinstance(config, dict):
         raise _fail(file, f"expected a JSON object, got {type(config).__name__}")
+    if config.get("peft_type", "LORA") not in PEFT_TYPES:
+        raise _fail(file, f"peft_type is {config.get('peft_type')!r}; fastlora loads {sorted(PEFT_TYPES)} adapters")
+    return file, config
+
+
+def read_adapter_config(path: str | os.PathLike) -> dict:
+    """Read and validate a LoRA adapter's ``adapter_config.json``: every field PEFT
+    writes is known, every value fastlora uses is checked (type, range,
+    finiteness) here, before anything else happens; errors name the offending field."""
+    file, config = _read_config_json(path)
     if config.get("peft_type", "LORA") != "LORA":
-        raise _fail(file, f"peft_type is {config.get('peft_type')!r}; fastlora loads 'LORA' adapters")
+        raise _fail(file, f"peft_type is {config.get('peft_type')!r}; expected 'LORA' here (load_adapter reads every kind)")
+    return _check_lora_config(file, config)
+
+
+def _check_lora_config(file, config: dict) -> dict:
     unknown = sorted(set(config) - set(PEFT_LORA_DEFAULTS))
     if unknown:
         raise _fail(file, f"unknown config fields {unknown}; fastlora cannot tell what they change")
@@ -288,6 +379,8 @@ class _LayerPlan:
     tensors: dict[str, torch.Tensor]
     alpha: float
     init: str
+    adapter: LoRAAdapter | None = None  # a named adapter built unattached, inserted into ``layer`` on apply
+    adapter_name: str = DEFAULT_ADAPTER
 
 
 @dataclass
@@ -298,6 +391,7 @@ class LoadPlan:
     layers: list[_LayerPlan] = field(default_factory=list)
     params: list[tuple[nn.Parameter, torch.Tensor]] = field(default_factory=list)
     modules_to_save: list[str] = field(default_factory=list)
+    adapter_config: object = None  # the fastlora config the file describes (VeRA / AdaLoRA)
 
 
 def _layer_config(config: dict, r: int, alpha: float) -> LoRAConfig:
@@ -307,12 +401,32 @@ def _layer_config(config: dict, r: int, alpha: float) -> LoRAConfig:
     )  # fmt: skip
 
 
-def _plan_layer(model: nn.Module, name: str, config: dict, r: int, alpha: float, init: str, file) -> tuple[nn.Module, bool]:
+def _plan_layer(
+    model: nn.Module, name: str, config: dict, r: int, alpha: float, init: str, file, adapter_name: str = DEFAULT_ADAPTER
+) -> tuple[nn.Module, bool, LoRAAdapter | None]:
     """The layer an adapter's tensors for ``name`` go into: the existing one when
-    its rank and kind fit (its old adapter is replaced), else a new unattached one."""
+    its rank and kind fit (its old adapter is replaced), else a new unattached
+    one. On a layer with named adapters (LoRALinear / QLoRALinear) the adapter is
+    built unattached and replaces (or joins) that layer's adapter of the same
+    name on apply: its other adapters are kept."""
     module = model.get_submodule(name)
     use_dora = bool(config.get("use_dora", False))
     layer_config = _layer_config(config, r, alpha)
+    named = hasattr(module, "has_adapter") and not _is_dora(module) and not use_dora
+    if named and not module.merged and (adapter_name != DEFAULT_ADAPTER or len(module.adapter_names()) > 1 or module.r != r):
+        if init != "default":
+            raise _fail(file, f"{name}: an init_lora_weights={init!r} adapter rewrites the base weight; load it into the base model")
+        adapter = LoRAAdapter(
+            module.in_features, module.out_features, r=r, alpha=alpha, dropout=layer_config.dropout,
+            use_rslora=layer_config.use_rslora, device=module._adapter_device(), dtype=module._adapter_dtype(),
+        )  # fmt: skip
+        return module, False, adapter
+    if adapter_name != DEFAULT_ADAPTER and is_adapter_layer(module):
+        raise _fail(
+            file,
+            f"{name}: a {type(module).__name__} holds one adapter; adapter_name={adapter_name!r} needs a LoRALinear or "
+            "QLoRALinear (named adapters) and a non-DoRA adapter file",
+        )
     if is_adapter_layer(module):
         if module.merged:
             raise _fail(file, f"the model's layer {name!r} is merged; unmerge() it before loading")
@@ -323,7 +437,7 @@ def _plan_layer(model: nn.Module, name: str, config: dict, r: int, alpha: float,
                     f"{name}: an init_lora_weights={init!r} adapter rewrites the base weight into a residual; load it "
                     "into the base model (not into a model that already has LoRA layers)",
                 )
-            return module, False
+            return module, False, None
         if isinstance(module, QLoRALinear):
             if module.r != r:
                 raise _fail(
@@ -337,19 +451,23 @@ def _plan_layer(model: nn.Module, name: str, config: dict, r: int, alpha: float,
                 use_rslora=layer_config.use_rslora, compute_dtype=module.compute_dtype, lora_dtype=module.lora_A.dtype,
             )  # fmt: skip
             layer.train(module.training)
-            return layer, True
+            return layer, True, None
         if isinstance(module, LoRALinear):  # a dense LoRA / DoRA layer of another rank or kind
             cls = DoRALinear if use_dora else LoRALinear
             layer = cls.from_linear(module, r=r, alpha=alpha, dropout=layer_config.dropout, use_rslora=layer_config.use_rslora)
-            return layer, True
+            return layer, True, None
         raise _fail(file, f"{name} is a {type(module).__name__} of rank {module.r}; the adapter has rank {r}")
     builder = kind_for(LoRAConfig).builder_for(module)
     if init != "default" and not isinstance(module, nn.Linear):
         raise _fail(file, f"{name}: init_lora_weights={init!r} is supported on nn.Linear bases only")
-    return builder(module, name, layer_config, None), True
+    if adapter_name != DEFAULT_ADAPTER and (use_dora or not isinstance(module, nn.Linear)):
+        raise _fail(file, f"{name}: adapter_name={adapter_name!r} needs a non-DoRA LoRA adapter on an nn.Linear base")
+    return builder(module, name, layer_config, None), True, None
 
 
-def plan_adapter_load(model: nn.Module, path: str | os.PathLike, config: dict, tensors: dict[str, torch.Tensor]) -> LoadPlan:
+def plan_adapter_load(
+    model: nn.Module, path: str | os.PathLike, config: dict, tensors: dict[str, torch.Tensor], adapter_name: str = DEFAULT_ADAPTER
+) -> LoadPlan:
     """Check the adapter's tensors against the layers they go into and build the
     new layers (unattached). Raises :class:`AdapterFormatError`; changes nothing."""
     r_default, alpha_default = config.get("r", 8), config.get("lora_alpha", 8)
@@ -372,11 +490,20 @@ def plan_adapter_load(model: nn.Module, path: str | os.PathLike, config: dict, t
     for name in targets:
         r = pattern_value(name, config.get("rank_pattern") or {}, r_default)
         alpha = pattern_value(name, config.get("alpha_pattern") or {}, alpha_default)
-        layer, new = _plan_layer(model, name, config, r, alpha, init, path)
-        entry = _LayerPlan(name, layer, new, {}, float(alpha), init)
+        layer, new, adapter = _plan_layer(model, name, config, r, alpha, init, path, adapter_name)
+        entry = _LayerPlan(name, layer, new, {}, float(alpha), init, adapter, adapter_name)
         plan.layers.append(entry)
-        for key, t in layer.peft_tensors().items():
+        live = {"lora_A.weight": adapter.lora_A, "lora_B.weight": adapter.lora_B} if adapter is not None else layer.peft_tensors()
+        for key, t in live.items():
             expected[f"{PREFIX}{name}.{key}"] = (entry, key, t)
+    return _assign_tensors(model, path, plan, expected, tensors)
+
+
+def _assign_tensors(model: nn.Module, path, plan: LoadPlan, expected: dict, tensors: dict[str, torch.Tensor]) -> LoadPlan:
+    """Give each file tensor its place: an entry of a planned layer (shape, dtype
+    and finiteness checked) or a ``modules_to_save`` parameter; anything else,
+    or a planned entry without a tensor, is an AdapterFormatError."""
+    config = plan.config
     is_saved = saved_module_matcher(plan.modules_to_save)
     unexpected = []
     for key, tensor in tensors.items():
@@ -421,6 +548,86 @@ def plan_adapter_load(model: nn.Module, path: str | os.PathLike, config: dict, t
     return plan
 
 
+
+
+def _check_other_config(file, config: dict, defaults: dict, handled: set) -> dict:
+    """Known fields and no unsupported setting, for a VeRA / AdaLoRA config (values
+    are checked by the fastlora config built from it)."""
+    unknown = sorted(set(config) - set(defaults))
+    if unknown:
+        raise _fail(file, f"unknown config fields {unknown}; fastlora cannot tell what they change")
+    unsupported = unsupported_fields(config, defaults, handled)
+    if unsupported:
+        raise _fail(file, f"unsupported settings { {k: config[k] for k in unsupported} }")
+    _check_names(config, "target_modules", file, regex_ok=True)
+    _check_names(config, "modules_to_save", file, regex_ok=False)
+    return config
+
+
+def _plan_other_load(model: nn.Module, path, peft_type: str, config: dict, tensors: dict) -> LoadPlan:
+    """A VeRA or AdaLoRA adapter file: new layers of that kind on the base model's
+    modules (validated and built unattached, as for LoRA)."""
+    tensors = dict(tensors)
+    shared = None
+    try:
+        if peft_type == "VERA":
+            from .vera import VeRAConfig, VeRAProjection
+
+            ours = VeRAConfig(
+                r=config.get("r", 256), target_modules=config.get("target_modules"),
+                projection_prng_key=config.get("projection_prng_key", 0), d_initial=config.get("d_initial", 0.1),
+                dropout=config.get("vera_dropout", 0.0), save_projection=config.get("save_projection", True),
+                modules_to_save=config.get("modules_to_save"),
+            )  # fmt: skip
+            a, b = tensors.pop("base_model.vera_A", None), tensors.pop("base_model.vera_B", None)
+            if (a is None) != (b is None) or (a is None and ours.save_projection):
+                raise ValueError("save_projection is true but base_model.vera_A / base_model.vera_B are not both in the file")
+            if a is not None:
+                if not (a.is_floating_point() and b.is_floating_point() and torch.isfinite(a).all() and torch.isfinite(b).all()):
+                    raise ValueError("base_model.vera_A / vera_B must be finite floating-point tensors")
+                shared = VeRAProjection(a, b)
+        else:
+            from .adalora import AdaLoRAConfig
+
+            if config.get("rank_pattern"):
+                raise ValueError(
+                    "rank_pattern is set: a pruned AdaLoRA checkpoint (tensors resized to the final rank pattern) "
+                    "is not supported yet; load the checkpoint saved before the final budget, or merge it with PEFT"
+                )
+            if config.get("total_step") is None:
+                raise ValueError("total_step is required in an AdaLoRA config (PEFT refuses None too)")
+            ours = AdaLoRAConfig(
+                init_r=config.get("init_r", 12), target_r=config.get("target_r", 8), tinit=config.get("tinit", 0),
+                tfinal=config.get("tfinal", 0), deltaT=config.get("deltaT", 1), beta1=config.get("beta1", 0.85),
+                beta2=config.get("beta2", 0.85), orth_reg_weight=config.get("orth_reg_weight", 0.5),
+                total_step=config["total_step"], alpha=config.get("lora_alpha", 8), dropout=config.get("lora_dropout", 0.0),
+                target_modules=config.get("target_modules"), exclude_modules=config.get("exclude_modules"),
+                modules_to_save=config.get("modules_to_save"),
+            )  # fmt: skip
+        kind = kind_for(ours)
+        if adapter_layers(model, kind.name):
+            raise ValueError(f"the model already has {kind.label} layers; load a {kind.label} adapter into the base model")
+        targets = target_names(
+            model, kind, ours.target_modules, exclude_modules=ours.exclude_modules, modules_to_save=ours.modules_to_save
+        )
+        if not targets:
+            raise ValueError(f"target_modules={ours.target_modules!r} selects no module of this model")
+        bases = {name: model.get_submodule(name) for name in targets}
+        if kind.prepare is not None:
+            shared = kind.prepare(model, ours, bases, shared)
+        layers = {name: kind.builder_for(base)(base, name, ours, shared) for name, base in bases.items()}
+    except (TypeError, ValueError) as exc:
+        raise _fail(path, str(exc)) from None
+    plan = LoadPlan(config, modules_to_save=list(ours.modules_to_save or []), adapter_config=ours)
+    expected: dict = {}
+    for name, layer in layers.items():
+        entry = _LayerPlan(name, layer, True, {}, 0.0, "default")
+        plan.layers.append(entry)
+        for key, t in layer.peft_tensors().items():
+            expected[f"{PREFIX}{name}.{key}"] = (entry, key, t)
+    return _assign_tensors(model, path, plan, expected, tensors)
+
+
 def apply_load_plan(model: nn.Module, plan: LoadPlan) -> nn.Module:
     """Make the changes of a validated :class:`LoadPlan` (cannot fail on the file's account)."""
     config = plan.config
@@ -428,18 +635,32 @@ def apply_load_plan(model: nn.Module, plan: LoadPlan) -> nn.Module:
     freeze_base(model)
     for entry in plan.layers:
         layer = entry.layer
+        if entry.adapter is not None:  # a named adapter into a layer that keeps its others
+            with torch.no_grad():
+                entry.adapter.lora_A.copy_(entry.tensors["lora_A.weight"])
+                entry.adapter.lora_B.copy_(entry.tensors["lora_B.weight"])
+            active = list(layer.active_adapters)
+            if layer.has_adapter(entry.adapter_name):
+                layer.delete_adapter(entry.adapter_name)
+            layer.insert_adapter(entry.adapter_name, entry.adapter)
+            # NOTE: as PEFT's load_adapter (is_trainable=False): a loaded non-default adapter is
+            # frozen and not made active; "default" keeps its place in the active set.
+            layer.set_adapter(active)
+            continue
         if entry.new:
             set_submodule(model, entry.name, layer)
+            if entry.adapter_name != DEFAULT_ADAPTER:
+                layer.rename_default(entry.adapter_name)
         else:
             layer.alpha, layer.dropout, layer.use_rslora = entry.alpha, dropout, rslora
             layer.scaling = lora_scaling(layer.r, entry.alpha, rslora)
         with torch.no_grad():
             if entry.init != "default":
                 layer.reset_lora_parameters(entry.init)  # PEFT's residual of the base, as the adapter was trained on
-            live = layer.peft_tensors()
+            live = _layer_tensors(layer, entry.adapter_name)
             for key, tensor in entry.tensors.items():
                 live[key].copy_(tensor)
-        for t in layer.peft_tensors().values():
+        for t in _layer_tensors(layer, entry.adapter_name).values():
             t.requires_grad_(True)
     with torch.no_grad():
         for param, tensor in plan.params:
@@ -448,10 +669,13 @@ def apply_load_plan(model: nn.Module, plan: LoadPlan) -> nn.Module:
         param.requires_grad_(True)
     if plan.modules_to_save:
         model.fastlora_modules_to_save = list(plan.modules_to_save)
+    if plan.adapter_config is not None:
+        kind = kind_for(plan.adapter_config)
+        model.fastlora_adapter_configs = {**getattr(model, "fastlora_adapter_configs", {}), kind.name: plan.adapter_config}
     return model
 
 
-def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+def load_adapter(model: nn.Module, path: str | os.PathLike, *, adapter_name: str = DEFAULT_ADAPTER) -> nn.Module:
     """Load a PEFT LoRA adapter folder into ``model`` (in place; returns it).
 
     Targeted modules become LoRA layers of the adapter's kind (:class:`LoRALinear`,
@@ -465,12 +689,27 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     shapes, non-floating or non-finite tensors): :class:`AdapterFormatError`
     naming them, and the model is unchanged. Base weights are frozen; the
     loaded adapters (and ``modules_to_save``) are trainable.
+
+    ``adapter_name``: load the file as that named adapter of the LoRA layers
+    (:mod:`fastlora.adapters`); a layer's other adapters are kept, and a loaded
+    non-default adapter is frozen and inactive until ``set_adapter`` (PEFT's
+    ``load_adapter`` with ``is_trainable=False``).
     """
-    config = read_adapter_config(path)
+    file, raw = _read_config_json(path)
+    peft_type = raw.get("peft_type", "LORA")
+    if peft_type == "LORA":
+        config = _check_lora_config(file, raw)
+    else:
+        defaults, handled = {"VERA": (PEFT_VERA_DEFAULTS, VERA_HANDLED), "ADALORA": (PEFT_ADALORA_DEFAULTS, ADALORA_HANDLED)}[peft_type]
+        config = _check_other_config(file, raw, defaults, handled)
     tensors = _read_tensors(path)
     with restoring_requires_grad(model):
-        plan = plan_adapter_load(model, path, config, tensors)
+        if peft_type == "LORA":
+            plan = plan_adapter_load(model, path, config, tensors, adapter_name)
+        elif adapter_name != DEFAULT_ADAPTER:
+            raise _fail(path, f"adapter_name={adapter_name!r}: named adapters are LoRA adapters; this file is {peft_type}")
+        else:
+            plan = _plan_other_load(model, path, peft_type, config, tensors)
     return apply_load_plan(model, plan)
-
 
 __all__ = ["AdapterFormatError", "LoadPlan", "apply_load_plan", "load_adapter", "plan_adapter_load", "read_adapter_config", "save_adapter"]

@@ -18,7 +18,10 @@ import math
 import torch
 from torch import Tensor, nn
 
+from collections.abc import Sequence
+
 from ._fused import FusedOp, autocast_dtype, backend_module
+from .modules import NamedAdapters
 from .quant import QuantizedWeight, dequantize_4bit, quantize_4bit
 from .reference import qlora_backward, qlora_forward
 from .validation import check_init, check_lora_hyperparameters, check_lora_operands, check_same_device, lora_scaling
@@ -167,7 +170,7 @@ _STATE_BUFFERS = (
 )
 
 
-class QLoRALinear(nn.Module):
+class QLoRALinear(NamedAdapters, nn.Module):
     """A linear layer with a frozen 4-bit base weight and a trainable LoRA update.
 
     ``y = x deq(W)^T + scaling * dropout(x) A^T B^T + bias``, ``lora_A`` [r, in],
@@ -186,6 +189,11 @@ class QLoRALinear(nn.Module):
 
     Compute dtype: ``compute_dtype`` if given (x is cast to it and the output
     back to x's dtype, as bitsandbytes' Linear4bit does), else x's dtype.
+
+    Several named adapters as :class:`fastlora.LoRALinear` has them
+    (:class:`fastlora.modules.NamedAdapters`): the attributes above are the
+    ``"default"`` adapter's, the others live in ``lora_adapters`` (state-dict keys
+    ``lora_adapters.<name>.lora_A`` / ``.lora_B``).
     """
 
     is_adapter_layer = True  # apply_lora / apply_vera never wrap it again
@@ -234,6 +242,7 @@ class QLoRALinear(nn.Module):
         factory = {"device": qweight.device, "dtype": lora_dtype or qweight.dtype}
         self.lora_A = nn.Parameter(torch.empty(r, self.in_features, **factory))
         self.lora_B = nn.Parameter(torch.empty(self.out_features, r, **factory))
+        self._init_named_adapters()
         self.reset_lora_parameters(init)
 
     # -- the quant state -------------------------------------------------------
@@ -342,27 +351,50 @@ class QLoRALinear(nn.Module):
         return self
 
     # -- forward ---------------------------------------------------------------
-    def forward(self, x: Tensor) -> Tensor:
-        lora_A, lora_B, scaling = self.lora_A, self.lora_B, self.scaling
-        if self.merged:  # the update is in the 4-bit weight (merge_and_quantize)
-            lora_A, lora_B, scaling = lora_A.detach(), lora_B.detach(), 0.0
+    def forward(self, x: Tensor, *, adapter_names: Sequence[str] | None = None) -> Tensor:
+        """``x deq(W)^T + bias`` plus the active adapters' updates; ``adapter_names``:
+        PEFT's mixed batch, one adapter name per row of x's first dimension."""
+        if adapter_names is None and self._single_default():
+            lora_A, lora_B, scaling = self.lora_A, self.lora_B, self.scaling
+            if self.merged:  # the update is in the 4-bit weight (merge_and_quantize)
+                lora_A, lora_B, scaling = lora_A.detach(), lora_B.detach(), 0.0
+            return self._fused(x, lora_A, lora_B, scaling, self.dropout)
+        return self._named_forward(x, adapter_names)
+
+    # -- what NamedAdapters needs --------------------------------------------------
+    def _fused(self, x: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float, dropout: float) -> Tensor:
         bias = self.bias
         if autocast_dtype(x) is not None:
-            return qlora_linear(x, self.qweight, lora_A, lora_B, scaling, bias, dropout=self.dropout, training=self.training)
+            return qlora_linear(x, self.qweight, lora_A, lora_B, scaling, bias, dropout=dropout, training=self.training)
         dtype = self.compute_dtype or x.dtype
         cast = lambda t: t if t is None or t.dtype == dtype else t.to(dtype)  # noqa: E731
         y = qlora_linear(
             cast(x), self.qweight, cast(lora_A), cast(lora_B), scaling, cast(bias),
-            dropout=self.dropout, training=self.training,
+            dropout=dropout, training=self.training,
         )  # fmt: skip
         return y if y.dtype == x.dtype else y.to(x.dtype)
 
-    # -- merging ---------------------------------------------------------------
-    @torch.no_grad()
-    def delta_weight(self) -> Tensor:
-        """``scaling * B @ A`` [out, in] in float32 (float64 for float64 adapters)."""
-        acc = torch.float64 if self.lora_A.dtype == torch.float64 else torch.float32
-        return (self.lora_B.to(acc) @ self.lora_A.to(acc)) * self.scaling
+    def _base_forward(self, x: Tensor) -> Tensor:
+        # NOTE: the 4-bit base alone is the fused op with a zero rank-1 update (scaling 0):
+        # no dequantized [N, K] temporary outside the op, the same rounding as a layer
+        # whose adapters are zero.
+        dtype = x.dtype if autocast_dtype(x) is not None else (self.compute_dtype or x.dtype)
+        zero_A = x.new_zeros(1, self.in_features, dtype=dtype)
+        zero_B = x.new_zeros(self.out_features, 1, dtype=dtype)
+        return self._fused(x, zero_A, zero_B, 0.0, 0.0)
+
+    def _acc_dtype(self) -> torch.dtype:
+        names = self.adapter_names()
+        return torch.float64 if names and self.adapter(names[0]).lora_A.dtype == torch.float64 else torch.float32
+
+    def _adapter_device(self) -> torch.device:
+        return self.weight.device
+
+    def _adapter_dtype(self) -> torch.dtype:
+        return self.weight_dtype
+
+    def _unmerge_for_disable(self) -> None:
+        self.unmerge()  # raises: a re-quantized merge cannot be undone exactly
 
     @torch.no_grad()
     def merged_weight(self) -> Tensor:
@@ -391,10 +423,6 @@ class QLoRALinear(nn.Module):
         """The registry's name for :meth:`to_linear` (every adapter layer has one)."""
         return self.to_linear()
 
-    def peft_tensors(self) -> dict[str, Tensor]:
-        """This layer's entries of a PEFT adapter file (see :meth:`LoRALinear.peft_tensors`)."""
-        return {"lora_A.weight": self.lora_A, "lora_B.weight": self.lora_B}
-
     def merge(self, dtype: torch.dtype | None = None) -> nn.Linear:
         """Same as :meth:`to_linear`: merging into a 4-bit weight in place would
         re-quantize (lossy), so the merge returns a full-precision layer. Use
@@ -412,6 +440,7 @@ class QLoRALinear(nn.Module):
         against its own merge target, i.e. the adapter's share that is kept)."""
         if self.merged:
             raise RuntimeError("merge_and_quantize: the adapter is already merged into the 4-bit weight")
+        names = self._present(self.active_adapters)
         target = self.merged_weight().float()
         qw = quantize_4bit(
             target.to(self.weight_dtype), quant_type=self.quant_type, blocksize=self.blocksize, double_quant=self.double_quant
@@ -426,6 +455,7 @@ class QLoRALinear(nn.Module):
         }
         self._set_quant_state(qw)
         self.merged = True
+        self.merged_adapters = names
         self.merge_error = report
         return report
 
@@ -449,33 +479,39 @@ class QLoRALinear(nn.Module):
             destination[prefix + "merged"] = torch.tensor(True)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        # NOTE: the quant state is checked before anything of this layer is written (the
+        # adapters and the bias included): a rejected state leaves the layer as it was.
         base = prefix + "weight"
         ours = {k[len(prefix) :]: v for k, v in state_dict.items() if k == base or k.startswith(base + ".")}
         merged_key = prefix + "merged"
-        unexpected_keys[:] = [k for k in unexpected_keys if k not in {prefix + k for k in ours} and k != merged_key]
-        if "weight" not in ours:
-            missing_keys.append(base)
+        problem = None
+        qw = None
+        if "weight" in ours:
+            try:
+                qw = QuantizedWeight.from_state_dict(ours, "weight")
+            except (KeyError, ValueError, TypeError) as exc:
+                problem = f"{base}: the 4-bit quant state is invalid: {exc}"
+        if qw is not None:
+            expected = (self.out_features, self.in_features)
+            mine = (self.quant_type, self.blocksize, self.double_quant)
+            theirs = (qw.quant_type, qw.blocksize, qw.double_quant)
+            if qw.shape != expected:
+                problem = f"{base}: the state dict holds a weight of shape {qw.shape}, this layer expects {expected}"
+            elif mine != theirs:
+                problem = (
+                    f"{base}: the state dict holds (quant_type, blocksize, double_quant)={theirs}, this layer was "
+                    f"built with {mine}; build the layer with the same settings (or QLoRALinear(QuantizedWeight.from_state_dict(...)))"
+                )
+        if problem is not None:
+            error_msgs.append(problem)
             return
-        try:
-            qw = QuantizedWeight.from_state_dict(ours, "weight")
-        except (KeyError, ValueError, TypeError) as exc:
-            error_msgs.append(f"{base}: the 4-bit quant state is invalid: {exc}")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        unexpected_keys[:] = [k for k in unexpected_keys if k not in {prefix + k for k in ours} and k != merged_key]
+        if qw is None:
+            missing_keys.append(base)
             return
         known = set(qw.state_dict("weight"))
         unexpected_keys.extend(prefix + k for k in ours if k not in known)  # a strict load reports stray weight.* keys
-        expected = (self.out_features, self.in_features)
-        if qw.shape != expected:
-            error_msgs.append(f"{base}: the state dict holds a weight of shape {qw.shape}, this layer expects {expected}")
-            return
-        mine = (self.quant_type, self.blocksize, self.double_quant)
-        theirs = (qw.quant_type, qw.blocksize, qw.double_quant)
-        if mine != theirs:
-            error_msgs.append(
-                f"{base}: the state dict holds (quant_type, blocksize, double_quant)={theirs}, this layer was "
-                f"built with {mine}; build the layer with the same settings (or QLoRALinear(QuantizedWeight.from_state_dict(...)))"
-            )
-            return
         # NOTE: the validated state's tensors replace the buffers all at once (on this layer's
         # device; a meta layer gets real tensors, as load_state_dict(assign=True) asks): never a
         # half-written state, and a different nested blocksize (other buffer sizes) loads too.
@@ -499,12 +535,18 @@ class QLoRALinear(nn.Module):
         return self.qweight.nbytes(include_tables=False)
 
     def extra_repr(self) -> str:
+        default = (
+            f"r={self.r}, alpha={self.alpha:g}, scaling={self.scaling:g}, dropout={self.dropout:g}, "
+            if self.lora_A is not None
+            else ""
+        )
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-            f"r={self.r}, alpha={self.alpha:g}, scaling={self.scaling:g}, dropout={self.dropout:g}, "
-            f"quant_type={self.quant_type}, blocksize={self.blocksize}, double_quant={self.double_quant}"
+            + default
+            + f"quant_type={self.quant_type}, blocksize={self.blocksize}, double_quant={self.double_quant}"
             + (f", compute_dtype={self.compute_dtype}" if self.compute_dtype is not None else "")
             + (", rslora=True" if self.use_rslora else "")
+            + self._adapters_repr()
             + (", merged=True" if self.merged else "")
         )
 

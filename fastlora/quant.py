@@ -291,9 +291,9 @@ def _check_state(f: dict, names: dict[str, str] | None = None, values: bool = Fa
 
 
 # NOTE: the dynamic map is built from fp32 linspace midpoints; other torch or
-# bitsandbytes versions may round an entry differently in the last bit, so a
-# stored map is accepted within a few ulps (2**-20 relative) of ours, exact at
-# 0 and 1. Dequantization then uses the stored table, as bitsandbytes does.
+# bitsandbytes versions may round an entry differently in the last bits, so a
+# stored map is accepted within 2**-20 relative (about 8 ulp) of ours, and its
+# 0 exactly. Dequantization then uses the stored table, as bitsandbytes does.
 _DYNAMIC_MAP_RTOL = 2.0**-20
 
 

@@ -251,3 +251,216 @@ def lora_linear_float64(
     if bias is not None:
         y = y + bias.double()
     return y
+
+
+# ----------------------------------------------------------------------------
+# many adapters in one batch: the twins of fastlora.kernels.lora_multi
+# ----------------------------------------------------------------------------
+#
+# Shapes (2-D; fastlora.multi flattens leading dims): x [M, K], weight [N, K],
+# lora_A [n, r, K], lora_B [n, N, r] (smaller ranks zero-padded by the caller),
+# scaling [n] float32, adapter_ids [M] integer (any shape with M elements;
+# -1 = the base alone), bias [N], s [M, r] in x's row order (zero on base rows).
+#   y[m] = x[m] W^T + bias + scaling[a] * dropout(x)[m] A[a]^T B[a]^T,  a = adapter_ids[m]
+# The dropout mask is the single-adapter op's for the same seed (one [M, K]
+# mask over x, rows in x's order), so a row's mask does not depend on which
+# adapter it uses or how the batch is sorted.
+
+
+def adapter_segments(adapter_ids: Tensor, n_adapters: int) -> tuple[Tensor, list[int]]:
+    """The rows grouped by adapter: ``(order, counts)``.
+
+    ``order`` [M] int64 is a stable argsort of the ids: the base rows (-1)
+    first, then adapter 0's rows, adapter 1's, ... each in x's order;
+    ``counts`` is ``n_adapters + 1`` Python ints (base rows, then the rows of
+    each adapter). One sort and one host read of ``n_adapters + 2`` bounds
+    (a device sync on CUDA). Raises a ValueError naming ``adapter_ids`` when an
+    id is outside [-1, n_adapters).
+    """
+    ids = adapter_ids.reshape(-1).to(torch.int64)
+    sorted_ids, order = torch.sort(ids, stable=True)
+    # bounds[j] = first sorted position with id >= j - 1: segment j (j = 0 the base)
+    # is [bounds[j], bounds[j + 1]); every id is in range iff bounds[0] == 0 and
+    # bounds[-1] == M.
+    probes = torch.arange(-1, n_adapters + 1, dtype=torch.int64, device=ids.device)
+    bounds = torch.searchsorted(sorted_ids, probes).tolist()
+    if bounds[0] != 0 or bounds[-1] != ids.numel():
+        lo, hi = int(sorted_ids[0]), int(sorted_ids[-1])
+        raise ValueError(
+            f"adapter_ids must be in [-1, {n_adapters}) (-1 = the base alone; {n_adapters} = lora_A.shape[0] "
+            f"adapters), got values from {lo} to {hi}"
+        )
+    return order, [b - a for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def _segment_slices(counts: list[int]):
+    """(adapter, slice of the adapter rows in sorted order) for every adapter with rows."""
+    lo = 0
+    for a, c in enumerate(counts[1:]):
+        if c:
+            yield a, slice(lo, lo + c)
+        lo += c
+
+
+def lora_multi_forward(
+    x: Tensor,
+    weight: Tensor,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    scaling: Tensor,
+    adapter_ids: Tensor,
+    bias: Tensor | None = None,
+    dropout_p: float = 0.0,
+    seed: int = 0,
+) -> tuple[Tensor, Tensor]:
+    """``y[m] = x[m] W^T + bias + scaling[a] * dropout(x)[m] A[a]^T B[a]^T``; returns ``(y, s)``.
+
+    x [M, K], weight [N, K], lora_A [n, r, K], lora_B [n, N, r], scaling [n],
+    adapter_ids [M] (-1 = base only), bias [N] -> y [M, N], s [M, r] =
+    dropout(x)[m] A[a]^T in x's row order (zero on base rows), in the adapters'
+    dtype. The base GEMM runs once over all rows in x's order; the LoRA rows are
+    gathered once in adapter order (:func:`adapter_segments`) and each adapter's
+    contiguous segment takes two small GEMMs (shrink, expand), whose result is
+    added into its rows of y (``index_add_``). Temporaries: the gathered LoRA
+    rows of x and one segment's [rows, N] expand; nothing [M, N] besides y.
+
+    NOTE: a loop over the adapters, not ``torch.bmm`` over segments padded to the
+    longest: on CPU (1 thread, 8 ragged adapters, r=16) the LoRA part took 0.94 ms
+    vs 1.75 ms (M=512, K=N=512) and 5.5 vs 13.5 ms (M=2048, K=N=1024), best of
+    repeats; padding wastes work and memory on ragged batches.
+    """
+    m, k = x.shape
+    n_adapters, r = lora_A.shape[0], lora_A.shape[1]
+    order, counts = adapter_segments(adapter_ids, n_adapters)
+    y = torch.addmm(bias, x, weight.t()) if bias is not None else torch.mm(x, weight.t())
+    s = torch.zeros((m, r), dtype=lora_A.dtype, device=x.device)
+    if counts[0] == m:
+        return y, s
+    mixed = lora_A.dtype != x.dtype  # the LoRA branch in the adapters' dtype, as lora_forward
+    rows = order[counts[0] :]  # the LoRA rows, grouped by adapter
+    xs = x.index_select(0, rows)
+    if mixed:
+        xs = xs.to(lora_A.dtype)
+    alpha = 1.0
+    if dropout_p > 0.0:
+        mask, keep = dropout_keep_mask(seed, (m, k), dropout_p, x.device)
+        xs.mul_(mask.index_select(0, rows))  # dropout(x) rows; 1/keep folded into the shrink
+        alpha = 1.0 / keep
+    ss = torch.empty((rows.numel(), r), dtype=lora_A.dtype, device=x.device)
+    acc = y.to(lora_A.dtype) if mixed else y  # mixed: one rounding of base + LoRA, as lora_forward
+    scales = scaling.tolist()
+    for a, seg in _segment_slices(counts):
+        torch.addmm(ss[seg], xs[seg], lora_A[a].t(), beta=0, alpha=alpha, out=ss[seg])
+        acc.index_add_(0, rows[seg], torch.mm(ss[seg], lora_B[a].t()), alpha=scales[a])
+    s.index_copy_(0, rows, ss)
+    return (acc.to(x.dtype) if mixed else acc), s
+
+
+def lora_multi_backward(
+    dy: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    scaling: Tensor,
+    adapter_ids: Tensor,
+    s: Tensor,
+    dropout_p: float = 0.0,
+    seed: int = 0,
+    needs: tuple[bool, bool, bool, bool, bool] = (True, False, True, True, False),
+) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
+    """Gradients ``(dx, dweight, dA, dB, dbias)`` of :func:`lora_multi_forward`.
+
+    Per row m of adapter a (D = dropout, m / keep; dS = scaling[a] * dY B[a]):
+      dB[a] = scaling[a] * sum_{m in a} dY[m]^T S[m]     [n, N, r]
+      dA[a] = sum_{m in a} dS[m]^T D(x)[m]              [n, r, K]
+      dx[m] = dY[m] W + D(dS[m] A[a])   (base rows: dY[m] W)
+      dW = dY^T x ; dbias = sum_m dY
+    An adapter without rows gets zeros. ``needs`` selects which of the five are
+    computed (others None). The segments come from the ids again (one sort);
+    nothing saved is written to.
+    """
+    need_x, need_w, need_a, need_b, need_bias = needs
+    m, k = x.shape
+    n_adapters, r = lora_A.shape[0], lora_A.shape[1]
+    mixed = lora_A.dtype != x.dtype
+    dx = torch.mm(dy, weight) if need_x else None
+    da = torch.empty_like(lora_A) if need_a else None
+    db = torch.empty_like(lora_B) if need_b else None
+    if need_x or need_a or need_b:
+        order, counts = adapter_segments(adapter_ids, n_adapters)
+        for a, c in enumerate(counts[1:]):
+            if c == 0:  # an adapter without rows: zero gradients (the others are written whole below)
+                for g in (da, db):
+                    if g is not None:
+                        g[a].zero_()
+        rows = order[counts[0] :]
+        if rows.numel():
+            ml, branch = rows.numel(), lora_A.dtype
+            dys = dy.index_select(0, rows)
+            if mixed:
+                dys = dys.to(branch)
+            scales = scaling.tolist()
+            keep, ms = 1.0, None
+            if dropout_p > 0.0 and (need_x or need_a):
+                mask, keep = dropout_keep_mask(seed, (m, k), dropout_p, x.device)
+                ms = mask.index_select(0, rows).to(branch)
+            ss = s.index_select(0, rows) if need_b else None
+            dss = torch.empty((ml, r), dtype=branch, device=dy.device) if (need_x or need_a) else None
+            if need_a:
+                xs = x.index_select(0, rows)
+                xs = xs.to(branch) if mixed else xs
+                if ms is not None:
+                    xs.mul_(ms)  # dropout(x) rows (1/keep in the GEMM's alpha)
+            lora_dx = torch.empty((ml, k), dtype=branch, device=dy.device) if need_x else None
+            for a, seg in _segment_slices(counts):
+                if dss is not None:
+                    torch.addmm(dss[seg], dys[seg], lora_B[a], beta=0, alpha=scales[a], out=dss[seg])
+                if need_b:
+                    torch.addmm(db[a], dys[seg].t(), ss[seg], beta=0, alpha=scales[a], out=db[a])
+                if need_a:
+                    torch.addmm(da[a], dss[seg].t(), xs[seg], beta=0, alpha=1.0 / keep, out=da[a])
+                if need_x:
+                    torch.mm(dss[seg], lora_A[a], out=lora_dx[seg])
+            if need_x:
+                if ms is not None:
+                    lora_dx.mul_(ms)
+                if mixed:
+                    # NOTE: one rounding of dY W + the fp32 LoRA term, as lora_backward.
+                    full = torch.zeros((m, k), dtype=branch, device=dy.device).index_copy_(0, rows, lora_dx)
+                    dx.add_(full, alpha=1.0 / keep)
+                else:
+                    dx.index_add_(0, rows, lora_dx, alpha=1.0 / keep)
+    dw = torch.mm(dy.t(), x) if need_w else None
+    dbias = dy.sum(0) if need_bias else None
+    return dx, dw, da, db, dbias
+
+
+def lora_multi_float64(
+    x: Tensor,
+    weight: Tensor,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    scaling: Tensor,
+    adapter_ids: Tensor,
+    bias: Tensor | None = None,
+    keep_mask: Tensor | None = None,
+    keep: float = 1.0,
+) -> Tensor:
+    """The per-row formula in float64 autograd, the oracle of the tests: every row
+    gathers its own A, B and scale (no sorting, no segments).
+
+    x [M, K], adapter_ids [M]; ``keep_mask`` [M, K] (bool) and ``keep`` describe a
+    fixed dropout. Base rows (-1) get x W^T + bias.
+    """
+    ids = adapter_ids.reshape(-1).to(torch.int64)
+    on = (ids >= 0).to(torch.float64)[:, None]
+    a = ids.clamp(min=0)
+    x64 = x.double()
+    xd = x64 if keep_mask is None else x64 * keep_mask.double() / keep
+    s = torch.einsum("mk,mrk->mr", xd, lora_A.double()[a])
+    lora = torch.einsum("mr,mnr->mn", s, lora_B.double()[a])
+    y = x64 @ weight.double().t() + on * scaling.double()[a][:, None] * lora
+    if bias is not None:
+        y = y + bias.double()
+    return y

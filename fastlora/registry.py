@@ -366,8 +366,9 @@ def apply_adapter(model: nn.Module, config, *, shared=None, what: str = "apply_l
         for m in hits:
             for p in m.parameters():
                 p.requires_grad_(True)
+    # NOTE: remembered for save_adapter, as PEFT keeps its config beside the model
+    model.fastlora_adapter_configs = {**getattr(model, "fastlora_adapter_configs", {}), kind.name: config}
     if config.modules_to_save:
-        # NOTE: remembered for save_adapter, as PEFT keeps it in its config
         previous = list(getattr(model, "fastlora_modules_to_save", None) or [])
         model.fastlora_modules_to_save = previous + [k for k in config.modules_to_save if k not in previous]
     return model

@@ -273,6 +273,11 @@ class VeRALinear(MergeableLinear):
         lora_A, lora_B = self.scaled_adapters()
         return lora_linear(x, self.weight, lora_A, lora_B, 1.0, self.bias, dropout=self.dropout, training=self.training)
 
+    def peft_tensors(self) -> dict[str, Tensor]:
+        """This layer's entries of a PEFT VeRA adapter file (the shared projections are
+        stored once per model, as ``base_model.vera_A`` / ``vera_B``)."""
+        return {"vera_lambda_b": self.vera_lambda_b, "vera_lambda_d": self.vera_lambda_d}
+
     @torch.no_grad()
     def delta_weight(self) -> Tensor:
         """``(lambda_b[:, None] * B_s) @ (lambda_d[:, None] * A_s)`` [out, in], as PEFT's

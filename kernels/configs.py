@@ -1,14 +1,21 @@
-"""Launch configurations of the LoRA kernels, as functions of (arch, dtype, flags).
+"""Launch configurations of the LoRA and QLoRA kernels, as functions of (arch, dtype, flags).
 
 Each ``*_configs(arch, dtype, ...)`` returns the candidate ``triton.Config`` list
 for one kernel on one GPU architecture (``arch`` = 10 * major + minor: 80 for
 Ampere A100, 90 for Hopper H100/H200). Tiles were chosen to fit the shared
 memory of the arch (H100 227 KiB per block; the Ampere tiles stay under
 the 99 KiB of sm_86/sm_89/sm_120, so they serve those too) and to compile
-without register spills: ``tests/test_aot.py`` compiles every config returned
-here for sm_80 and sm_90 (bf16 and fp32 at ranks 16 and 64 by default; the
-whole dtype x flags x rank cross product with ``FASTLORA_AOT_FULL=1``) and
-fails on any spill, so this file is the single place to change a tile.
+without register spills: ``tests/test_aot.py`` (and ``tests/test_kernels_nf4.py``
+for the QLoRA GEMM) compiles every config returned here for sm_80 and sm_90
+(bf16 and fp32 at ranks 16, 64, 128 and 256, fp32 adapters on 16-bit
+activations, by default; the whole dtype x flags x rank cross product with
+``FASTLORA_AOT_FULL=1``) and fails on any spill, so this file is the single
+place to change a tile. Spill numbers quoted in NOTEs are triton 3.9.0's
+unless a version is named.
+
+``lora_f32`` everywhere means fp32 adapters on 16-bit activations (an fp32
+LoRA branch): the rank-r kernels then run fp32 IEEE (FMA) dots, the GEMMs'
+epilogue splits both fp32 factors (see ``_common.dot_f32_f32``).
 
 * The two GEMMs (forward ``Y = X W^T + ...`` and ``dX = dY W + ...``) and the
   shrink ``S = X A^T`` are autotuned: ``@triton.autotune`` gets the union of
@@ -44,8 +51,31 @@ def _family(arch: int) -> int:
     return 90 if 90 <= arch < 120 else 80
 
 
+def rank_chunk(block_r: int, dtype: torch.dtype = torch.bfloat16, f32_adapters: bool = False) -> int:
+    """Rank columns per step of the GEMMs' LoRA epilogue (``R_CHUNK``) for
+    activations of ``dtype``: the whole padded rank up to 64, then steps of 32
+    for 16-bit activations (ranks 128 and 256; steps of 64 spill on sm_80) and
+    of 64 for fp32 (FMA dots; steps of 32 spill on sm_90 in DoRA's GEMM at rank
+    256, STACK 8), so a GEMM tile's registers stop growing with the rank (32
+    under the interpreter, so the tests step). ``f32_adapters`` (fp32 adapters
+    on 16-bit activations: both factors split hi/lo, three dots): steps of 16."""
+    if interpreting():
+        return min(block_r, 32)
+    if dtype == torch.float32:
+        return min(block_r, 64)
+    if f32_adapters:
+        return 16
+    return 32 if block_r > 64 else block_r
+
+
 def gemm_configs(
-    arch: int, dtype: torch.dtype, *, has_dropout: bool = False, block_r: int = 16, store_pre: bool = False
+    arch: int,
+    dtype: torch.dtype,
+    *,
+    has_dropout: bool = False,
+    block_r: int = 16,
+    store_pre: bool = False,
+    lora_f32: bool = False,
 ) -> list[triton.Config]:
     """Configs of ``_lora_gemm_kernel`` (BLOCK_M x BLOCK_N output tile, BLOCK_K
     reduction step, GROUP_M rows of tiles per L2 group).
@@ -53,14 +83,36 @@ def gemm_configs(
     NOTE: with dropout the LoRA term of dX is a second [BLOCK_M, BLOCK_N] fp32
     tensor live next to the accumulator (the mask applies to it alone), so the
     dropout variant drops the 128x256 tiles, which spill. Ranks above 16 widen
-    the epilogue's [BLOCK_M, BLOCK_R] operand: 128x256 spills on sm_80 at r=64,
-    so does 128x128 with 4 warps on both archs (hence 8 warps there).
+    the epilogue's [BLOCK_M, R_CHUNK] operand (R_CHUNK: the padded rank up to
+    64, unrolled steps of 32 above, see :func:`rank_chunk`): 128x256 spills on
+    sm_80 at r=64, so does 128x128 with 4 warps on both archs (hence 8 warps
+    there); ranks 128 and 256 have their own list (NOTE below).
     ``store_pre`` (DoRA's forward: the tile is also stored, rounded, before its
     column scale) drops the 128x256 tiles too: their second store spills
-    (STACK 8-16 bytes on sm_80 and sm_90, REG 254-255).
+    (STACK 8-16 bytes on sm_80 and sm_90, REG 254-255). ``lora_f32`` (fp32
+    adapters on 16-bit activations: the LoRA term is three tensor-core dots of
+    hi/lo-split fp32 operands in steps of 16 ranks) has one tile (NOTE below).
     """
     if interpreting():
         return [_cfg(4, 1, BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4)]
+    bk = 64 if _family(arch) == 90 else 32
+    if lora_f32 and dtype != torch.float32:
+        # NOTE: fp32 adapters on 16-bit activations: the epilogue splits both
+        # factors (three dots per step of 16 ranks). 128x128 spills (STACK 40-6400
+        # on sm_80 and sm_90), 64x64 with 4 warps too at rank 256; 64x128 with 8
+        # warps holds at every rank, bf16 and fp16 (REG 119-222).
+        return [_cfg(8, 4, BLOCK_M=64, BLOCK_N=128, BLOCK_K=bk, GROUP_M=8)]
+    if block_r > 64 and dtype != torch.float32:
+        # NOTE: ranks 128 and 256 step through the epilogue 32 ranks at a time
+        # (rank_chunk): 128x128 with 8 warps holds on sm_90 (REG 226-254); on
+        # sm_80 it spills (STACK 336-656), so does 64x128 with 4 warps; 64x128
+        # with 8 warps does not (REG 124-138).
+        if _family(arch) == 90:
+            return [
+                _cfg(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
+                _cfg(8, 4, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
+            ]
+        return [_cfg(8, 4, BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, GROUP_M=8)]
     if dtype == torch.float32:
         # fp32 with input_precision="ieee" runs on FMA units (a correctness
         # path, not a speed one): one small tile (BLOCK_K=32 spills on sm_80,
@@ -81,62 +133,120 @@ def gemm_configs(
             _cfg(4, 4, BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, GROUP_M=8),
         ]
     big = lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] > 128 * 128  # noqa: E731
-    if has_dropout or store_pre or (block_r > 16 and _family(arch) == 80) or block_r > 64:
+    if has_dropout or store_pre or (block_r > 16 and _family(arch) == 80):
         cands = [c for c in cands if not big(c)]
-    if block_r > 64 or (has_dropout and block_r > 16 and _family(arch) == 80):
+    if has_dropout and block_r > 16 and _family(arch) == 80:
         cands = cands[-1:]  # 128x128 with dropout spills on sm_80 at r=64
     return cands
 
 
-def shrink_configs(arch: int, dtype: torch.dtype, *, has_dropout: bool = False, block_r: int = 16) -> list[triton.Config]:
+def shrink_configs(
+    arch: int, dtype: torch.dtype, *, has_dropout: bool = False, block_r: int = 16, lora_f32: bool = False
+) -> list[triton.Config]:
     """Configs of ``_lora_shrink_kernel``: BLOCK_M rows of X per program, BLOCK_K
-    columns per step; the [BLOCK_M, BLOCK_R] accumulator stays in registers."""
+    columns per step; the [BLOCK_M, BLOCK_R] accumulator stays in registers
+    (X is read once, whatever the rank). ``lora_f32``: fp32 lora_A on 16-bit X,
+    an fp32 FMA dot (as fp32)."""
     if interpreting():
         return [_cfg(4, 1, BLOCK_M=32, BLOCK_K=32)]
-    if dtype == torch.float32:  # FMA dots; 4 warps spill at rank 64
-        cands = [_cfg(4 if block_r <= 16 else 8, 2, BLOCK_M=32, BLOCK_K=64)]
-    elif _family(arch) == 90:
-        cands = [_cfg(4, 4, BLOCK_M=64, BLOCK_K=128), _cfg(4, 4, BLOCK_M=32, BLOCK_K=128)]
-    else:
-        cands = [_cfg(4, 4, BLOCK_M=64, BLOCK_K=64), _cfg(4, 4, BLOCK_M=32, BLOCK_K=128)]
-    if block_r > 64:
-        cands = [_cfg(4, 2, BLOCK_M=32, BLOCK_K=32)]
-    return cands
+    if dtype == torch.float32 or lora_f32:  # FMA dots; 4 warps spill at rank 64
+        if block_r > 64:  # 32x16 with 8 warps spills on sm_90 at rank 128 (STACK 16)
+            return [_cfg(4, 2, BLOCK_M=16, BLOCK_K=32)]
+        return [_cfg(4 if block_r <= 16 else 8, 2, BLOCK_M=32, BLOCK_K=64)]
+    if block_r > 64:  # 64x64 spills on sm_80 at rank 128 with dropout (STACK 16)
+        return [_cfg(8, 3, BLOCK_M=32, BLOCK_K=64)]
+    if _family(arch) == 90:
+        return [_cfg(4, 4, BLOCK_M=64, BLOCK_K=128), _cfg(4, 4, BLOCK_M=32, BLOCK_K=128)]
+    return [_cfg(4, 4, BLOCK_M=64, BLOCK_K=64), _cfg(4, 4, BLOCK_M=32, BLOCK_K=128)]
 
 
-def dy_pass_configs(arch: int, dtype: torch.dtype, *, block_r: int = 16) -> list[triton.Config]:
+def dy_pass_configs(arch: int, dtype: torch.dtype, *, block_r: int = 16, lora_f32: bool = False) -> list[triton.Config]:
     """Configs of ``_lora_dy_kernel`` in order of preference (the launcher takes
     the first that :func:`pick` keeps). A program owns BLOCK_N columns of dY and
-    walks a strided set of BLOCK_M row blocks. NOTE: the partial dS written per
-    column block costs 4*r bytes per row against 2*BLOCK_N bytes of dY read,
-    hence wide BLOCK_N; at r=64 the dB accumulator [BLOCK_N, 64] forces 8 warps
-    and BLOCK_N=128 (64x256 and 4 warps spill)."""
+    BLOCK_R rank columns (a grid axis walks ranks above BLOCK_R) and walks a
+    strided set of BLOCK_M row blocks. NOTE: the partial dS written per column
+    block costs 4*r bytes per row against 2*BLOCK_N bytes of dY read (the
+    workspace is cdiv(N, BLOCK_N) * M * r * 4 bytes), hence wide BLOCK_N; at
+    r=64 the dB accumulator [BLOCK_N, 64] forces 8 warps and BLOCK_N=128 (64x256
+    and 4 warps spill). Ranks 128 and 256 keep BLOCK_N=128 with rank blocks of 64."""
     if interpreting():
-        return [_cfg(4, 1, BLOCK_M=32, BLOCK_N=32)]
-    if dtype == torch.float32:  # FMA dots; 4 warps spill at rank 64
-        cands = [_cfg(4 if block_r <= 16 else 8, 2, BLOCK_M=32, BLOCK_N=64)]
-    elif block_r <= 16:
-        cands = [_cfg(8, 3, BLOCK_M=64, BLOCK_N=256), _cfg(4, 3, BLOCK_M=64, BLOCK_N=128)]
-    else:
-        cands = [_cfg(8, 3, BLOCK_M=64, BLOCK_N=128), _cfg(4, 3, BLOCK_M=32, BLOCK_N=64)]
+        return [_cfg(4, 1, BLOCK_M=32, BLOCK_N=32, BLOCK_R=min(block_r, 32))]
+    br = min(block_r, 64)
+    if dtype == torch.float32 or lora_f32:  # FMA dots; 4 warps spill at rank 64
+        return [_cfg(4 if br <= 16 else 8, 2, BLOCK_M=32, BLOCK_N=64, BLOCK_R=br)]
+    if block_r <= 16:
+        return [_cfg(8, 3, BLOCK_M=64, BLOCK_N=256, BLOCK_R=16), _cfg(4, 3, BLOCK_M=64, BLOCK_N=128, BLOCK_R=16)]
     if block_r > 64:
-        cands = [_cfg(4, 2, BLOCK_M=32, BLOCK_N=32)]
-    return cands
+        # NOTE: the dS workspace is what grows with the rank, so ranks 128 and 256
+        # take 256 columns per program, in rank blocks small enough to stay
+        # spill-free (64 rank columns spill at 256 columns: sm_80 STACK 32-192,
+        # sm_90 16 when only dS is needed; 32 do not). BLOCK_M=32, not 64: 64x256
+        # reaches REG 255 on sm_80 and spills with triton 3.4 (32x256: REG
+        # 106-231 with 3.6-3.9). The rank blocks of one dY tile are neighbours on
+        # the fastest grid axis, so they read it together (once from HBM, then L2).
+        return [_cfg(8, 3, BLOCK_M=32, BLOCK_N=256, BLOCK_R=32), _cfg(8, 3, BLOCK_M=64, BLOCK_N=128, BLOCK_R=64)]
+    return [_cfg(8, 3, BLOCK_M=64, BLOCK_N=128, BLOCK_R=br), _cfg(4, 3, BLOCK_M=32, BLOCK_N=64, BLOCK_R=br)]
 
 
-def down_grad_configs(arch: int, dtype: torch.dtype, *, has_dropout: bool = False, block_r: int = 16) -> list[triton.Config]:
+def down_grad_configs(
+    arch: int, dtype: torch.dtype, *, has_dropout: bool = False, block_r: int = 16, lora_f32: bool = False
+) -> list[triton.Config]:
     """Configs of ``_lora_down_grad_kernel`` (dA = dS^T D(X)) in order of
-    preference: a program owns BLOCK_K columns of X and walks BLOCK_M row blocks."""
+    preference: a program owns BLOCK_K columns of X and BLOCK_R rank rows of dA
+    (a grid axis walks ranks above BLOCK_R) and walks BLOCK_M row blocks.
+    ``lora_f32`` (an fp32 dA from 16-bit X) is an FMA dot, as fp32."""
     if interpreting():
-        return [_cfg(4, 1, BLOCK_M=32, BLOCK_K=32)]
-    if dtype == torch.float32:  # FMA dots; 4 warps spill at rank 64
-        cands = [_cfg(4 if block_r <= 16 else 8, 2, BLOCK_M=32, BLOCK_K=64)]
-    elif _family(arch) == 90:
-        cands = [_cfg(4, 4, BLOCK_M=64, BLOCK_K=128), _cfg(4, 4, BLOCK_M=64, BLOCK_K=64)]
+        return [_cfg(4, 1, BLOCK_M=32, BLOCK_K=32, BLOCK_R=min(block_r, 32))]
+    br = min(block_r, 64)
+    if dtype == torch.float32 or lora_f32:  # FMA dots; 4 warps spill at rank 64
+        return [_cfg(4 if br <= 16 else 8, 2, BLOCK_M=32, BLOCK_K=64, BLOCK_R=br)]
+    if _family(arch) == 90:
+        return [_cfg(4, 4, BLOCK_M=64, BLOCK_K=128, BLOCK_R=br), _cfg(4, 4, BLOCK_M=64, BLOCK_K=64, BLOCK_R=br)]
+    return [_cfg(4, 4, BLOCK_M=64, BLOCK_K=64, BLOCK_R=br), _cfg(4, 4, BLOCK_M=32, BLOCK_K=64, BLOCK_R=br)]
+
+
+def dequant_config() -> triton.Config:
+    """Launch parameters of ``nf4._dequant_4bit_kernel``: BLOCK elements per program."""
+    if interpreting():
+        return _cfg(4, 1, BLOCK=256)
+    return _cfg(4, 1, BLOCK=1024)
+
+
+def qlora_gemm_configs(
+    arch: int, dtype: torch.dtype, *, has_dropout: bool = False, block_r: int = 16, lora_f32: bool = False
+) -> list[triton.Config]:
+    """Candidate tiles of ``nf4._qlora_gemm_kernel``, in order of preference.
+
+    NOTE: the dequantized [BLOCK_K, BLOCK_N] tile costs registers for its codes,
+    absmax and values next to the accumulator, so the tiles are a notch smaller
+    than the 16-bit LoRA GEMM's; tests/test_kernels_nf4.py AOT-compiles each for
+    sm_80 and sm_90 and fails on a spill. The LoRA epilogue steps through ranks
+    above 64 in chunks of 64 (:func:`rank_chunk`), so ranks 128 and 256 use
+    rank 64's tiles.
+    """
+    if interpreting():
+        return [_cfg(4, 1, BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4)]
+    block_r = min(block_r, 64)
+    if dtype == torch.float32:
+        # fp32 with input_precision="ieee" runs on FMA units: small tiles (64x64
+        # with 4 warps spills on sm_80 / sm_90). NOTE: BLOCK_K=16, not 32: the
+        # dX variant with 64x64x32 spills on sm_90 with triton 3.8.0 (STACK 8,
+        # REG 255; not with 3.9.0); 64x64x16 takes 128 registers on both.
+        cands = [
+            _cfg(8, 2, BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, GROUP_M=8),
+            _cfg(4, 2, BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=8),
+        ]
     else:
-        cands = [_cfg(4, 4, BLOCK_M=64, BLOCK_K=64), _cfg(4, 4, BLOCK_M=32, BLOCK_K=64)]
-    if block_r > 64:
-        cands = [_cfg(4, 2, BLOCK_M=32, BLOCK_K=32)]
+        cands = [
+            _cfg(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8),
+            _cfg(8, 3, BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, GROUP_M=8),
+            _cfg(8, 3, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8),
+        ]
+    # NOTE: dropout keeps a second [BLOCK_M, BLOCK_N] fp32 tile (the masked
+    # LoRA term) live, and a wide rank widens the epilogue's operands: the
+    # largest tile goes (it reaches 255 registers with dropout at rank 64).
+    if has_dropout or block_r > 16 or lora_f32:
+        cands = cands[1:]
     return cands
 
 
@@ -156,11 +266,13 @@ def _union(fn, **flags_grid) -> list[triton.Config]:
 
 def all_gemm_configs() -> list[triton.Config]:
     """Every config any (arch, dtype, flags) may use: what ``@triton.autotune`` holds."""
-    return _union(gemm_configs, has_dropout=(False, True), block_r=(16, 64, 128), store_pre=(False, True))
+    return _union(
+        gemm_configs, has_dropout=(False, True), block_r=(16, 64, 128, 256), store_pre=(False, True), lora_f32=(False, True)
+    )
 
 
 def all_shrink_configs() -> list[triton.Config]:
-    return _union(shrink_configs, has_dropout=(False, True), block_r=(16, 64, 128))
+    return _union(shrink_configs, has_dropout=(False, True), block_r=(16, 64, 128, 256), lora_f32=(False, True))
 
 
 def device_arch(device: torch.device) -> int:

@@ -26,14 +26,12 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .._backend import interpreting
 from ..quant import QuantizedWeight
-from . import lora
-
-# NOTE: the dropout mask must be bit-identical to the one the LoRA kernels
-# draw (shrink, dA), so the QLoRA dX GEMM calls the same jit helper; launches
-# go through the same counter (fastlora.kernels.lora.launch_count()).
-_keep_mask = lora.keep_mask_tile
+from . import configs, lora
+from ._common import add_bias, add_rank_term, check_adapter_dtype, check_dtype, dot_acc, dropout_args, grouped_tile, launch
+from ._common import launch_count as _launch_count
+from ._common import padded_rank
+from ._common import reset_launch_count as _reset_launch_count
 
 # ----------------------------------------------------------------------------
 # jit helpers
@@ -87,11 +85,6 @@ def _dequant_gather(
         flat // BLOCKSIZE, mask, absmax_ptr, nested_absmax_ptr, nested_map_ptr, offset_ptr, NESTED, NESTED_BLOCKSIZE
     )
     return value * absmax
-
-
-# acc + l @ e for an fp32 rank-r term ``l`` [BM, BLOCK_R] and ``e`` in the input
-# dtype (hi/lo split for 16-bit inputs): the LoRA kernels' helper, shared.
-_rank_term = lora.dot_f32_lhs
 
 
 # ----------------------------------------------------------------------------
@@ -177,6 +170,8 @@ def _qlora_gemm_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
+    F32_ADAPTERS: tl.constexpr = False,  # fp32 adapters on 16-bit activations (configs; the dots see E's dtype)
+    R_CHUNK: tl.constexpr = 16,  # rank columns per epilogue step
 ):
     """OUT = P deq(W)^(T) + D(scaling * L E) + bias, one [BLOCK_M, BLOCK_N] tile per program.
 
@@ -188,16 +183,7 @@ def _qlora_gemm_kernel(
     epilogue, before the only store of the tile. D = keep-mask / keep on the
     output coordinates, the same Philox mask as the LoRA kernels.
     """
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(OUT, BLOCK_N)
-    num_in_group = GROUP_M * num_pid_n
-    group_id = pid // num_in_group
-    first_m = group_id * GROUP_M
-    group_size = min(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + ((pid % num_in_group) % group_size)
-    pid_n = (pid % num_in_group) // group_size
-
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, OUT, BLOCK_M, BLOCK_N, GROUP_M)
     rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     rk = tl.arange(0, BLOCK_K).to(tl.int64)
@@ -220,77 +206,15 @@ def _qlora_gemm_kernel(
         # NOTE: rounded to P's dtype, exactly the values the reference's
         # dequantized temporary holds; fp32 dots stay IEEE (never TF32).
         w = w.to(p_ptr.dtype.element_ty)
-        if IEEE:
-            acc = tl.dot(p, w, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(p, w, acc)
+        acc = dot_acc(p, w, acc, IEEE)
 
-    rr = tl.arange(0, BLOCK_R)
-    mask_r = rr < R
-    lora_l = tl.load(l_ptr + rm[:, None] * stride_lm + rr[None, :] * stride_lr, mask=mask_m[:, None] & mask_r[None, :], other=0.0)
-    lora_e = tl.load(e_ptr + rr[:, None] * stride_er + rn[None, :] * stride_en, mask=mask_r[:, None] & mask_n[None, :], other=0.0)
-    lora_l = lora_l.to(tl.float32) * tl.cast(scaling, tl.float32)
-    if HAS_DROPOUT:
-        term = _rank_term(lora_l * tl.cast(inv_keep, tl.float32), lora_e, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), IEEE)
-        keep = _keep_mask(seed, rm, pid_n * BLOCK_N, OUT, keep_levels, BLOCK_M, BLOCK_N)
-        acc += tl.where(keep, term, 0.0)
-    else:
-        acc = _rank_term(lora_l, lora_e, acc, IEEE)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + rn, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    acc = add_rank_term(
+        acc, l_ptr, e_ptr, rm, rn, mask_m, mask_n, R, stride_lm, stride_lr, stride_er, stride_en,
+        scaling, seed, keep_levels, inv_keep, OUT, pid_n * BLOCK_N,
+        HAS_DROPOUT, IEEE, p_ptr.dtype.element_ty, BLOCK_R, R_CHUNK, BLOCK_M, BLOCK_N,
+    )  # fmt: skip
+    acc = add_bias(acc, bias_ptr, rn, mask_n, HAS_BIAS)
     tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :] * stride_on, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
-
-
-# ----------------------------------------------------------------------------
-# configs (functions of dtype and flags; one small config under the interpreter)
-# ----------------------------------------------------------------------------
-
-
-def dequant_config() -> dict:
-    """Launch parameters of ``_dequant_4bit_kernel``."""
-    if interpreting():
-        return dict(BLOCK=256, num_warps=4)
-    return dict(BLOCK=1024, num_warps=4)
-
-
-def gemm_configs(dtype: torch.dtype, *, has_dropout: bool = False, block_r: int = 16) -> list[dict]:
-    """Candidate tiles of ``_qlora_gemm_kernel``, in order of preference.
-
-    NOTE: the dequantized [BLOCK_K, BLOCK_N] tile costs registers for its codes,
-    absmax and values next to the accumulator, so the tiles are a notch smaller
-    than the 16-bit LoRA GEMM's; tests/test_kernels_nf4.py AOT-compiles each for
-    sm_80 and sm_90 and fails on a spill.
-    """
-    if interpreting():
-        return [dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, num_warps=4, num_stages=1)]
-    if dtype == torch.float32:
-        # fp32 with input_precision="ieee" runs on FMA units: small tiles (64x64
-        # with 4 warps spills on sm_80 / sm_90).
-        cands = [
-            dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=2),
-            dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=2),
-        ]
-    else:
-        cands = [
-            dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3),
-            dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3),
-            dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3),
-        ]
-    # NOTE: dropout keeps a second [BLOCK_M, BLOCK_N] fp32 tile (the masked
-    # LoRA term) live, and a wide rank widens the epilogue's operands: the
-    # largest tile goes (it reaches 255 registers with dropout at rank 64).
-    if has_dropout or block_r > 16:
-        cands = cands[1:]
-    if block_r > 64:
-        cands = cands[-1:]
-    return cands
-
-
-def _pick(cands: list[dict], m: int, n: int) -> dict:
-    for c in cands:
-        if c["BLOCK_M"] <= max(16, triton.next_power_of_2(m)) and c["BLOCK_N"] <= max(16, triton.next_power_of_2(n)):
-            return c
-    return cands[-1]
 
 
 # ----------------------------------------------------------------------------
@@ -300,14 +224,11 @@ def _pick(cands: list[dict], m: int, n: int) -> dict:
 def launch_count() -> int:
     """Triton kernel launches since the last reset, this module's and the LoRA
     kernels' together (one counter: ``fastlora.kernels.lora.launch_count``)."""
-    return lora.launch_count()
+    return _launch_count()
 
 
 def reset_launch_count() -> None:
-    lora.reset_launch_count()
-
-
-_launch = lora.launch_kernel
+    _reset_launch_count()
 
 
 def _state_args(qw: QuantizedWeight) -> tuple:
@@ -321,10 +242,6 @@ def _state_args(qw: QuantizedWeight) -> tuple:
 
 def _state_meta(qw: QuantizedWeight) -> dict:
     return dict(BLOCKSIZE=qw.blocksize, NESTED=qw.double_quant, NESTED_BLOCKSIZE=qw.nested_blocksize)
-
-
-_block_r = lora.padded_rank
-_dropout_args = lora.dropout_args
 
 
 def _check_weight(qw: QuantizedWeight, device: torch.device) -> None:
@@ -342,13 +259,13 @@ def dequantize_4bit(qw: QuantizedWeight, dtype: torch.dtype | None = None) -> Te
     out = torch.empty(qw.shape, dtype=dtype, device=qw.device)
     if n == 0:
         return out
-    cfg = dequant_config()
-    _launch(
+    cfg = configs.dequant_config()
+    launch(
         _dequant_4bit_kernel,
-        (triton.cdiv(n, cfg["BLOCK"]),),
+        (triton.cdiv(n, cfg.kwargs["BLOCK"]),),
         qw.device,
         *_state_args(qw), out, n,
-        **_state_meta(qw), BLOCK=cfg["BLOCK"], num_warps=cfg["num_warps"],
+        **_state_meta(qw), BLOCK=cfg.kwargs["BLOCK"], num_warps=cfg.num_warps,
         # NOTE: no fused multiply-add, so the de-nested absmax rounds as bitsandbytes'.
         enable_fp_fusion=False,
     )  # fmt: skip
@@ -356,18 +273,28 @@ def dequantize_4bit(qw: QuantizedWeight, dtype: torch.dtype | None = None) -> Te
 
 
 def _qgemm(p, qw, l, e, bias, scaling, dropout_p, seed, w_rows_are_out) -> Tensor:
-    """OUT [M, e.shape[1]] = p deq(W)^(T) + D(scaling * l e) + bias; ``e`` is a [r, OUT] (strided) view."""
+    """OUT [M, e.shape[1]] = p deq(W)^(T) + D(scaling * l e) + bias; ``e`` is a [r, OUT]
+    (strided) view, in p's dtype or fp32 (then the rank-r term is an fp32 IEEE dot)."""
+    check_dtype(p, "x" if w_rows_are_out else "dy")
+    check_adapter_dtype(e, "lora_B" if w_rows_are_out else "lora_A", p.dtype)
     m, red = p.shape
     r, out_n = e.shape
+    if tuple(l.shape) != (m, r):
+        raise ValueError(f"the LoRA activation (s or ds) must have shape [M, r] = {[m, r]}, got {list(l.shape)}")
     out = torch.empty((m, out_n), dtype=p.dtype, device=p.device)
     if m == 0 or out_n == 0:
         return out
-    has_dropout, keep_levels, inv_keep = _dropout_args(dropout_p)
-    block_r = _block_r(r)
-    cfg = _pick(gemm_configs(p.dtype, has_dropout=has_dropout, block_r=block_r), m, out_n)
-    tiles = {k: cfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")}
-    grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(out_n, cfg["BLOCK_N"]),)
-    _launch(
+    has_dropout, keep_levels, inv_keep = dropout_args(dropout_p)
+    block_r = padded_rank(r)
+    f32_adapters = p.dtype != torch.float32 and e.dtype == torch.float32
+    cfg = configs.pick(
+        configs.qlora_gemm_configs(
+            configs.device_arch(p.device), p.dtype, has_dropout=has_dropout, block_r=block_r, lora_f32=f32_adapters
+        ),
+        {"BLOCK_M": m, "BLOCK_N": out_n},
+    )
+    grid = (triton.cdiv(m, cfg.kwargs["BLOCK_M"]) * triton.cdiv(out_n, cfg.kwargs["BLOCK_N"]),)
+    launch(
         _qlora_gemm_kernel,
         grid,
         p.device,
@@ -376,8 +303,9 @@ def _qgemm(p, qw, l, e, bias, scaling, dropout_p, seed, w_rows_are_out) -> Tenso
         p.stride(0), p.stride(1), l.stride(0), l.stride(1), e.stride(0), e.stride(1), out.stride(0), out.stride(1),
         float(scaling), int(seed), keep_levels, inv_keep,
         W_ROWS_ARE_OUT=w_rows_are_out, **_state_meta(qw), HAS_BIAS=bias is not None, HAS_DROPOUT=has_dropout,
-        IEEE=p.dtype == torch.float32, BLOCK_R=block_r, **tiles,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        IEEE=p.dtype == torch.float32, BLOCK_R=block_r, **cfg.kwargs,
+        F32_ADAPTERS=f32_adapters, R_CHUNK=configs.rank_chunk(block_r, p.dtype, f32_adapters),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     return out
 
@@ -415,7 +343,9 @@ def qlora_forward(
     dropout_p: float = 0.0,
     seed: int = 0,
 ) -> tuple[Tensor, Tensor]:
-    """``y = x deq(W)^T + scaling * (dropout(x) A^T) B^T + bias``; returns ``(y, s)``.
+    """``y = x deq(W)^T + scaling * (dropout(x) A^T) B^T + bias``; returns ``(y, s)``:
+    y in x's dtype, s in the adapters' dtype (x's, or fp32 for fp32 adapters,
+    as ``fastlora.kernels.lora.lora_forward``).
     2 launches: the LoRA shrink, then the dequant-in-GEMM."""
     s = lora.lora_shrink(x, lora_A, dropout_p, seed)
     y = qlora_expand_gemm(x, qweight, s, lora_B, scaling, bias)
@@ -440,11 +370,12 @@ def qlora_backward(
       dS = scaling * dY B; dB = scaling * dY^T S; dbias = sum_m dY   (dY pass)
       dx = dY deq(W) + D(dS A)                                       (dequant-in-GEMM)
       dA = dS^T D(x)                                                 (down grad)
+    dx, dbias in dy's dtype; dA, dB in the adapters' dtype (fp32 adapters: fp32).
     """
     need_x, need_w, need_a, need_b, need_bias = needs
     if need_w:
         raise ValueError("qlora_backward: the 4-bit base weight is frozen; it has no gradient")
     ds, db, dbias = lora.lora_dy_pass(dy, lora_B, s, scaling, need_x or need_a, need_b, need_bias)
     dx = qlora_dx_gemm(dy, qweight, ds, lora_A, dropout_p, seed) if need_x else None
-    da = lora.lora_down_grad(ds, x, dropout_p, seed) if need_a else None
+    da = lora.lora_down_grad(ds, x, dropout_p, seed, lora_A.dtype) if need_a else None
     return dx, None, da, db, dbias

@@ -1,6 +1,6 @@
 """AdaLoRA (fastlora.adalora) against PEFT's AdaLoRA on the same weights.
 
-Tolerances for fp32 comparisons follow STYLE.md: PEFT's AdaLoRA is run in fp32
+Tolerances for fp32 comparisons follow CONTRIBUTING.md (Tolerances): PEFT's AdaLoRA is run in fp32
 and in float64 on identical weights; ``tol = 2 x (PEFT's own fp32 error)``, that
 error floored at 4 fp32 ulps of the largest value (so a tensor PEFT happens to
 get almost exact does not demand bit-equality of a differently-associated sum).
@@ -97,7 +97,7 @@ def run(model, x, dy, names, bias):
 
 
 def tolerance(peft32: torch.Tensor, peft64: torch.Tensor, ulps: int = 4) -> float:
-    # 2x PEFT's own fp32 error vs float64 (STYLE.md), that error floored at `ulps` fp32 ulps of the largest value
+    # 2x PEFT's own fp32 error vs float64 + 2 * `ulps` fp32 ulps of the largest value (CONTRIBUTING.md, Tolerances)
     # (the floor keeps a lucky near-exact PEFT result from demanding more of us than of PEFT)
     return tolerance_2x(peft32, peft64, torch.float32, floor_ulps=2 * ulps)
 

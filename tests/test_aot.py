@@ -5,13 +5,13 @@ register spill or a local array).
 One subprocess (without TRITON_INTERPRET, which would turn the kernels into
 interpreter functions) compiles, with 2 worker processes, the kernels for
 arch x dtype (fp32/fp16/bf16) x constexpr flags (bias, dropout, needs, DoRA's
-column scale + pre-scale store) x rank
-bucket x the configs ``fastlora.kernels.configs`` returns for them, then reads
+column scale + pre-scale store) x rank bucket (16, 64, 128, 256) x adapters
+(the activations' dtype, or fp32 on 16-bit activations) x the configs
+``fastlora.kernels.configs`` returns for them, then reads
 REG / STACK with the ``cuobjdump`` shipped in the triton wheel and the dynamic
 shared memory from the compiled metadata (checked against the arch's limit).
-The default sweep (~80 variants, ~45 s cold on 2 idle cores, seconds with a
-warm Triton cache) is described in :func:`_variants`; ``FASTLORA_AOT_FULL=1``
-compiles the whole cross product (~240 variants; passed when last changed).
+The default sweep (194 variants) is described in :func:`_variants`;
+``FASTLORA_AOT_FULL=1`` compiles the whole cross product.
 Kernels' fp64 scalar arguments (what inductor passes) are compiled too.
 
 Variants mirror real launches: pointers 16-byte aligned, unit inner strides
@@ -37,6 +37,7 @@ pytestmark = pytest.mark.aot
 
 # Largest dynamic shared memory per block: A100 (sm_80) 163 KiB, H100/H200 (sm_90) 227 KiB.
 BLOCK_RS = (16, 64)  # the rank buckets r <= 16 and 32 < r <= 64 (BLOCK_R = rank padded to a power of two)
+WIDE_RS = (128, 256)  # ranks whose configs differ from rank 64's only in the shrink (the others step in 64s)
 
 
 # ---------------------------------------------------------------------------
@@ -61,18 +62,19 @@ FLAGS = {
 }
 
 
-def _configs_for(kernel, arch, dtype, flags, block_r):
+def _configs_for(kernel, arch, dtype, flags, block_r, lora_f32=False):
     from fastlora.kernels import configs as C
 
     if kernel.startswith("gemm"):
         return C.gemm_configs(
-            arch, dtype, has_dropout=flags["HAS_DROPOUT"], block_r=block_r, store_pre=flags.get("STORE_PRE", False)
-        )
+            arch, dtype, has_dropout=flags["HAS_DROPOUT"], block_r=block_r, store_pre=flags.get("STORE_PRE", False),
+            lora_f32=lora_f32,
+        )  # fmt: skip
     if kernel == "shrink":
-        return C.shrink_configs(arch, dtype, has_dropout=flags["HAS_DROPOUT"], block_r=block_r)
+        return C.shrink_configs(arch, dtype, has_dropout=flags["HAS_DROPOUT"], block_r=block_r, lora_f32=lora_f32)
     if kernel == "dy_pass":
-        return C.dy_pass_configs(arch, dtype, block_r=block_r)
-    return C.down_grad_configs(arch, dtype, has_dropout=flags["HAS_DROPOUT"], block_r=block_r)
+        return C.dy_pass_configs(arch, dtype, block_r=block_r, lora_f32=lora_f32)
+    return C.down_grad_configs(arch, dtype, has_dropout=flags["HAS_DROPOUT"], block_r=block_r, lora_f32=lora_f32)
 
 
 def _variants(full: bool):
@@ -96,6 +98,8 @@ def _variants(full: bool):
     def add(kernel, arch, dtype, block_r, flags, cfg, **extra):
         v = dict(kernel=kernel, arch=arch, dtype=names[dtype], block_r=block_r, flags=flags, tiles=dict(cfg.kwargs),
                  num_warps=cfg.num_warps, num_stages=cfg.num_stages, **extra)  # fmt: skip
+        if extra.get("adapters") == v["dtype"]:
+            del v["adapters"]
         key = json.dumps(v, sort_keys=True)
         if key not in seen:
             seen.add(key)
@@ -121,6 +125,35 @@ def _variants(full: bool):
                                 cfgs = cfgs[:1]
                         for cfg in cfgs:
                             add(kernel, arch, dtype, block_r, flags, cfg)
+        # Wide ranks (128, 256): every config of every kernel at its superset
+        # flags (bf16; fp32 at 256), the other flag combinations on their first
+        # config (bf16 at 128; every one with FASTLORA_AOT_FULL=1).
+        for kernel, combos in FLAGS.items():
+            for block_r in WIDE_RS:
+                for dtype in (torch.bfloat16, torch.float32):
+                    if dtype == torch.float32 and block_r == 128 and not full:
+                        continue
+                    for i, flags in enumerate(combos):
+                        cfgs = _configs_for(kernel, arch, dtype, flags, block_r)
+                        if i > 0 and not full:
+                            if dtype == torch.float32 or block_r != 128:
+                                continue
+                            cfgs = cfgs[:1]
+                        for cfg in cfgs:
+                            add(kernel, arch, dtype, block_r, flags, cfg)
+        # fp32 adapters on 16-bit activations (an fp32 LoRA branch: IEEE dots in the
+        # rank-r kernels, split-operand tensor-core dots in the GEMMs' epilogue):
+        # every config at the superset flags, bf16 at ranks 16 and 256 and fp16 (its
+        # epilogue also scales) at rank 64; every rank, dtype and flag set with
+        # FASTLORA_AOT_FULL=1.
+        for kernel, combos in FLAGS.items():
+            for dtype in (torch.bfloat16, torch.float16):
+                for block_r in BLOCK_RS + WIDE_RS:
+                    if not full and (block_r, dtype) not in ((16, torch.bfloat16), (256, torch.bfloat16), (64, torch.float16)):
+                        continue
+                    for flags in combos if full else combos[:1]:
+                        for cfg in _configs_for(kernel, arch, dtype, flags, block_r, lora_f32=True):
+                            add(kernel, arch, dtype, block_r, flags, cfg, adapters="fp32")
         mask_cfg = triton.Config({"BLOCK_M": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1)
         add("mask", arch, torch.float32, 16, {}, mask_cfg)
     # Inductor passes Python floats as fp64: the kernels must cast them (sm_90, first config).
@@ -128,6 +161,9 @@ def _variants(full: bool):
         cfg = _configs_for(kernel, 90, torch.bfloat16, combos[0], 16)[0]
         add(kernel, 90, torch.bfloat16, 16, combos[0], cfg, fp64_scalars=True)
     return out
+
+
+_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}  # names -> torch attribute names
 
 
 # Per kernel: (jit function attr, pointer arg -> dtype ("x" = the variant's dtype),
@@ -138,38 +174,38 @@ _I64 = {"seed"}
 _SPECS = {
     "gemm_fwd": (
         "_lora_gemm_kernel",
-        dict(p_ptr="x", q_ptr="x", l_ptr="x", e_ptr="x", bias_ptr="x", out_ptr="x", colscale_ptr="fp32", pre_ptr="x"),
+        dict(p_ptr="x", q_ptr="x", l_ptr="a", e_ptr="a", bias_ptr="x", out_ptr="x", colscale_ptr="fp32", pre_ptr="x"),
         ("stride_pk", "stride_qk", "stride_lr", "stride_er", "stride_on"),
         ("stride_pm", "stride_qn", "stride_om", "N", "K"),
     ),
     "gemm_dora": (
         "_lora_gemm_kernel",
-        dict(p_ptr="x", q_ptr="x", l_ptr="x", e_ptr="x", bias_ptr="x", out_ptr="x", colscale_ptr="fp32", pre_ptr="x"),
+        dict(p_ptr="x", q_ptr="x", l_ptr="a", e_ptr="a", bias_ptr="x", out_ptr="x", colscale_ptr="fp32", pre_ptr="x"),
         ("stride_pk", "stride_qk", "stride_lr", "stride_er", "stride_on"),
         ("stride_pm", "stride_qn", "stride_om", "N", "K"),
     ),
     "gemm_dx": (
         "_lora_gemm_kernel",
-        dict(p_ptr="x", q_ptr="x", l_ptr="fp32", e_ptr="x", bias_ptr="x", out_ptr="x", colscale_ptr="fp32", pre_ptr="x"),
+        dict(p_ptr="x", q_ptr="x", l_ptr="fp32", e_ptr="a", bias_ptr="x", out_ptr="x", colscale_ptr="fp32", pre_ptr="x"),
         ("stride_pk", "stride_qn", "stride_lr", "stride_en", "stride_on"),
         ("stride_pm", "stride_qk", "stride_er", "stride_om", "N", "K"),
     ),
     "shrink": (
         "_lora_shrink_kernel",
-        dict(x_ptr="x", a_ptr="x", s_ptr="x"),
+        dict(x_ptr="x", a_ptr="a", s_ptr="a"),
         ("stride_xk", "stride_ak", "stride_sr"),
         ("stride_xm", "stride_ar", "K"),
     ),
     "dy_pass": (
         "_lora_dy_kernel",
-        dict(dy_ptr="x", b_ptr="x", s_ptr="x", ds_ptr="fp32", db_ptr="x", dbias_ptr="x", ws_ds_ptr="fp32",
+        dict(dy_ptr="x", b_ptr="a", s_ptr="a", ds_ptr="fp32", db_ptr="a", dbias_ptr="x", ws_ds_ptr="fp32",
              ws_db_ptr="fp32", ws_dbias_ptr="fp32", cnt_m_ptr="i32", cnt_n_ptr="i32"),  # fmt: skip
         ("stride_dyn", "stride_br", "stride_sr"),
         ("stride_dym", "N"),
     ),
     "down_grad": (
         "_lora_down_grad_kernel",
-        dict(ds_ptr="fp32", x_ptr="x", da_ptr="x", ws_ptr="fp32", cnt_ptr="i32"),
+        dict(ds_ptr="fp32", x_ptr="x", da_ptr="a", ws_ptr="fp32", cnt_ptr="i32"),
         ("stride_dsr", "stride_xk"),
         ("stride_xm", "K"),
     ),
@@ -181,6 +217,7 @@ def _compile_one(v):
     """Compile one variant; returns v with REG/STACK/SHARED or an error."""
     import tempfile
 
+    import torch
     import triton
     from triton.backends.compiler import GPUTarget
 
@@ -190,19 +227,27 @@ def _compile_one(v):
     fn = getattr(lora, attr)
     while not isinstance(fn, triton.runtime.JITFunction):  # unwrap @triton.autotune
         fn = fn.fn
+    from fastlora.kernels import configs as C
+
+    adapters = v.get("adapters", v["dtype"])  # fp32 adapters on 16-bit activations: the LoRA branch in fp32
     constexprs = dict(v["flags"], **v["tiles"])
     if v["kernel"] != "mask":
-        constexprs.update(IEEE=v["dtype"] == "fp32", BLOCK_R=v["block_r"])
+        # The GEMMs' IEEE is their main loop's; the rank-r kernels' covers every dot.
+        main_ieee = v["dtype"] == "fp32"
+        constexprs.update(IEEE=main_ieee or (attr != "_lora_gemm_kernel" and adapters == "fp32"))
+        constexprs.setdefault("BLOCK_R", v["block_r"])  # dY pass / dA: the rank block of the config
     if attr == "_lora_gemm_kernel":  # the DoRA flags default to off (plain LoRA GEMMs)
         constexprs.setdefault("HAS_COL_SCALE", False)
         constexprs.setdefault("STORE_PRE", False)
+        f32_adapters = not main_ieee and adapters == "fp32"
+        constexprs.update(F32_ADAPTERS=f32_adapters, R_CHUNK=C.rank_chunk(v["block_r"], getattr(torch, _DTYPES[v["dtype"]]), f32_adapters))
     constexprs.update({name: 1 for name in unit})
     signature = {}
     for name in fn.arg_names:
         if name in constexprs:
             signature[name] = "constexpr"
         elif name in ptrs:
-            signature[name] = "*" + (v["dtype"] if ptrs[name] == "x" else ptrs[name])
+            signature[name] = "*" + {"x": v["dtype"], "a": adapters}.get(ptrs[name], ptrs[name])
         elif name in _FLOATS:
             signature[name] = "fp64" if v.get("fp64_scalars") else "fp32"
         elif name in _I64:
@@ -248,6 +293,7 @@ def _describe(r) -> str:
     tiles = " ".join(f"{k}={v}" for k, v in r["tiles"].items())
     flags = ",".join(f"{k}={int(v)}" for k, v in r["flags"].items())
     f64 = " fp64-scalars" if r.get("fp64_scalars") else ""
+    f64 += " fp32-adapters" if r.get("adapters") == "fp32" else ""
     launch = f"w{r['num_warps']} s{r['num_stages']}{f64}"
     return f"{r['kernel']:9s} sm_{r['arch']} {r['dtype']} R={r['block_r']:<3d} {flags:34s} {tiles} {launch}"
 

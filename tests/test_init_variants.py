@@ -46,7 +46,7 @@ def assert_keeps_output(layer, original, x, what):
     exact = exact_output(original, x)
     own = (original(x).double() - exact).abs().max().item()
     # fp32: one pass over ~K fp32 products, like the base layer -> 2x its error
-    # (STYLE.md's rule). fp16/bf16: the residual, A and B are each rounded to
+    # (CONTRIBUTING.md, Tolerances). fp16/bf16: the residual, A and B are each rounded to
     # the low precision and the LoRA branch adds two rounded products, where the
     # base layer rounds once: measured up to 3.2x, so 4x.
     factor = 2.0 if x.dtype in (torch.float32, torch.float64) else 4.0

@@ -57,6 +57,10 @@ def _check(actual, torch_same_dtype, oracle64, dtype, what):
     assert actual.dtype == torch_same_dtype.dtype, f"{what}: dtype {actual.dtype} != {torch_same_dtype.dtype}"
     if oracle64.numel() == 0:
         return
+    # NOTE: NaN compares false: a NaN or inf where float64 is finite (and in the
+    # dtype's range) must fail here, not slip through the |diff| <= tol check below.
+    bad = (~torch.isfinite(actual) & (oracle64.abs() <= torch.finfo(actual.dtype).max)).nonzero()
+    assert bad.numel() == 0, f"{what}: non-finite where float64 is finite and in range at {bad[:5].tolist()} ({len(bad)} elements)"
     torch_err = (torch_same_dtype.double() - oracle64).abs().max().item()
     tol = 2 * torch_err + _ulp(dtype, oracle64)
     assert_close_to(actual, oracle64, tol, what)
@@ -600,3 +604,284 @@ def test_dora_linear_fp32_adapters_on_an_fp16_base():
     gots = [y.detach(), x.grad, *[p.grad for p in params[:3]]]
     for name, got, oracle in zip(("y", "dx", "dA", "dB", "dm"), gots, [y64, *grads64]):
         assert_close_to(got, oracle, 4 * 2**-11 * oracle.abs().max().item(), f"{name} (mixed, kernels)")
+
+
+# ---------------------------------------------------------------------------
+# fp16 range: the LoRA term is scaled in fp32, never split to 16 bits after scaling
+# ---------------------------------------------------------------------------
+
+
+def _big_lora_term_inputs(m, k, n, r, dtype, seed=40):
+    """S = x A^T of a few hundred, scaling 200: scaling * S passes fp16's 65504
+    while lora_B ~ 1e-3 keeps y in range (|y| ~ 10^2-10^3)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g).to(dtype)
+    w = (torch.randn(n, k, generator=g) / k**0.5).to(dtype)
+    a = (100.0 * torch.randn(r, k, generator=g)).to(dtype)
+    b = (1e-3 * torch.randn(n, r, generator=g)).to(dtype)
+    bias = torch.randn(n, generator=g).to(dtype)
+    return x, w, a, b, bias, 200.0
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_lora_term_beyond_fp16_range(dtype):
+    """scaling * S > 65504 with y finite: the kernels give y (and every gradient)
+    within the 2x rule of float64, as the reference (PEFT's math) does. Before the
+    fix the fp16 hi/lo split of scaling * S overflowed to inf and gave NaN."""
+    m, k, n, r = 37, 64, 40, 8
+    x, w, a, b, bias, scaling = _big_lora_term_inputs(m, k, n, r, dtype)
+    dy = torch.randn(m, n, generator=torch.Generator().manual_seed(41)).to(dtype)
+    y, s = K.lora_forward(x, w, a, b, scaling, bias)
+    assert (scaling * s.double()).abs().max() > 65504  # the case at hand
+    y_ref, s_ref = reference.lora_forward(x, w, a, b, scaling, bias)
+    y64, grads64 = _float64_all(x, w, a, b, scaling, bias, dy)
+    assert torch.isfinite(y64).all() and y64.abs().max() < 65504
+    _check(y, y_ref, y64, dtype, "y (scaling * S beyond fp16)")
+    grads = K.lora_backward(dy, x, w, a, b, s, scaling, 0.0, 0, ALL_NEEDS)
+    grads_ref = reference.lora_backward(dy, x, w, a, b, s_ref, scaling, 0.0, 0, ALL_NEEDS)
+    for name, got, want, oracle in zip(("dx", "dW", "dA", "dB", "dbias"), grads, grads_ref, grads64):
+        _check(got, want, oracle, dtype, f"{name} (scaling * S beyond fp16)")
+    # DoRA shares the epilogue: z = the LoRA GEMM's tile, y = g * z + bias.
+    g = _col_scale(n)
+    y_d, z_d, _ = K.dora_forward(x, w, a, b, scaling, g, bias)
+    y_dref, z_dref, _ = reference.dora_forward(x, w, a, b, scaling, g, bias)
+    z64 = y64 - bias.double()
+    _check(z_d, z_dref, z64, dtype, "z (dora, scaling * S beyond fp16)")
+    _check(y_d, y_dref, z64 * g.double() + bias.double(), dtype, "y (dora, scaling * S beyond fp16)")
+
+
+def test_dx_lora_term_beyond_fp16_range():
+    """dS = scaling * dY B beyond fp16's range (a loss scaler's dY) while dX is
+    finite: dX within the 2x rule of float64 (the reference's own fp16 dS is inf
+    there, so its error is measured in fp32: the kernels keep dS in fp32)."""
+    m, k, n, r = 33, 48, 40, 4
+    g = torch.Generator().manual_seed(42)
+    x = torch.randn(m, k, generator=g).half()
+    w = (torch.randn(n, k, generator=g) / k**0.5).half()
+    a = (1e-3 * torch.randn(r, k, generator=g)).half()
+    b = torch.randn(n, r, generator=g).half()
+    dy = (3000.0 * torch.randn(m, n, generator=g)).half()
+    scaling = 16.0
+    s = x @ a.t()
+    dx, _, da, db, _ = K.lora_backward(dy, x, w, a, b, s, scaling, 0.0, 0, (True, False, True, True, False))
+    ds64 = scaling * dy.double() @ b.double()
+    assert ds64.abs().max() > 65504
+    dx64 = dy.double() @ w.double() + ds64 @ a.double()
+    assert dx64.abs().max() < 65504
+    dx_t = (dy.float() @ w.float() + (scaling * (dy.float() @ b.float())) @ a.float()).half()  # torch, fp32 dS
+    _check(dx, dx_t, dx64, torch.float16, "dX (dS beyond fp16)")
+
+
+def _same_nonfinite(got, want, what):
+    """NaN where ``want`` is NaN, +inf / -inf where it is +inf / -inf."""
+    for name, fn in (("NaN", torch.isnan), ("+inf", torch.isposinf), ("-inf", torch.isneginf)):
+        g, w = fn(got), fn(want)
+        bad = (g != w).nonzero()
+        assert bad.numel() == 0, f"{what}: {name} pattern differs at {bad[:5].tolist()} ({len(bad)} elements)"
+
+
+@pytest.mark.parametrize(
+    "dtype,adapters", [(torch.float32, None), (torch.float16, None), (torch.float16, torch.float32)],
+    ids=["fp32", "fp16", "fp16-fp32-adapters"],
+)
+def test_inf_propagates_as_in_the_reference(dtype, adapters):
+    """An inf in x (forward) or dY (backward) gives inf / NaN exactly where the
+    reference (nn.Linear's math) does, finite values elsewhere within the 2x rule.
+    Before the fix the split of an inf S gave inf - inf = NaN for whole rows."""
+    m, k, n, r = 37, 48, 40, 1
+    x, w, a, b, bias = make_inputs(m, k, n, r, dtype=dtype, bias=True, seed=43)
+    a, b = a.to(adapters or dtype), b.to(adapters or dtype)
+    x[3, 5] = float("inf")
+    x[20, 0] = float("-inf")
+    scaling = 0.5
+    y, s = K.lora_forward(x, w, a, b, scaling, bias)
+    y_ref, s_ref = reference.lora_forward(x, w, a, b, scaling, bias)
+    assert not torch.isfinite(y_ref).all() and torch.isinf(y_ref).any()
+    _same_nonfinite(s, s_ref, "s")
+    _same_nonfinite(y, y_ref, "y")
+    fin = torch.isfinite(y_ref).all(dim=1)
+    y64, _ = _float64_all(x[fin], w, a, b, scaling, bias, torch.zeros(int(fin.sum()), n, dtype=dtype))
+    _check(y[fin], y_ref[fin], y64, dtype, "y (finite rows)")
+    g = _col_scale(n)
+    y_d, z_d, _ = K.dora_forward(x, w, a, b, scaling, g, bias)
+    y_dref, z_dref, _ = reference.dora_forward(x, w, a, b, scaling, g, bias)
+    _same_nonfinite(z_d, z_dref, "z (dora)")
+    _same_nonfinite(y_d, y_dref, "y (dora)")
+
+    x2, w2, a2, b2, _ = make_inputs(m, k, n, r, dtype=dtype, bias=False, seed=44)
+    a2, b2 = a2.to(adapters or dtype), b2.to(adapters or dtype)
+    dy = torch.randn(m, n, generator=torch.Generator().manual_seed(45)).to(dtype)
+    dy[7, 9] = float("inf")
+    s2 = x2.to(a2.dtype) @ a2.t()
+    grads = K.lora_backward(dy, x2, w2, a2, b2, s2, scaling, 0.0, 0, ALL_NEEDS)
+    grads_ref = reference.lora_backward(dy, x2, w2, a2, b2, s2, scaling, 0.0, 0, ALL_NEEDS)
+    for name, got, want in zip(("dx", "dW", "dA", "dB", "dbias"), grads, grads_ref):
+        assert not torch.isfinite(want).all(), name
+        _same_nonfinite(got, want, name)
+
+
+# ---------------------------------------------------------------------------
+# fp32 adapters on 16-bit activations: an fp32 LoRA branch (reference.py's contract)
+# ---------------------------------------------------------------------------
+
+
+def _mixed_inputs(m, k, n, r, dtype, bias=True, seed=50):
+    x, w, a, b, bias_t = make_inputs(m, k, n, r, dtype=torch.float32, bias=bias, seed=seed)
+    # NOTE: adapters with full fp32 mantissas (not fp16 values): what the kernels
+    # would lose by rounding them shows.
+    return x.to(dtype), w.to(dtype), a, b, (bias_t.to(dtype) if bias else None)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3], ids=["p0", "p0.3"])
+@pytest.mark.parametrize("m,k,n,r", [(37, 96, 80, 8), (33, 40, 24, 40)])
+def test_fp32_adapters_on_fp16_activations(m, k, n, r, dropout):
+    """lora_forward / lora_backward with fp32 lora_A / lora_B on fp16 x, W, bias:
+    s, dA, dB in fp32 and y, dx, dbias in fp16, each within the 2x rule of
+    float64 against reference.py's mixed path (its fp32 branch) as the yardstick.
+    Before: S was rounded to fp16 and dA to fp16 (~1000x the reference's error)."""
+    dtype = torch.float16
+    x, w, a, b, bias = _mixed_inputs(m, k, n, r, dtype)
+    dy = torch.randn(m, n, generator=torch.Generator().manual_seed(51)).to(dtype)
+    scaling, seed = 1.5, 777
+    needs = (True, False, True, True, True)
+    K.reset_launch_count()
+    y, s = K.lora_forward(x, w, a, b, scaling, bias, dropout, seed)
+    grads = K.lora_backward(dy, x, w, a, b, s, scaling, dropout, seed, needs)
+    assert K.launch_count() == 5
+    assert y.dtype == dtype and s.dtype == torch.float32
+    assert [g.dtype if g is not None else None for g in grads] == [dtype, None, torch.float32, torch.float32, dtype]
+    if dropout:
+        mask, keep = K.dropout_keep_mask(seed, (m, k), dropout, x.device)
+    else:
+        mask, keep = torch.ones(m, k, dtype=torch.bool), 1.0
+    # reference.py's mixed path with the kernels' mask: the fp32 branch (the yardstick).
+    xd = x.float() * mask / keep
+    s_t = xd @ a.t()
+    y_t = torch.addmm(torch.addmm(bias, x, w.t()).float(), s_t, b.t(), alpha=scaling).to(dtype)
+    ds_t = scaling * (dy.float() @ b)
+    dx_t = (dy @ w).add_((ds_t @ a) * mask / keep)
+    torch_grads = (dx_t, None, ds_t.t() @ xd, scaling * (dy.float().t() @ s_t), dy.sum(0))
+    if not dropout:  # reference.py itself gives the same yardstick
+        y_ref, s_ref = reference.lora_forward(x, w, a, b, scaling, bias)
+        assert torch.equal(y_ref, y_t) and torch.equal(s_ref, s_t)
+    y64, grads64 = _float64_all(x, w, a, b, scaling, bias, dy, mask if dropout else None, keep)
+    _check(y, y_t, y64, dtype, "y (fp32 adapters)")
+    _check(s, s_t, xd.double() @ a.double().t(), torch.float32, "s (fp32 adapters)")
+    for name, got, want, oracle in zip(("dx", "dW", "dA", "dB", "dbias"), grads, torch_grads, grads64):
+        if want is None:
+            continue
+        _check(got, want, oracle, torch.float32 if want.dtype == torch.float32 else dtype, f"{name} (fp32 adapters)")
+
+
+def test_dora_forward_fp32_adapters():
+    """dora_forward with fp32 adapters on fp16 x: z, y as reference.dora_forward
+    (fp32 branch, fp16 outputs), s in fp32."""
+    m, k, n, r = 37, 64, 40, 8
+    x, w, a, b, bias = _mixed_inputs(m, k, n, r, torch.float16, seed=52)
+    g = _col_scale(n)
+    y, z, s = K.dora_forward(x, w, a, b, 0.75, g, bias)
+    y_ref, z_ref, s_ref = reference.dora_forward(x, w, a, b, 0.75, g, bias)
+    assert s.dtype == torch.float32 and y.dtype == z.dtype == torch.float16
+    s64 = x.double() @ a.double().t()
+    z64 = x.double() @ w.double().t() + 0.75 * s64 @ b.double().t()
+    _check(s, s_ref, s64, torch.float32, "s (dora, fp32 adapters)")
+    _check(z, z_ref, z64, torch.float16, "z (dora, fp32 adapters)")
+    _check(y, y_ref, z64 * g.double() + bias.double(), torch.float16, "y (dora, fp32 adapters)")
+
+
+def test_building_blocks_reject_other_adapter_dtypes():
+    x = torch.randn(4, 32).half()
+    with pytest.raises(TypeError, match=r"lora_A must be torch.float16 .* or torch.float32, got torch.float64"):
+        K.lora_shrink(x, torch.randn(8, 32).double())
+    with pytest.raises(TypeError, match="expected both torch.float16"):
+        K.lora_forward(x, torch.randn(16, 32).half(), torch.randn(8, 32), torch.randn(16, 8).half(), 1.0)
+
+
+# ---------------------------------------------------------------------------
+# wide ranks: 128 and 256 (rank blocks in the dY pass and dA, rank steps in the GEMM epilogue)
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("r,dropout", [(128, 0.0), (256, 0.2), (100, 0.0)])
+def test_wide_ranks(r, dropout, dtype):
+    m, k, n = 37, 40, 36
+    x, w, a, b, bias = _scaled_inputs(m, k, n, r, dtype, True)
+    dy = torch.randn(m, n, generator=torch.Generator().manual_seed(60)).to(dtype)
+    scaling, seed = 0.5, 99
+    K.reset_launch_count()
+    y, s = K.lora_forward(x, w, a, b, scaling, bias, dropout, seed)
+    grads = K.lora_backward(dy, x, w, a, b, s, scaling, dropout, seed, ALL_NEEDS)
+    assert K.launch_count() == 5
+    if dropout:
+        mask, keep = K.dropout_keep_mask(seed, (m, k), dropout, x.device)
+    else:
+        mask, keep = torch.ones(m, k, dtype=torch.bool), 1.0
+    xd = x * mask / keep
+    s_t = xd @ a.t()
+    y_t = torch.addmm(bias, x, w.t()).addmm_(s_t, b.t(), alpha=scaling)
+    ds_t = scaling * (dy @ b)
+    torch_grads = (dy @ w + (ds_t @ a) * mask / keep, dy.t() @ x, ds_t.t() @ xd, scaling * (dy.t() @ s_t), dy.sum(0))
+    y64, grads64 = _float64_all(x, w, a, b, scaling, bias, dy, mask if dropout else None, keep)
+    _check(y, y_t, y64, dtype, f"y (r={r})")
+    _check(s, s_t, xd.double() @ a.double().t(), dtype, f"s (r={r})")
+    for name, got, want, oracle in zip(("dx", "dW", "dA", "dB", "dbias"), grads, torch_grads, grads64):
+        _check(got, want, oracle, dtype, f"{name} (r={r})")
+
+
+def test_dy_pass_workspace_at_wide_ranks(monkeypatch):
+    """The dY pass's fp32 workspace (dS partials per column block + dB partials per
+    row split) at M = N = 4096 in bf16 (264 programs: an H100/H200) stays within
+    1.5x (r <= 64), 2x (r = 128) and 3x (r = 256) dY's own bytes on sm_90 and
+    sm_80; it was 8.2x at r = 128 and 16.4x at r = 256 with the 32-column blocks
+    ranks above 64 used to get (measured: 1.28x / 1.56x / 2.63x on sm_90)."""
+    from fastlora.kernels import configs as C
+
+    monkeypatch.setattr(C, "interpreting", lambda: False)
+    m = n = 4096
+    dy_bytes = 2 * m * n
+    for arch in (80, 90):
+        for r, bound in ((16, 1.5), (64, 1.5), (128, 2.0), (256, 3.0)):
+            ws = K.dy_pass_workspace_bytes(m, n, r, torch.bfloat16, arch=arch, programs=264)
+            assert ws <= bound * dy_bytes, (arch, r, ws / dy_bytes)
+
+
+# ---------------------------------------------------------------------------
+# empty dimensions: empty sums are zeros
+# ---------------------------------------------------------------------------
+
+
+def _poison_allocator(*shapes):
+    """Allocate and free NaN-filled tensors, so a torch.empty of the same size
+    that should have been zeroed shows it (CPU malloc reuses the blocks)."""
+    for shape in shapes:
+        t = torch.full(shape, float("nan"))
+        del t
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "m,k,n",
+    [(21, 40, 0), (0, 40, 24), (21, 0, 24)],
+    ids=["N=0", "M=0", "K=0"],
+)
+def test_empty_dimensions(m, k, n, dtype):
+    """N = 0 (out_features 0): dS = dY B is an empty sum, so dX = 0 and dA = 0
+    (they were torch.empty's leftovers); M = 0: dA = dB = dbias = 0; K = 0:
+    y = bias, dB = dY^T S = 0, dbias = sum dY. Checked exactly."""
+    r, scaling = 8, 0.5
+    x, w, a, b, bias = _scaled_inputs(m, k, n, r, dtype, True)
+    dy = torch.randn(m, n, generator=torch.Generator().manual_seed(70)).to(dtype)
+    y, s = K.lora_forward(x, w, a, b, scaling, bias)
+    assert y.shape == (m, n) and s.shape == (m, r)
+    y_ref, s_ref = reference.lora_forward(x, w, a, b, scaling, bias)
+    _check(s, s_ref, x.double() @ a.double().t(), dtype, "S")
+    if k == 0:
+        assert torch.equal(y, bias.expand(m, n))
+    _poison_allocator((m, r), (r, k), (m, k))
+    dx, dw, da, db, dbias = K.lora_backward(dy, x, w, a, b, s, scaling, 0.0, 0, ALL_NEEDS)
+    for name, got, shape in (("dx", dx, (m, k)), ("dA", da, (r, k)), ("dB", db, (n, r))):
+        assert got.shape == shape, name
+        assert torch.equal(got, torch.zeros(shape, dtype=dtype)), f"{name}: not zeros"
+    assert torch.equal(dw, dy.t() @ x)
+    _check(dbias, dy.sum(0), dy.double().sum(0), dtype, "dbias")

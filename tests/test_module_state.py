@@ -147,3 +147,16 @@ def test_dora_sees_edits_made_through_weight_data():
     layer.weight.data.mul_(2.0)  # no version bump on `weight`
     want = fastlora.dora_linear(x, layer.weight, layer.lora_A, layer.lora_B, layer.lora_magnitude, layer.scaling, layer.bias)
     assert_close_to(layer(x), want, 0.0, "after editing weight.data")
+
+
+def test_a_rejected_qlora_state_leaves_the_adapters_and_bias_unchanged():
+    torch.manual_seed(0)
+    layer = fastlora.QLoRALinear.from_linear(nn.Linear(64, 8), r=2)
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    other = fastlora.QLoRALinear.from_linear(nn.Linear(64, 8), r=2)
+    _perturb(other)
+    state = dict(other.state_dict())
+    state["weight.absmax"] = state["weight.absmax"][:-1]  # tampered: does not cover the blocks
+    with pytest.raises(RuntimeError, match="quant state is invalid"):
+        layer.load_state_dict(state)
+    assert all(torch.equal(v, before[k]) for k, v in layer.state_dict().items())

@@ -138,3 +138,44 @@ def test_count_parameters_counts_4bit_weights_as_peft_does():
     assert fastlora.count_parameters(ours) == want
     quantized = fastlora.apply_lora(float_model(), r=8, alpha=16.0, quantize="nf4")
     assert fastlora.count_parameters(quantized) == want
+
+
+def test_from_peft_4bit_several_adapters_and_lora_bias_match_peft():
+    import copy
+
+    import fastlora.peft_model as peft_model
+
+    ref = peft_on_4bit()
+    ref.add_adapter("b", peft.LoraConfig(r=4, lora_alpha=4, target_modules=["0", "2"], lora_bias=True))
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for n, p in ref.named_parameters():
+            if "lora_B" in n and ".b." in n:
+                p.normal_(0, 0.1)
+    ref.base_model.set_adapter(["default", "b"])
+    ref.train()
+    ours = copy.deepcopy(ref)
+    report = fastlora.from_peft(ours)
+    assert len(report["accelerated"]) == 2 and report["skipped"] == []
+    x = torch.randn(9, 128)
+    outs, grads = [], []
+    for model in (ref, ours):
+        xg = x.clone().requires_grad_(True)  # keeps bitsandbytes off its CPU inference repack
+        y = model(xg)
+        y.square().sum().backward()
+        outs.append(y.detach())
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    assert_close_to(outs[1], outs[0], TOL * outs[0].abs().max().item(), "two adapters on 4-bit")
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) == 10  # 2 layers x (A, B) x 2 adapters + 2 lora_B biases
+    for n in grads[0]:
+        assert_close_to(grads[1][n], grads[0][n], TOL * grads[0][n].abs().max().item(), n)
+    assert peft_model.fallback_counts(ours) == {"fused": 2}
+
+
+def test_from_peft_4bit_dora_stays_on_peft():
+    import fastlora.peft_model as peft_model
+
+    model = peft.get_peft_model(bnb_model(), peft.LoraConfig(r=8, lora_alpha=16, target_modules=["0", "2"], use_dora=True))
+    with pytest.warns(peft_model.PeftFallbackWarning, match="2 x DoRA on a 4-bit base"):
+        report = fastlora.from_peft(model)
+    assert report["accelerated"] == []

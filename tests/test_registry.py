@@ -138,3 +138,38 @@ def test_a_new_layer_kind_is_one_registration(registered_scaled):
 def test_a_catastrophic_target_regex_is_refused_before_matching():
     with pytest.raises(ValueError, match=r"is refused"):
         fastlora.apply_lora(mlp(), target_modules=r"(\d+)+x")
+
+
+def test_merge_in_place_and_unmerge_at_model_level_match_peft():
+    peft = pytest.importorskip("peft")
+    model = fastlora.apply_lora(mlp(), r=2)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for layer in registry.adapter_layers(model).values():
+            layer.lora_B.normal_(generator=g)
+    theirs = peft.get_peft_model(mlp(), peft.LoraConfig(r=2, lora_alpha=8, target_modules=["0", "2", "4"]))
+    with torch.no_grad():
+        for name, layer in registry.adapter_layers(model).items():
+            twin = theirs.base_model.model.get_submodule(name)
+            twin.lora_A["default"].weight.copy_(layer.lora_A)
+            twin.lora_B["default"].weight.copy_(layer.lora_B)
+    x = torch.randn(4, 12)
+    before = model(x)
+    fastlora.merge_lora(model, unload=False)
+    theirs.merge_adapter()
+    assert all(m.merged for m in registry.adapter_layers(model).values())
+    for name, layer in registry.adapter_layers(model).items():
+        # both merge in fp32 from the same factors: one rounding apart at most
+        torch.testing.assert_close(layer.weight, theirs.base_model.model.get_submodule(name).base_layer.weight, rtol=0, atol=1e-6)
+    torch.testing.assert_close(model(x), before, rtol=0, atol=1e-5)
+    fastlora.unmerge_lora(model)
+    assert not any(m.merged for m in registry.adapter_layers(model).values())
+    torch.testing.assert_close(model(x), before, rtol=0, atol=1e-5)  # unmerge: exact up to fp32 rounding
+
+
+def test_merge_in_place_refuses_4bit_layers_before_changing_anything():
+    model = fastlora.apply_lora(mlp(), r=2, quantize="nf4", target_modules=["0"])
+    fastlora.apply_lora(model, r=2, target_modules=["2"])
+    with pytest.raises(ValueError, match=r"merge_lora\(unload=False\): \['0'\] hold 4-bit weights"):
+        fastlora.merge_lora(model, unload=False)
+    assert not model[2].merged

@@ -3,13 +3,17 @@
 
 from __future__ import annotations
 
+import copy
+import warnings
+
 import pytest
 import torch
 
 import fastlora
+import fastlora.peft_model
 from fastlora.model import lora_layers
 
-from _oracles import assert_close_to
+from _oracles import assert_close_to, tolerance_2x
 
 transformers = pytest.importorskip("transformers", reason="needs transformers (pip install 'fastlora[test]')")
 peft = pytest.importorskip("peft", reason="needs peft (pip install 'fastlora[test]')")
@@ -95,23 +99,12 @@ def test_from_peft_accelerates_in_place_and_keeps_the_peft_model_working(tmp_pat
     report = fastlora.from_peft(model)
     assert len(report["accelerated"]) == 14 and report["skipped"] == []
     assert isinstance(model, peft.PeftModel)
-    calls = []
-    import fastlora.functional as functional
-
-    real = functional.LoRALinearFunction.apply
-
-    def counting_apply(*args):
-        calls.append(1)
-        return real(*args)
-
-    functional.LoRALinearFunction.apply = counting_apply
-    try:
-        with torch.no_grad():
-            after = model(input_ids=ids).logits
-            tokens_after = model.generate(input_ids=ids[:1, :4], max_new_tokens=5, do_sample=False)
-    finally:
-        functional.LoRALinearFunction.apply = real
-    assert len(calls) >= 14  # every LoRA layer went through fastlora's op
+    fastlora.reset_fallback_counts(model)
+    with torch.no_grad():
+        after = model(input_ids=ids).logits
+        tokens_after = model.generate(input_ids=ids[:1, :4], max_new_tokens=5, do_sample=False)
+    counts = fastlora.fallback_counts(model)
+    assert counts.get("fused", 0) >= 14 and set(counts) == {"fused"}  # every LoRA layer call ran fastlora's op
     assert_close_to(after, before, TOL, "logits after from_peft")
     assert torch.equal(tokens_after, tokens_before)
     model.train()
@@ -127,8 +120,85 @@ def test_from_peft_accelerates_in_place_and_keeps_the_peft_model_working(tmp_pat
         assert_close_to(merged(input_ids=ids).logits, after, TOL, "merge_and_unload")
 
 
-def test_from_peft_leaves_unsupported_layers_on_peft_and_reports_them():
-    model = peft_llama(use_dora=True)
-    report = fastlora.from_peft(model)
+def grads_of(model):
+    return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+
+def assert_matches_peft_float64(ref, ours, ids, labels, what):
+    """ours (fp32) against PEFT in float64 within 2x PEFT's own fp32 error: logits and every trainable gradient."""
+    ref64 = copy.deepcopy(ref).double()
+    results = []
+    for model in (ref, ref64, ours):
+        out = model(input_ids=ids, labels=labels)
+        out.loss.backward()
+        results.append((out.logits.detach(), grads_of(model)))
+    (l32, g32), (l64, g64), (lF, gF) = results
+    assert_close_to(lF, l64, tolerance_2x(l32, l64, torch.float32), f"{what} logits")
+    assert g32.keys() == gF.keys() and len(g32) > 0
+    for name in g32:
+        assert_close_to(gF[name], g64[name], tolerance_2x(g32[name], g64[name], torch.float32), f"{what} {name}")
+
+
+def test_from_peft_runs_dora_llama_layers_fused_and_matches_peft():
+    ref = peft_llama(use_dora=True).train()
+    ours = copy.deepcopy(ref)
+    report = fastlora.from_peft(ours)
+    assert len(report["accelerated"]) == 14 and report["skipped"] == []
+    fastlora.peft_model.reset_fallback_counts(ours)
+    ids, labels = batch()
+    assert_matches_peft_float64(ref, ours, ids, labels, "DoRA llama")
+    assert fastlora.peft_model.fallback_counts(ours) == {"fused": 14}
+
+
+def test_from_peft_reports_warns_and_counts_layers_left_on_peft():
+    model = peft_llama(dropout=0.1, use_dora=True).train()  # PEFT applies DoRA's dropout its own way
+    with pytest.warns(fastlora.peft_model.PeftFallbackWarning, match="14 x DoRA with dropout in training"):
+        report = fastlora.from_peft(model)
     assert report["accelerated"] == [] and len(report["skipped"]) == 14
-    assert all(reason == "DoRA adapter" for _, reason in report["skipped"])
+    assert all(reason == "DoRA with dropout in training" for _, reason in report["skipped"])
+    fastlora.peft_model.reset_fallback_counts(model)
+    ids, labels = batch()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model(input_ids=ids)
+        model.eval()  # dropout off: the same layers run fused
+        model(input_ids=ids)
+    assert fastlora.peft_model.fallback_counts(model) == {"fused": 14, "DoRA with dropout in training": 14}
+
+
+def tiny_gpt2():
+    config = transformers.GPT2Config(
+        vocab_size=97, n_positions=32, n_embd=32, n_layer=2, n_head=4, attn_implementation="eager",
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+    )
+    torch.manual_seed(0)
+    return transformers.GPT2LMHeadModel(config)
+
+
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
+def test_from_peft_runs_gpt2_conv1d_layers_fused_and_matches_peft(use_dora):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PEFT: "fan_in_fan_out is set to True" for Conv1D
+        ref = peft.get_peft_model(
+            tiny_gpt2(),
+            peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj", "c_fc"], use_dora=use_dora),
+        )
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    ref.train()
+    ours = copy.deepcopy(ref)
+    report = fastlora.from_peft(ours)
+    assert len(report["accelerated"]) == 8 and report["skipped"] == []  # 2 x (c_attn, attn c_proj, c_fc, mlp c_proj)
+    fastlora.peft_model.reset_fallback_counts(ours)
+    ids, labels = batch()
+    assert_matches_peft_float64(ref, ours, ids, labels, "GPT-2")
+    assert fastlora.peft_model.fallback_counts(ours) == {"fused": 8}
+    ours.eval()
+    ref.eval()
+    with torch.no_grad():
+        prompt = ids[:1, :4]
+        want = ref.generate(input_ids=prompt, max_new_tokens=5, do_sample=False, pad_token_id=0)
+        assert torch.equal(ours.generate(input_ids=prompt, max_new_tokens=5, do_sample=False, pad_token_id=0), want)

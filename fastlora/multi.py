@@ -1,0 +1,201 @@
+"""Many adapters in one batch: :func:`lora_linear_multi` and its autograd Function.
+
+Each row of x picks its own LoRA adapter by id (-1 = the base layer alone):
+``y[m] = x[m] W^T + bias + scaling[a] * dropout(x)[m] A[a]^T B[a]^T`` with
+``a = adapter_ids[m]``. For serving several fine-tunes of one base model in a
+single batch, and for training several adapters at once (each adapter's
+gradient is exactly the sum over its own rows).
+
+The op is one :class:`fastlora._fused.FusedOp` (as ``fastlora.functional``'s
+LoRA op): torch.compile, autocast, leading dims and the dropout seed come from
+there. Its forward and backward come from ``fastlora.reference``
+(``lora_multi_forward`` / ``lora_multi_backward``) or from
+``fastlora.kernels.lora_multi`` (the same signatures).
+
+NOTE: the fused-op helper's first constant is a float ``scaling``; here the
+scales are the per-adapter tensor input ``adapter_scaling`` [n] and that
+constant is always 1.0 (ignored).
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+import torch
+from torch import Tensor
+
+from ._fused import FusedOp
+from .validation import check_base_dtype, check_dense_weight, check_dropout, check_same_device
+
+_KERNELS = "fastlora.kernels.lora_multi"
+
+
+def _module(backend: str) -> ModuleType:
+    """``fastlora.reference`` or the Triton module (imported on first use only)."""
+    return importlib.import_module(_KERNELS if backend == "triton" else "fastlora.reference")
+
+
+def _forward(backend, seed, x, weight, lora_A, lora_B, adapter_scaling, adapter_ids, bias, scaling, dropout_p):
+    return _module(backend).lora_multi_forward(x, weight, lora_A, lora_B, adapter_scaling, adapter_ids, bias, dropout_p, seed)
+
+
+def _backward(backend, seed, needs, dy, saved, new, consts):
+    x, weight, lora_A, lora_B, adapter_scaling, adapter_ids = saved
+    (s,) = new
+    _, dropout_p = consts
+    need_x, need_w, need_a, need_b, _, _, need_bias = needs
+    dx, dw, da, db, dbias = _module(backend).lora_multi_backward(
+        dy, x, weight, lora_A, lora_B, adapter_scaling, adapter_ids, s, dropout_p, seed,
+        (need_x, need_w, need_a, need_b, need_bias),
+    )  # fmt: skip
+    return [dx, dw, da, db, None, None, dbias]
+
+
+def _fake_forward(x, weight, lora_A, lora_B, adapter_scaling, adapter_ids, bias, scaling, dropout_p):
+    return x.new_empty(x.shape[0], weight.shape[0]), lora_A.new_empty(x.shape[0], lora_A.shape[1])
+
+
+def _fake_backward(needs, dy, saved, new, consts):
+    x, weight, lora_A, lora_B = saved[:4]
+    grads = [t.new_empty(t.shape) if n else None for t, n in zip((x, weight, lora_A, lora_B), needs)]
+    return grads + [None, None, dy.new_empty(dy.shape[1]) if needs[6] else None]
+
+
+_INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+
+
+def _shape(t) -> object:
+    return tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+
+
+def check_multi_operands(x, weight, lora_A, lora_B, scaling, adapter_ids, bias, dropout) -> None:
+    """The operands of :func:`lora_linear_multi` (errors name the argument, what came and
+    what was expected). The id values are checked where they are read (one sort per
+    call, see ``fastlora.reference.adapter_segments``), not here."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"x must be a floating-point tensor, got dtype={x.dtype}")
+    if x.dim() < 1:
+        raise ValueError("x must have at least one dimension [..., in_features], got a 0-d tensor")
+    n_out, k = check_dense_weight(None, weight)
+    if x.shape[-1] != k:
+        raise ValueError(
+            f"x's last dimension must equal weight's in_features: x has shape {tuple(x.shape)}, weight has shape "
+            f"{tuple(weight.shape)} (expected x of shape [..., {k}])"
+        )
+    for name, t in (("lora_A", lora_A), ("lora_B", lora_B), ("scaling", scaling), ("adapter_ids", adapter_ids)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if lora_A.dim() != 3 or lora_A.shape[2] != k or lora_A.shape[0] < 1 or lora_A.shape[1] < 1:
+        raise ValueError(
+            f"lora_A must have shape [n_adapters, r, {k}] (n_adapters >= 1, r >= 1, in_features), got {_shape(lora_A)}"
+        )
+    n, r = lora_A.shape[0], lora_A.shape[1]
+    if tuple(lora_B.shape) != (n, n_out, r):
+        raise ValueError(f"lora_B must have shape [{n}, {n_out}, {r}] (n_adapters, out_features, r), got {_shape(lora_B)}")
+    if tuple(scaling.shape) != (n,) or scaling.dtype != torch.float32:
+        raise ValueError(
+            f"scaling must be a float32 tensor of shape [{n}] (one scale per adapter), got shape {_shape(scaling)} "
+            f"dtype {scaling.dtype}"
+        )
+    if scaling.requires_grad:
+        raise ValueError("scaling requires grad, but lora_linear_multi gives no gradient for it; pass scaling.detach()")
+    if adapter_ids.dtype not in _INT_DTYPES:
+        raise TypeError(f"adapter_ids must be an integer tensor (int64, int32, ...), got dtype={adapter_ids.dtype}")
+    if tuple(adapter_ids.shape) != tuple(x.shape[:-1]):
+        raise ValueError(
+            f"adapter_ids must have shape {list(x.shape[:-1])} (x's leading dims: one id per row), "
+            f"got {list(adapter_ids.shape)}"
+        )
+    if bias is not None and (not isinstance(bias, Tensor) or bias.dim() != 1 or bias.shape[0] != n_out):
+        raise ValueError(f"bias must have shape [{n_out}] (out_features), got {_shape(bias)}")
+    check_dropout(dropout)
+    check_same_device(x, weight=weight, lora_A=lora_A, lora_B=lora_B, scaling=scaling, adapter_ids=adapter_ids, bias=bias)
+    check_base_dtype(x, "weight", weight)
+    check_base_dtype(x, "bias", bias)
+    if lora_B.dtype != lora_A.dtype or lora_A.dtype not in (x.dtype, torch.float32):
+        raise TypeError(
+            f"lora_A/lora_B have dtypes {lora_A.dtype}/{lora_B.dtype}; expected both {x.dtype} (x's dtype) "
+            "or both torch.float32 (mixed precision: the LoRA branch in fp32)"
+        )
+
+
+def _validate(x, inputs, consts) -> None:
+    check_multi_operands(
+        x, inputs["weight"], inputs["lora_A"], inputs["lora_B"], inputs["adapter_scaling"], inputs["adapter_ids"],
+        inputs["bias"], consts["dropout_p"],
+    )  # fmt: skip
+
+
+MULTI = FusedOp(
+    "lora_multi",
+    function_name="LoRAMultiLinearFunction",
+    inputs=[
+        ("x", "Tensor"), ("weight", "Tensor"), ("lora_A", "Tensor"), ("lora_B", "Tensor"),
+        ("adapter_scaling", "Tensor"), ("adapter_ids", "Tensor"), ("bias", "Tensor?"),
+    ],  # fmt: skip
+    saved=("x", "weight", "lora_A", "lora_B", "adapter_scaling", "adapter_ids"),
+    n_new=1,
+    forward=_forward,
+    backward=_backward,
+    fake_forward=_fake_forward,
+    fake_backward=_fake_backward,
+    validate=_validate,
+    autocast=("x", "weight", "lora_A", "lora_B", "bias"),
+    cast_adapters_for_kernels=True,  # kernels/lora_multi.py reads the adapters in x's dtype
+    doc="""``y[m] = x[m] W^T + bias + scaling[a] * dropout(x)[m] A[a]^T B[a]^T``, a = ids[m], on 2-D x.
+
+    Saved for backward: x (the caller's tensor), the caller's adapter_ids,
+    S [M, r] (dropout(x)[m] A[a]^T, zero on base rows) and the integer dropout
+    seed; weight, lora_A, lora_B and scaling are parameters/buffers. Nothing
+    [M, N]. Gradients (D = the dropout, linear and self-adjoint; per row m of
+    adapter a, dS[m] = scaling[a] dY[m] B[a]):
+      dB[a] = scaling[a] sum_{m in a} dY[m]^T S[m];  dA[a] = sum_{m in a} dS[m]^T D(x)[m];
+      dx[m] = dY[m] W + D(dS[m] A[a]);  dW = dY^T x;  dbias = sum dY.
+    scaling and adapter_ids get no gradient.
+    """,
+)
+LoRAMultiLinearFunction = MULTI.function
+
+
+def lora_linear_multi(
+    x: Tensor,
+    weight: Tensor,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    scaling: Tensor,
+    adapter_ids: Tensor,
+    bias: Tensor | None = None,
+    *,
+    dropout: float = 0.0,
+    training: bool = True,
+) -> Tensor:
+    """Several LoRA adapters in one batch, one per row:
+    ``y[m] = x[m] W^T + bias + scaling[a] * (dropout(x)[m] A[a]^T) B[a]^T`` with
+    ``a = adapter_ids[m]``; ``a = -1`` gives the base layer alone.
+
+    Args:
+      x: [..., K] (any leading dims, zero rows allowed).
+      weight: [N, K], the frozen base weight (dW is computed if it requires grad).
+      lora_A: [n, r, K] and lora_B: [n, N, r], the n adapters stacked; an adapter
+        of smaller rank is zero-padded to r by the caller. In x's dtype, or
+        float32 (the LoRA branch and the adapter gradients in fp32, as PEFT).
+      scaling: [n] float32 tensor, each adapter's scale (alpha / r, or alpha /
+        sqrt(r) for rsLoRA, with its own r); no gradient.
+      adapter_ids: integer tensor of x's leading shape, values in [-1, n).
+      bias: [N] or None.
+      dropout: probability on the LoRA branch's input, only when ``training``;
+        the mask is the one :func:`fastlora.lora_linear` draws for the same seed.
+    Returns: [..., N] in x's dtype. Gradients: x, lora_A and lora_B (adapter a gets
+    exactly the sum over its rows; an adapter without rows gets zeros), weight and
+    bias when they require grad. Under ``torch.autocast`` x, weight, the adapters
+    and bias are cast as ``nn.Linear`` casts them.
+    """
+    return MULTI(
+        x, weight, lora_A, lora_B, scaling, adapter_ids, bias, scaling=1.0, dropout=dropout, training=training
+    )
+
+
+__all__ = ["MULTI", "LoRAMultiLinearFunction", "check_multi_operands", "lora_linear_multi"]
