@@ -676,6 +676,28 @@ def test_mixed_precision_adapters_take_the_default_kernels(monkeypatch):
 
 
 @pytest.mark.interpreter
+def test_fp32_adapters_on_fp16_through_forced_strategies():
+    """PEFT's mixed precision through the op: whatever is forced, the call runs the
+    default kernels (bit-identical to them), its gradients in the adapters' dtype."""
+    x, w, a, b, bias_t, dy = _make(37, 64, 48, 8, torch.float16, True)
+    a, b = a.float(), b.float()
+
+    def run():
+        leaves = [t.clone().requires_grad_(True) for t in (x, a, b)]
+        torch.manual_seed(3)
+        y = fastlora.lora_linear(leaves[0], w, leaves[1], leaves[2], 2.0, bias_t, dropout=0.2)
+        y.backward(dy)
+        return [y.detach()] + [t.grad for t in leaves]
+
+    want = run()
+    fastlora.set_strategy("lora", "cublas")
+    fastlora.set_strategy("dropout", "stored_bits")
+    got = run()
+    assert [t.dtype for t in got] == [torch.float16, torch.float16, torch.float32, torch.float32]
+    assert _same(want, got)
+
+
+@pytest.mark.interpreter
 def test_stored_bits_are_the_philox_mask():
     kl, ks = _kernels()
     x, _, a, _, _, _ = _make(37, 70, 8, 8, torch.float32, False)
