@@ -461,9 +461,45 @@ def measure_cases(device: str, quick: bool):
     return out
 
 
-def run_measure(device: str, out_dir: str, quick: bool, budget_s: float, reps: int | None = None) -> int:
+def measure_thread_time(layers, impls, x, dy, reps: int, warmup: int, phases) -> dict[tuple[str, str], list[float]]:
+    """bench/report.py's ``measure`` (the implementations interleaved round by round, the
+    same phases) timed by this thread's CPU time instead of the wall clock.
+
+    NOTE: on a shared CPU machine the wall clock counts the time other processes hold the
+    core; with one torch thread the forward and CPU autograd's backward run on the calling
+    thread, so its CPU time is the work itself (cache effects of the neighbours remain)."""
+    import time
+
+    from report import clear_grads
+
+    samples: dict[tuple[str, str], list[float]] = {(i, p): [] for i in impls for p in phases}
+    for rnd in range(warmup + reps):
+        for impl in impls:
+            module = layers[impl]
+            for phase in phases:
+                clear_grads(module, x)
+                if phase == "bwd":
+                    y = module(x)
+                    t0 = time.thread_time()
+                    y.backward(dy)
+                else:
+                    t0 = time.thread_time()
+                    y = module(x)
+                    if phase == "both":
+                        y.backward(dy)
+                elapsed = time.thread_time() - t0
+                del y
+                if rnd >= warmup:
+                    samples[(impl, phase)].append(elapsed)
+    for impl in impls:
+        clear_grads(layers[impl], x)
+    return samples
+
+
+def run_measure(device: str, out_dir: str, quick: bool, budget_s: float, reps: int | None = None, clock: str = "wall") -> int:
     """Time every strategy (each forced in turn; frozen nn.Linear beside), per phase, with
-    bench/report.py's interleaved rounds; write strategies_<device>.md / .csv into ``out_dir``."""
+    bench/report.py's interleaved rounds; write strategies_<device>.md / .csv into ``out_dir``.
+    ``clock``: "wall" (CUDA events on CUDA), or "thread" (CPU only: this thread's CPU time)."""
     import time
 
     import torch
@@ -509,7 +545,10 @@ def run_measure(device: str, out_dir: str, quick: bool, budget_s: float, reps: i
         layers["nn.Linear (frozen)"] = linear
         try:
             # two warm-up rounds (compile, autotune), then the implementations interleaved round by round
-            samples = measure(layers, list(layers), x, dy, device, reps, 2, phases)
+            if clock == "thread":
+                samples = measure_thread_time(layers, list(layers), x, dy, reps, 2, phases)
+            else:
+                samples = measure(layers, list(layers), x, dy, device, reps, 2, phases)
         finally:
             for axis in fastlora.strategies():
                 fastlora.set_strategy(axis, None)
@@ -531,6 +570,7 @@ def run_measure(device: str, out_dir: str, quick: bool, budget_s: float, reps: i
     stamp = {"device": device_name(device), **{f"{k}_version": v for k, v in versions().items()},
              "date_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S"),
              "command": "python " + " ".join(shlex.quote(a) for a in sys.argv), "reps": reps,
+             "clock": "thread CPU time (time.thread_time)" if clock == "thread" else "wall (CUDA events on CUDA)",
              "model": gpu.name if gpu else "none (no modelled GPU for this device)"}  # fmt: skip
     if device == "cpu":
         from report import loadavg
@@ -581,7 +621,8 @@ def measured_markdown(rows: list[dict], stamp: dict, device: str) -> str:
     lines += ["", "Times in ms: median (p20-p80) of the forward, the backward (its forward untimed) or both, the",
               "implementations interleaved round by round (bench/report.py's timing); 'x nn.Linear' is the ratio to a",
               "frozen nn.Linear of the same shape (backward: dX only). 'min' is each implementation's fastest round,",
-              "the least disturbed by other processes on a shared machine. On CPU fastlora runs its reference path,",
+              "the least disturbed by other processes on a shared machine (see 'clock' above). On CPU fastlora runs its",
+              "reference path,",
               "where only the dropout strategy changes the computation.", ""]
     lines += ["| op | shape | phase | strategy/dropout | measured ms | x nn.Linear | min ms | x nn.Linear (min) | model ms |",
               "|---|---|---|---|---|---|---|---|---|"]
@@ -598,6 +639,14 @@ def measured_markdown(rows: list[dict], stamp: dict, device: str) -> str:
 # ----------------------------------------------------------------------------
 
 
+def _clock(args, device: str) -> str:
+    if device != "cpu":
+        if args.clock == "thread":
+            raise SystemExit("cost_model.py: --clock thread is for CPU timing only")
+        return "wall"
+    return args.clock or ("thread" if args.threads == 1 else "wall")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=os.path.join(HERE, "results"), help="output folder")
@@ -607,6 +656,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="with --measure: fewer shapes and repeats")
     ap.add_argument("--budget", type=float, default=240.0, help="with --measure: seconds before remaining cases are skipped")
     ap.add_argument("--reps", type=int, default=None, help="timed rounds (default: 20 on CUDA, 15 on CPU, 5 quick)")
+    ap.add_argument("--clock", choices=("wall", "thread"), default=None,
+                    help="CPU only: 'thread' times this thread's CPU time (default with --threads 1), else wall")
     ap.add_argument("--cpu-measure", action="store_true", help="append the CPU measurement (reference path) to cost_model.md")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = ap.parse_args(argv)
@@ -618,7 +669,7 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        return run_measure(device, args.out, args.quick, args.budget, args.reps)
+        return run_measure(device, args.out, args.quick, args.budget, args.reps, _clock(args, device))
     gpus = [g.strip() for g in args.gpus.split(",") if g.strip()]
     unknown = [g for g in gpus if g not in GPUS]
     if unknown:
@@ -627,7 +678,7 @@ def main(argv: list[str] | None = None) -> int:
     stamp = f"\nGenerated by `python {' '.join(shlex.quote(a) for a in sys.argv)}`.\n"
     if args.cpu_measure:
         tmp = os.path.join(args.out, ".cost_model_cpu")
-        run_measure("cpu", tmp, quick=False, budget_s=args.budget, reps=args.reps)
+        run_measure("cpu", tmp, quick=False, budget_s=args.budget, reps=args.reps, clock=_clock(args, "cpu"))
         with open(os.path.join(tmp, "strategies_cpu.md")) as fh:
             title = "## Measured on CPU: the reference path, dropout strategies"
             measured = fh.read().replace("# fastlora strategies measured (cpu), the cost model beside", title)
