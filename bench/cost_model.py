@@ -394,7 +394,10 @@ def model_markdown(gpus: list[str]) -> str:
         f" + {LAUNCH_US:g} µs per launch,",
         f"u = min(1, programs / SMs); GEMM operands re-read per tile row/column / {L2_REUSE} (L2 reuse);",
         f"Philox4x32-10 at {PHILOX_OPS} int ops per element on the CUDA cores (FP32 FLOP/s / 2). Bold: the fastest",
-        "strategy of its dropout setting on that GPU. Launch counts: Triton launches (+ cuBLAS GEMMs), forward + backward.",
+        "strategy on that GPU among those with the same dropout (off / on). Launch counts: Triton launches (+ cuBLAS",
+        "GEMMs). The model gives Triton's and cuBLAS's GEMMs the same fraction of peak; which gets closer on a given GPU",
+        "is what the measured choice decides, so read `fused` vs `cublas` here as the cost of the extra [M, N] passes,",
+        "not as a verdict. `stored_bits` trades M*K/8 saved bytes for the Philox work of the memory-bound dA pass.",
         "",
         "GPUs (dense, no sparsity): " + "; ".join(
             f"{g}: {GPUS[g].bf16_flops / 1e12:.0f} TFLOP/s bf16, {GPUS[g].bandwidth / 1e12:.2f} TB/s, "
