@@ -541,8 +541,10 @@ def choose(
         else:
             chosen, source = candidates[0], "default"
         _record(op, dev, key, candidates, {c: times[c] for c in candidates if c in times}, chosen, source)
-        if source != "default" or run_for is not None:
-            _decided[memo] = chosen  # NOTE: a backward's default (nothing measured) may be decided again later
+        if source != "default":
+            # NOTE: a default (nothing measurable now: a CUDA graph being captured,
+            # a backward before any forward) is decided again on the next call.
+            _decided[memo] = chosen
         return chosen
 
 
@@ -615,6 +617,8 @@ class _AutoOps:
 
     def _pick(self, op, key, device, m, dropout_p, run_for=None) -> str:
         cands = candidate_names(op, self.forced, dropout_p, self.train, m)
+        if m == 0:
+            return cands[0]  # nothing to compute: nothing to time
         return choose(op, key, device, cands, run_for)
 
     def lora_forward(self, x, weight, lora_A, lora_B, scaling, bias=None, dropout_p=0.0, seed=0):

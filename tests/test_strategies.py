@@ -240,11 +240,13 @@ def test_chooser_times_each_candidate_once_and_keeps_the_fastest():
     assert "lora=cublas" in text and "measured" in text and "k1" in text
 
 
-def test_chooser_without_measurement_uses_the_default():
+def test_chooser_without_measurement_uses_the_default_and_measures_later():
     assert choose("lora", "k2", CPU, CANDS, _runner([])) == "lora=fused"  # CPU, no timer: nothing measured
     (rec,) = fastlora.strategy_report()
     assert rec["source"] == "default" and rec["times_ms"] == {}
     assert "no choice made yet" in str(type(fastlora.strategy_report())())
+    with use_timer(FakeTimer({"lora=fused": 2e-3, "lora=cublas": 1e-3})):  # measurable now: not stuck on the default
+        assert choose("lora", "k2", CPU, CANDS, _runner([])) == "lora=cublas"
 
 
 def test_a_failing_candidate_is_never_chosen():
@@ -671,6 +673,28 @@ def test_mixed_precision_adapters_take_the_default_kernels(monkeypatch):
     assert st.qlora_forward(x, None, a, None, 1.0) == ("y", "s")
     st.qlora_backward(None, x, None, a, None, None, 1.0)
     assert called == ["lora fwd", "lora bwd", "qlora fwd", "qlora bwd"]
+
+
+@pytest.mark.interpreter
+def test_fp32_adapters_on_fp16_through_forced_strategies():
+    """PEFT's mixed precision through the op: whatever is forced, the call runs the
+    default kernels (bit-identical to them), its gradients in the adapters' dtype."""
+    x, w, a, b, bias_t, dy = _make(37, 64, 48, 8, torch.float16, True)
+    a, b = a.float(), b.float()
+
+    def run():
+        leaves = [t.clone().requires_grad_(True) for t in (x, a, b)]
+        torch.manual_seed(3)
+        y = fastlora.lora_linear(leaves[0], w, leaves[1], leaves[2], 2.0, bias_t, dropout=0.2)
+        y.backward(dy)
+        return [y.detach()] + [t.grad for t in leaves]
+
+    want = run()
+    fastlora.set_strategy("lora", "cublas")
+    fastlora.set_strategy("dropout", "stored_bits")
+    got = run()
+    assert [t.dtype for t in got] == [torch.float16, torch.float16, torch.float32, torch.float32]
+    assert _same(want, got)
 
 
 @pytest.mark.interpreter
