@@ -315,8 +315,11 @@ class _DoRAMixin:
         """``||W0 + scaling * B @ A||`` per row [N] (float32, detached): DoRA's denominator."""
         return dora_row_norm(self._base_weight(), self.lora_A, self.lora_B, self.scaling, self._weight_sq())
 
-    def peft_tensors(self) -> dict[str, Tensor]:
-        """The LoRA entries plus PEFT's ``lora_magnitude_vector`` [out] (no ``.weight``)."""
+    def peft_tensors(self, adapter_name: str = "default") -> dict[str, Tensor]:
+        """The LoRA entries plus PEFT's ``lora_magnitude_vector`` [out] (no ``.weight``);
+        a DoRA layer holds one adapter, ``"default"``."""
+        if adapter_name != "default":
+            raise KeyError(f"{type(self).__name__} holds one adapter, 'default'; got adapter_name={adapter_name!r}")
         return {**super().peft_tensors(), "lora_magnitude_vector": self.lora_magnitude}
 
     @torch.no_grad()
