@@ -28,7 +28,7 @@ install:
 	fi
 
 demo: install
-	$(PY) -m fastlora demo $(ARGS)
+	$(VENV)/bin/fastlora demo $(ARGS)
 
 test: install
 	$(VENV)/bin/pytest -q $(ARGS)
