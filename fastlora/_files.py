@@ -21,6 +21,8 @@ import sys
 import warnings
 from collections.abc import Mapping
 
+# NOTE: every system call here goes through ``os.<name>`` (never ``from os import
+# ...``): the tests swap this module's ``os`` to make each call fail in turn.
 _TEMP_SUFFIX = ".tmp"
 _BACKUP_SUFFIX = ".bak"
 _NAME_ATTEMPTS = 16  # fresh random names to try before giving up (a clash is ~2^-64 each)
