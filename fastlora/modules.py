@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .functional import lora_linear
+from .multi import lora_linear_multi
 from .validation import INITS, check_init, check_lora_hyperparameters, lora_scaling, pissa_niter
 
 DEFAULT_ADAPTER = "default"  # the adapter in the layer's own attributes (PEFT's first adapter name)
@@ -116,11 +117,10 @@ def rows_forward(x: Tensor, adapter_ids: Tensor, n_adapters: int, run, base) -> 
     """A mixed batch, one adapter per row of x's first dimension: ``y[m] =
     run(x[m], a)`` for ``a = adapter_ids[m] >= 0``, ``base(x[m])`` for ``-1``.
 
-    One call per adapter that has rows (PEFT loops the same way). This is the one
-    place a layer's mixed batch is computed: the segmented op
-    ``fastlora.lora_linear_multi(x, weight, lora_A [n, r, K], lora_B [n, N, r],
-    scaling [n], adapter_ids, bias, dropout=..., training=...)`` takes exactly the
-    ids built here (``-1`` = base only) and replaces this loop for a dense base.
+    One call per adapter that has rows (PEFT loops the same way): what
+    :meth:`NamedAdapters._mixed_batch_forward` runs where the multi-adapter op
+    ``fastlora.lora_linear_multi`` (the same ids, ``-1`` = base only) cannot
+    express the batch.
     """
     out = None
     for a in range(-1, n_adapters):
@@ -132,6 +132,23 @@ def rows_forward(x: Tensor, adapter_ids: Tensor, n_adapters: int, run, base) -> 
             out = y.new_empty(*x.shape[:-1], y.shape[-1])
         out.index_copy_(0, rows, y)
     return base(x) if out is None else out
+
+
+def stack_adapters(slots, device=None) -> tuple[Tensor, Tensor, Tensor]:
+    """``(lora_A [n, r, K], lora_B [n, N, r], scaling [n] float32)`` of n adapters
+    (objects with ``lora_A`` [r_i, K], ``lora_B`` [N, r_i], ``scaling``), each
+    zero-padded to the largest rank r: the operands of ``lora_linear_multi``.
+
+    Exact: a padded row of A gives a zero column of ``S = x A^T``, which meets a
+    zero column of B. Built with ``F.pad`` and ``torch.stack`` of the parameters
+    themselves, so autograd gives each adapter its own block of the gradient (the
+    padding's gradient is dropped). The scales are rounded once to float32 (what
+    the op takes)."""
+    r = max(s.lora_A.shape[0] for s in slots)
+    lora_A = torch.stack([F.pad(s.lora_A, (0, 0, 0, r - s.lora_A.shape[0])) for s in slots])
+    lora_B = torch.stack([F.pad(s.lora_B, (0, r - s.lora_B.shape[1])) for s in slots])
+    scaling = torch.tensor([float(s.scaling) for s in slots], dtype=torch.float32, device=device)
+    return lora_A, lora_B, scaling
 
 
 class NamedAdapters:
@@ -148,7 +165,8 @@ class NamedAdapters:
 
     A layer class provides ``_fused(x, lora_A, lora_B, scaling, dropout)`` (one
     fused call: base + one LoRA term), ``_base_forward(x)``, ``_acc_dtype()``
-    and ``_unmerge_for_disable()``.
+    and ``_unmerge_for_disable()``; optionally ``_fused_multi`` (a mixed batch in
+    one call, see :meth:`_mixed_batch_forward`).
     """
 
     lora_A: nn.Parameter | None
@@ -331,7 +349,26 @@ class NamedAdapters:
     def _mixed_batch_forward(self, x: Tensor, adapter_names: Sequence[str]) -> Tensor:
         """PEFT's mixed batch: row ``m`` of x's first dimension gets adapter
         ``adapter_names[m]`` alone (``"__base__"``, or a name this layer lacks: the
-        base layer alone), whatever the active set."""
+        base layer alone), whatever the active set. Works in training too (each
+        adapter's gradient is the sum over its own rows; frozen adapters stay frozen).
+
+        A layer class that defines ``_fused_multi`` (LoRALinear) runs the batch in
+        one call of ``fastlora.lora_linear_multi``: the adapters the batch uses are
+        stacked, each zero-padded to the largest rank (exact: the padded rows of A
+        and columns of B add 0), with ``torch.stack`` / ``F.pad`` of the parameters
+        so that gradients reach each adapter's own ``lora_A`` / ``lora_B``; the scales
+        are a float32 tensor (each adapter's own, rsLoRA included). A batch of one
+        adapter without base rows is the layer's single-adapter call. The batch
+        runs as one call per adapter (:func:`rows_forward`, as PEFT loops) instead
+        where the op cannot express it: a layer without ``_fused_multi``
+        (QLoRALinear, for now); adapters of different dtypes (each keeps the dtype
+        rule of the single-adapter call); and in training, adapters of different
+        dropout probabilities (the op draws one probability for every row; the loop
+        gives each row exactly its own adapter's dropout)."""
+        if x.dim() < 2:
+            raise ValueError(
+                f"adapter_names needs x with a batch dimension [batch, ..., in_features], got x of shape {tuple(x.shape)}"
+            )
         if isinstance(adapter_names, str) or len(adapter_names) != x.shape[0]:
             got = repr(adapter_names) if isinstance(adapter_names, str) else f"{len(adapter_names)} names"
             raise ValueError(
@@ -341,11 +378,34 @@ class NamedAdapters:
             raise ValueError("adapter_names cannot be used while adapters are merged into the weight; unmerge() first")
         names, adapter_ids = self.gather_adapter_ids(adapter_names, x.device)
         slots = [self.adapter(n) for n in names]
+        if not slots:
+            return self._base_forward(x)
+        if len(slots) == 1 and all(n == names[0] for n in adapter_names):
+            s = slots[0]
+            return self._fused(x, s.lora_A, s.lora_B, s.scaling, s.dropout)
+        if self._multi_expresses(slots):
+            lora_A, lora_B, scaling = stack_adapters(slots, x.device)
+            ids = adapter_ids.view(-1, *([1] * (x.dim() - 2))).expand(x.shape[:-1])
+            return self._fused_multi(x, lora_A, lora_B, scaling, ids, slots[0].dropout if self.training else 0.0)
         return rows_forward(
             x, adapter_ids, len(slots), lambda xs, a: self._fused(xs, slots[a].lora_A, slots[a].lora_B, slots[a].scaling,
                                                                   slots[a].dropout),
             self._base_forward,
         )  # fmt: skip
+
+    # A layer class whose base the multi-adapter op takes defines
+    # ``_fused_multi(x, lora_A [n, r, K], lora_B [n, N, r], scaling [n] float32,
+    # adapter_ids (x's leading shape), dropout) -> y``: base + each row's adapter, one call.
+    _fused_multi = None
+
+    def _multi_expresses(self, slots) -> bool:
+        """True when one ``_fused_multi`` call computes this mixed batch exactly as the
+        per-adapter loop defines it (see :meth:`_mixed_batch_forward`)."""
+        if self._fused_multi is None:
+            return False
+        if len({s.lora_A.dtype for s in slots} | {s.lora_B.dtype for s in slots}) != 1:
+            return False
+        return not self.training or len({s.dropout for s in slots}) == 1
 
     def gather_adapter_ids(self, adapter_names: Sequence[str], device=None) -> tuple[list[str], Tensor]:
         """``(names, adapter_ids)``: the distinct adapters of ``adapter_names`` this
@@ -664,6 +724,13 @@ class LoRALinear(NamedAdapters, MergeableLinear):
     # -- what NamedAdapters needs --------------------------------------------------
     def _fused(self, x: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float, dropout: float) -> Tensor:
         return lora_linear(x, self.weight, lora_A, lora_B, scaling, self.bias, dropout=dropout, training=self.training)
+
+    def _fused_multi(
+        self, x: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: Tensor, adapter_ids: Tensor, dropout: float
+    ) -> Tensor:
+        return lora_linear_multi(
+            x, self.weight, lora_A, lora_B, scaling, adapter_ids, self.bias, dropout=dropout, training=self.training
+        )
 
     def _base_forward(self, x: Tensor) -> Tensor:
         return F.linear(x, self.weight, self.bias)

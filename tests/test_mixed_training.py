@@ -1,0 +1,181 @@
+"""Mixed batches through the multi-adapter op, and per-row training.
+
+A layer's mixed batch (``layer(x, adapter_names=[...])``) runs one
+``lora_linear_multi`` call on LoRALinear (the adapters stacked and zero-padded to
+the largest rank) and the per-adapter loop where the op cannot express the batch.
+Oracles: the float64 formula row by row (``y[m] = x[m] W^T + b + s_a x[m] A_a^T
+B_a^T``, float64 autograd for the gradients), and training each adapter alone on
+its own rows through the single-adapter op (a different op and different GEMM
+shapes). PEFT parity of the same forward is in tests/test_named_adapters.py.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import fastlora.modules as fl_modules
+from fastlora import LoRAConfig, LoRALinear, apply_lora
+from fastlora.adapters import add_adapter
+
+from _oracles import assert_close_to
+
+# (name, r, alpha, use_rslora): different ranks (padding) and rsLoRA (its own scaling)
+SPECS = [("default", 4, 8.0, False), ("b", 6, 3.0, True), ("c", 2, 5.0, False)]
+
+
+def layer_with_adapters(dtype=torch.float32, dropouts=(0.0, 0.0, 0.0), seed=0) -> LoRALinear:
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    layer = LoRALinear(24, 16, r=SPECS[0][1], alpha=SPECS[0][2], dropout=dropouts[0], dtype=dtype)
+    for (name, r, alpha, rs), p in zip(SPECS[1:], dropouts[1:]):
+        layer.add_adapter(name, r=r, alpha=alpha, use_rslora=rs, dropout=p)
+    with torch.no_grad():
+        layer.bias.copy_(torch.randn(16, generator=g))
+        for name in layer.adapter_names():
+            s = layer.adapter(name)
+            s.lora_A.copy_(torch.randn(s.lora_A.shape, generator=g) / 5)
+            s.lora_B.copy_(torch.randn(s.lora_B.shape, generator=g) / 2)
+    layer.set_adapter(layer.adapter_names())  # every adapter trainable
+    return layer
+
+
+def float64_rows(layer: LoRALinear, x, names, dy):
+    """Output, dx and each adapter's (dA, dB) of the per-row formula in float64 autograd."""
+    x64 = x.detach().double().requires_grad_(True)
+    params = {}
+    for n in layer.adapter_names():
+        s = layer.adapter(n)
+        params[n] = (s.lora_A.detach().double().requires_grad_(True), s.lora_B.detach().double().requires_grad_(True))
+    w, b = layer.weight.double(), layer.bias.double()
+    rows = []
+    for m, name in enumerate(names):
+        y = x64[m] @ w.t() + b
+        if name in params:
+            A, B = params[name]
+            y = y + layer.adapter(name).scaling * (x64[m] @ A.t()) @ B.t()
+        rows.append(y)
+    y = torch.stack(rows)
+    y.backward(dy.double())
+    return y.detach(), x64.grad, {n: (A.grad, B.grad) for n, (A, B) in params.items()}
+
+
+def run_layer(layer, x, names, dy):
+    x = x.clone().requires_grad_(True)
+    for n in layer.adapter_names():
+        s = layer.adapter(n)
+        s.lora_A.grad = s.lora_B.grad = None
+    y = layer(x, adapter_names=names)
+    y.backward(dy)
+    return y.detach(), x.grad, {n: (layer.adapter(n).lora_A.grad, layer.adapter(n).lora_B.grad) for n in layer.adapter_names()}
+
+
+def count_calls(monkeypatch, name):
+    calls = []
+    original = getattr(fl_modules, name)
+    monkeypatch.setattr(fl_modules, name, lambda *a, **k: calls.append(1) or original(*a, **k))
+    return calls
+
+
+NAMES = ["b", "__base__", "default", "b", "c", "nope", "default", "c"]  # "nope": a name the layer lacks -> base
+
+
+def test_mixed_batch_is_one_multi_op_call_matching_the_float64_rows(monkeypatch):
+    """Output, dx and every adapter's gradient (exactly the sum over its rows) against
+    float64; x with a sequence dimension (the ids expand over it)."""
+    layer = layer_with_adapters().train()
+    multi = count_calls(monkeypatch, "lora_linear_multi")
+    single = count_calls(monkeypatch, "lora_linear")
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(len(NAMES), 3, 24, generator=g)
+    dy = torch.randn(len(NAMES), 3, 16, generator=g)
+    y, dx, grads = run_layer(layer, x, NAMES, dy)
+    assert (len(multi), len(single)) == (1, 0)
+    y64, dx64, g64 = float64_rows(layer, x, NAMES, dy)
+    # fp32 sums of <= 24 + 6 products of O(1) terms, outputs O(5): a few ulps of the largest value
+    # (the float64 oracle's rounding is negligible); 16 ulps bounds the reassociation of the GEMMs
+    eps = torch.finfo(torch.float32).eps
+    assert_close_to(y, y64, 16 * eps * y64.abs().max().item(), "y")
+    assert_close_to(dx, dx64, 16 * eps * dx64.abs().max().item(), "dx")
+    for n, (dA, dB) in grads.items():
+        for what, got, want in (("dA", dA, g64[n][0]), ("dB", dB, g64[n][1])):
+            # sums over <= 2 rows x 3 positions x 16 outputs: the same ulp budget at the gradient's scale
+            assert_close_to(got, want, 16 * eps * want.abs().max().item() + 1e-30, f"{n} {what}")
+
+
+def test_one_adapter_without_base_rows_is_the_single_adapter_call(monkeypatch):
+    layer = layer_with_adapters()
+    multi = count_calls(monkeypatch, "lora_linear_multi")
+    x = torch.randn(3, 24)
+    y = layer(x, adapter_names=["b"] * 3)
+    assert len(multi) == 0
+    layer.set_adapter("b")
+    assert torch.equal(y, layer(x))  # the very same call
+
+
+def test_no_adapter_rows_is_the_base_layer():
+    layer = layer_with_adapters()
+    x = torch.randn(3, 24)
+    assert torch.equal(layer(x, adapter_names=["__base__", "nope", "__base__"]), nn.functional.linear(x, layer.weight, layer.bias))
+
+
+def test_frozen_adapters_and_adapters_without_rows_get_no_gradient():
+    layer = layer_with_adapters().train()
+    layer.adapter("c").lora_A.requires_grad_(False)
+    layer.adapter("c").lora_B.requires_grad_(False)
+    x = torch.randn(4, 24)
+    _, _, grads = run_layer(layer, x, ["c", "b", "c", "__base__"], torch.randn(4, 16))
+    assert grads["c"] == (None, None)
+    assert grads["default"] == (None, None)  # not in the batch: not in the graph (as in PEFT's loop)
+    assert torch.count_nonzero(grads["b"][0]) > 0
+
+
+def test_different_dropouts_in_training_keep_the_loop_each_row_its_own_adapters_dropout(monkeypatch):
+    layer = layer_with_adapters(dropouts=(0.0, 0.5, 0.0)).train()
+    multi = count_calls(monkeypatch, "lora_linear_multi")
+    single = count_calls(monkeypatch, "lora_linear")
+    x = torch.randn(4, 24)
+    layer(x, adapter_names=["b", "default", "b", "c"])
+    assert (len(multi), len(single)) == (0, 3)  # one call per adapter, each with its own p
+    # eval: dropout is off, the op expresses the batch
+    y = layer.eval()(x, adapter_names=["b", "default", "b", "c"])
+    assert len(multi) == 1
+    y64, _, _ = float64_rows(layer, x, ["b", "default", "b", "c"], torch.zeros(4, 16))
+    assert_close_to(y, y64, 16 * torch.finfo(torch.float32).eps * y64.abs().max().item(), "eval y")
+
+
+def test_equal_dropouts_in_training_use_the_op_with_that_probability(monkeypatch):
+    layer = layer_with_adapters(dropouts=(0.25, 0.25, 0.25)).train()
+    seen = []
+    original = fl_modules.lora_linear_multi
+    monkeypatch.setattr(fl_modules, "lora_linear_multi", lambda *a, **k: seen.append(k["dropout"]) or original(*a, **k))
+    layer(torch.randn(4, 24), adapter_names=["b", "default", "b", "c"])
+    assert seen == [0.25]
+
+
+def test_adapters_of_different_dtypes_keep_the_loop(monkeypatch):
+    """A bf16 adapter and an fp32 one on a bf16 base: each keeps the single-adapter
+    call's dtype rule (its LoRA branch in its own dtype), so the batch is looped."""
+    torch.manual_seed(0)
+    layer = LoRALinear(24, 16, r=4, dtype=torch.bfloat16)
+    layer.add_adapter("b", r=2, dtype=torch.float32)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+        layer.lora_adapters["b"].lora_B.normal_()
+    multi = count_calls(monkeypatch, "lora_linear_multi")
+    x = torch.randn(2, 24).to(torch.bfloat16)
+    y = layer(x, adapter_names=["b", "default"])
+    assert len(multi) == 0
+    layer.set_adapter("b")
+    assert torch.equal(y[:1], layer(x[:1]))
+    layer.set_adapter("default")
+    assert torch.equal(y[1:], layer(x[1:]))
+
+
+def test_qlora_layers_keep_the_per_adapter_loop(monkeypatch):
+    model = nn.Sequential(nn.Linear(64, 32))
+    apply_lora(model, r=4, alpha=8.0, quantize="nf4")
+    add_adapter(model, "b", LoRAConfig(r=2, alpha=2.0, target_modules=["0"]))
+    multi = count_calls(monkeypatch, "lora_linear_multi")
+    model[0](torch.randn(3, 64), adapter_names=["b", "default", "__base__"])
+    assert len(multi) == 0
