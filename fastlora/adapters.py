@@ -16,7 +16,12 @@ or one such layer) and are named as PeftModel's methods:
   combination_type)`` - PEFT's ``"cat"`` and ``"linear"`` combinations.
 * :func:`mixed_batch` ``(model, adapter_names)`` - a context manager for PEFT's
   ``model(x, adapter_names=[...])``: one adapter per row of the batch
-  (``"__base__"``: the base model alone), inference only.
+  (``"__base__"``: the base model alone); in inference as PEFT, and in training
+  (fastlora's extension): each row trains its own adapter.
+* :class:`MultiAdapterModel` ``(model)`` - a wrapper whose forward takes
+  ``adapter_names=[...]`` or ``adapter_ids=`` literally;
+  :func:`trainable_adapters` ``(model, names)`` - those adapters trainable, their
+  parameters returned for one optimizer.
 
 ``model(x, adapter_names=...)`` itself cannot work for a plain ``nn.Module``: its
 forward does not take (or pass on) that argument. PEFT's PeftModel accepts it
@@ -26,6 +31,7 @@ and injects it into every LoRA layer with forward pre-hooks;
     with fastlora.adapters.mixed_batch(model, ["a", "__base__", "b"]):
         y = model(x)  # x's first dimension has 3 rows
 
+or, as a call, ``MultiAdapterModel(model)(x, adapter_names=["a", "__base__", "b"])``.
 A single layer also takes it directly: ``layer(x, adapter_names=[...])``.
 
 Storage (per layer, :class:`fastlora.modules.NamedAdapters`): the ``"default"``
@@ -42,6 +48,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import threading
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -478,15 +485,24 @@ def mixed_batch(model: nn.Module, adapter_names: Sequence[str]) -> Iterator[None
     ``model(x, adapter_names=...)``): row m of the layer input's first dimension
     uses adapter ``adapter_names[m]`` alone, ``"__base__"`` the base layer alone
     (a layer that lacks a name computes its base for those rows, as PEFT's).
-    Inference only, as PEFT: the model must be in eval mode. Names must exist on
-    the model; merged layers are refused by the layers (unmerge first)."""
+
+    In eval mode this is PEFT's mixed-batch inference. In training mode (fastlora's
+    extension; PEFT refuses it) each row trains its own adapter: an adapter's
+    gradient is exactly the sum over its rows, an adapter without rows gets none,
+    and frozen adapters stay frozen (:func:`trainable_adapters` makes the batch's
+    adapters trainable). The names apply to forwards run on the thread that
+    entered the block (another thread's forward of the same model is untouched,
+    so threads may run their own mixed batches at once). Names must exist on the
+    model; merged layers are refused by the layers (unmerge first).
+    :class:`MultiAdapterModel` wraps this as ``model(x, adapter_names=...)``."""
     names = _names_arg(adapter_names, "mixed_batch: adapter_names")
-    if model.training:
-        raise ValueError("mixed_batch: adapter_names cannot be used while the model is in training mode (model.eval() first), as in PEFT")
     layers = named_adapter_layers(model, "mixed_batch")
     _check_exists(_all_names(layers), [n for n in dict.fromkeys(names) if n != BASE_ONLY], "mixed_batch")
+    owner = threading.get_ident()
 
     def inject(module, args, kwargs):
+        if threading.get_ident() != owner:
+            return None
         return args, {**kwargs, "adapter_names": names}
 
     handles = [layer.register_forward_pre_hook(inject, with_kwargs=True) for layer in layers.values()]
@@ -497,8 +513,100 @@ def mixed_batch(model: nn.Module, adapter_names: Sequence[str]) -> Iterator[None
             handle.remove()
 
 
+def trainable_adapters(model: nn.Module, adapter_names: str | Sequence[str]) -> list[nn.Parameter]:
+    """Make the named adapters' parameters trainable on every layer that holds them
+    (:func:`set_requires_grad` with True; the active set and the other adapters'
+    flags are unchanged) and return them, layer by layer in the model's order and
+    ``lora_A`` before ``lora_B``: one list for one optimizer that trains several
+    adapters at once in mixed batches (:func:`mixed_batch`, :class:`MultiAdapterModel`)."""
+    names = _names_arg(adapter_names, "trainable_adapters: adapter_names")
+    set_requires_grad(model, names, True)
+    params = []
+    for layer in named_adapter_layers(model, "trainable_adapters").values():
+        for name in layer._present(names):
+            slot = layer.adapter(name)
+            params += [slot.lora_A, slot.lora_B]
+    return params
+
+
+class MultiAdapterModel(nn.Module):
+    """``model(x, adapter_names=[...])`` for any model holding fastlora's LoRA layers
+    (PEFT's ``PeftModel`` call, in training too): the wrapper's forward takes
+
+    * ``adapter_names``: a list with one adapter name per row of the batch
+      (``"__base__"``: the base model alone), or
+    * ``adapter_ids``: an integer tensor [batch] (or a list of ints) indexing
+      ``self.names`` (``-1``: the base model alone),
+
+    runs ``model(*args, **kwargs)`` inside :func:`mixed_batch` and returns what it
+    returns. With neither, it is ``model(*args, **kwargs)`` (the active adapters).
+
+    ``names`` (default: every adapter of the model, ``"default"`` first) fixes what
+    the ids mean. The wrapped model is ``self.model`` (its state-dict keys gain the
+    prefix ``model.``; save adapters from ``self.model``). Training: each row trains
+    its own adapter (see :func:`mixed_batch`); ``trainable_adapters(wrapper.model,
+    wrapper.names)`` gives one optimizer every adapter.
+    """
+
+    def __init__(self, model: nn.Module, names: Sequence[str] | None = None) -> None:
+        super().__init__()
+        layers = named_adapter_layers(model, "MultiAdapterModel")
+        if not layers:
+            raise ValueError("MultiAdapterModel: the model has no LoRA layers (fastlora.apply_lora or add_adapter first)")
+        existing = _all_names(layers)
+        names = existing if names is None else _names_arg(names, "MultiAdapterModel: names")
+        if not names or len(set(names)) != len(names):
+            raise ValueError(f"MultiAdapterModel: names must be distinct adapter names, at least one, got {names!r}")
+        _check_exists(existing, names, "MultiAdapterModel")
+        self.model = model
+        self.names = list(names)
+
+    def forward(self, *args, adapter_names: Sequence[str] | None = None, adapter_ids=None, **kwargs):
+        if adapter_names is not None and adapter_ids is not None:
+            raise ValueError("MultiAdapterModel: pass adapter_names or adapter_ids, not both")
+        if adapter_ids is not None:
+            adapter_names = self.names_of(adapter_ids)
+        if adapter_names is None:
+            return self.model(*args, **kwargs)
+        if isinstance(adapter_names, str):
+            raise TypeError(
+                f"MultiAdapterModel: adapter_names must be a list with one adapter name per row, got the string {adapter_names!r}"
+            )
+        with mixed_batch(self.model, list(adapter_names)):
+            return self.model(*args, **kwargs)
+
+    def names_of(self, adapter_ids) -> list[str]:
+        """The adapter name of each row for ``adapter_ids`` (integer tensor [batch] or
+        list of ints into ``self.names``; ``-1`` gives ``"__base__"``). Reads the ids
+        on the host (a device sync for a CUDA tensor)."""
+        n = len(self.names)
+        if isinstance(adapter_ids, torch.Tensor):
+            if adapter_ids.dtype.is_floating_point or adapter_ids.dtype.is_complex or adapter_ids.dtype == torch.bool:
+                raise TypeError(f"adapter_ids must be an integer tensor, got dtype={adapter_ids.dtype}")
+            if adapter_ids.dim() != 1:
+                raise ValueError(f"adapter_ids must have shape [batch] (one id per row), got {list(adapter_ids.shape)}")
+            ids = adapter_ids.tolist()
+        elif isinstance(adapter_ids, (list, tuple)) and all(
+            isinstance(i, int) and not isinstance(i, bool) for i in adapter_ids
+        ):
+            ids = list(adapter_ids)
+        else:
+            raise TypeError(f"adapter_ids must be an integer tensor [batch] or a list of ints, got {adapter_ids!r}")
+        bad = sorted({i for i in ids if not -1 <= i < n})
+        if bad:
+            raise ValueError(
+                f"adapter_ids must be in [-1, {n}) (indices into names {self.names}; -1 = the base model alone), "
+                f"got {bad[:8]}"
+            )
+        return [BASE_ONLY if i < 0 else self.names[i] for i in ids]
+
+    def extra_repr(self) -> str:
+        return f"names={self.names}"
+
+
 __all__ = [
     "COMBINATION_TYPES",
+    "MultiAdapterModel",
     "active_adapters",
     "add_adapter",
     "add_weighted_adapter",
@@ -509,4 +617,5 @@ __all__ = [
     "named_adapter_layers",
     "set_adapter",
     "set_requires_grad",
+    "trainable_adapters",
 ]

@@ -362,9 +362,11 @@ class NamedAdapters:
         runs as one call per adapter (:func:`rows_forward`, as PEFT loops) instead
         where the op cannot express it: a layer without ``_fused_multi``
         (QLoRALinear, for now); adapters of different dtypes (each keeps the dtype
-        rule of the single-adapter call); and in training, adapters of different
-        dropout probabilities (the op draws one probability for every row; the loop
-        gives each row exactly its own adapter's dropout)."""
+        rule of the single-adapter call); float64 adapters whose scale is not exact
+        in float32 (the op's scales are float32; the single-adapter call keeps the
+        exact scale, e.g. rsLoRA's ``alpha / sqrt(r)``); and in training, adapters of
+        different dropout probabilities (the op draws one probability for every row;
+        the loop gives each row exactly its own adapter's dropout)."""
         if x.dim() < 2:
             raise ValueError(
                 f"adapter_names needs x with a batch dimension [batch, ..., in_features], got x of shape {tuple(x.shape)}"
@@ -403,8 +405,11 @@ class NamedAdapters:
         per-adapter loop defines it (see :meth:`_mixed_batch_forward`)."""
         if self._fused_multi is None:
             return False
-        if len({s.lora_A.dtype for s in slots} | {s.lora_B.dtype for s in slots}) != 1:
+        dtypes = {s.lora_A.dtype for s in slots} | {s.lora_B.dtype for s in slots}
+        if len(dtypes) != 1:
             return False
+        if dtypes == {torch.float64} and any(float(torch.tensor(s.scaling, dtype=torch.float32)) != s.scaling for s in slots):
+            return False  # the op's float32 scales would round a float64 layer's scale
         return not self.training or len({s.dropout for s in slots}) == 1
 
     def gather_adapter_ids(self, adapter_names: Sequence[str], device=None) -> tuple[list[str], Tensor]:
