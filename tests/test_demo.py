@@ -521,3 +521,42 @@ def test_cli_as_a_process(tmp_path, command, code, stream, expected):
     done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert done.returncode == code, done.stderr
     assert expected in getattr(done, stream)
+
+
+# --------------------------------------------------------------------------- --variant multi
+
+
+def test_multi_variant_trains_every_task_together_as_one_after_the_other():
+    """Three tasks' adapters trained in mixed batches against one after the other with
+    the same batches: the same accuracies, each adapter better than the base on its task,
+    and mixed-batch inference equal to each adapter alone."""
+    code, out, err = run_demo(["--variant", "multi", "--json", "--epochs", "2"] + TINY[2:])
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["config"]["variant"] == "multi" and result["config"]["tasks"] == 3
+    training = result["multi_training"]
+    assert training["steps_one_by_one"] == 3 * training["steps_together"] == 3 * 2 * 20
+    # each adapter's gradient is its own task's in both runs: only float32 rounding of the
+    # summation order can differ (parameters O(0.1), 40 Adam steps of lr 1e-3)
+    assert training["max_param_diff"] <= 1e-5
+    for name, acc in result["accuracy"].items():
+        # rounding-level parameter differences can flip at most a borderline sample or two of 200
+        assert abs(acc["together"] - acc["one_by_one"]) <= 2 / 200, name
+        assert acc["together"] > acc["base"] + 0.05, f"{name}: the adapter does not beat the base"
+    inference = result["mixed_inference"]
+    assert inference["rows"] == 3 * 200 + 50
+    # the same adapters through one multi-adapter call vs row subsets: float32 rounding of logits O(10)
+    assert inference["max_logit_diff_vs_same_adapters"] <= 1e-4
+    assert inference["argmax_agreement_vs_one_by_one"] >= 0.99
+
+
+def test_multi_variant_text_and_default_epochs():
+    args = demo.build_parser().parse_args(["--variant", "multi"])
+    demo._check_args(demo.build_parser(), args)
+    assert args.epochs == settings.MULTI_EPOCHS
+    code, out, err = run_demo(["--variant", "multi", "--epochs", "1"] + TINY[2:])
+    assert code == 0, err
+    for title in ("3. Tasks B1-B3", "4. One adapter per task", "5. Training the adapters together",
+                  "6. Validation accuracy per task", "7. Mixed-batch inference"):  # fmt: skip
+        assert title in out
+    assert "8. " not in out  # no merge / rank comparison sections

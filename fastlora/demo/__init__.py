@@ -31,7 +31,9 @@ to rounding) and ``adalora`` (:func:`fastlora.apply_adalora`: SVD-form adapters
 ``P Lambda Q`` that start at ``init_r = 1.5 x --rank`` triplets per layer, 12
 by default, and that a :class:`fastlora.AdaLoRARankAllocator` prunes during
 training down to ``--rank`` per layer on average; the orthogonality penalty is
-added to the loss). The rank comparison uses the variant itself for lora, qlora,
+added to the loss); ``multi`` (:mod:`~.multi`: three tasks' adapters on one frozen
+base, trained together in mixed batches and one after the other; sections 3-7
+are its own). The rank comparison uses the variant itself for lora, qlora,
 dora and qdora, and plain LoRA for the others (it says so). ``--json``
 prints one JSON object with every figure and nothing else. Everything is
 seeded, so a run on CPU is reproducible for a given ``--seed`` (timings aside).
@@ -53,6 +55,7 @@ The package, one module per part (the demo uses fastlora's public API only):
 ``adapters``       sections 4-5: applying and training the adapters
 ``evaluation``     sections 6-8: loss curve, accuracy, merge
 ``ranks``          section 9: rank comparison
+``multi``          ``--variant multi``'s sections 3-7
 =================  ==========================================================
 """
 
@@ -73,8 +76,8 @@ from .. import use_backend
 from .._backend import BACKENDS, resolve_backend
 from . import variants
 from .settings import (
-    ADALORA_INIT_FACTOR, BATCH_SIZE, HIDDEN, IN_FEATURES, LORA_LR, LORA_RANK, OUT_FEATURES, TRAIN_SAMPLES, VERA_LR,
-    VERA_RANK,
+    ADALORA_INIT_FACTOR, BATCH_SIZE, HIDDEN, IN_FEATURES, LORA_LR, LORA_RANK, MULTI_EPOCHS, OUT_FEATURES, TRAIN_SAMPLES,
+    VERA_LR, VERA_RANK,
 )
 from .variants import VARIANTS
 from .walkthrough import Walkthrough
@@ -100,7 +103,10 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     parser.add_argument(
         "--alpha", type=float, default=8.0, help="LoRA alpha; scaling = alpha / r (default 8.0; unused by VeRA)"
     )
-    parser.add_argument("--epochs", type=int, default=100, help="LoRA and full fine-tuning epochs (default 100)")
+    parser.add_argument(
+        "--epochs", type=int, default=None,
+        help=f"LoRA and full fine-tuning epochs (default 100; {MULTI_EPOCHS} for --variant multi)",
+    )  # fmt: skip
     parser.add_argument(
         "--lr",
         type=float,
@@ -118,7 +124,7 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
         default="lora",
         help="adapter: lora; qlora (NF4 base); dora / qdora (magnitude vectors); vera (shared random "
         "projections); loraplus (LoRA+ optimizer); pissa / olora (SVD / QR init, residual base); adalora "
-        "(adaptive rank budget)",
+        "(adaptive rank budget); multi (several tasks' adapters trained together in mixed batches)",
     )
     parser.add_argument("--plot", metavar="FILE.png", default=None, help="write loss curves with matplotlib")
     parser.add_argument("--json", action="store_true", help="print one JSON object with every figure, nothing else")
@@ -148,6 +154,8 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
     variant = VARIANTS[args.variant]
     if args.rank is None:
         args.rank = variant.default_rank
+    if args.epochs is None:
+        args.epochs = variant.default_epochs
     args.lr_given = args.lr is not None
     if args.lr is None:
         args.lr = variant.default_lr

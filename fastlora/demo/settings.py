@@ -47,3 +47,8 @@ BATCH_SIZE = 50
 # adapters' initialisation seed + 3 and every fine-tuning run's shuffling seed + 4,
 # so that LoRA, full fine-tuning and each rank see the same batches.
 PRETRAIN_SEED_OFFSET, ADAPTER_SEED_OFFSET, FINETUNE_SEED_OFFSET = 1, 3, 4
+
+# --variant multi: MULTI_TASKS tasks (each drawn as task B), one adapter each, trained
+# together in mixed batches; MULTI_EPOCHS by default (the runs train MULTI_TASKS adapters
+# twice, together and one after the other).
+MULTI_TASKS, MULTI_EPOCHS = 3, 10

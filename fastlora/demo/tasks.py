@@ -11,7 +11,7 @@ from .. import count_parameters, get_backend
 from .data import MLP, label, layers, low_rank_change, teacher_a
 from .output import epochs_text, pct, shape
 from .settings import (
-    DELTA_RANK, HIDDEN, IN_FEATURES, KEEP_FRACTION, LORA_LR, LORAPLUS_RATIO, NF4, OUT_FEATURES, PRETRAIN_BATCH,
+    DELTA_RANK, HIDDEN, IN_FEATURES, KEEP_FRACTION, LORA_LR, LORAPLUS_RATIO, MULTI_TASKS, NF4, OUT_FEATURES, PRETRAIN_BATCH,
     PRETRAIN_LR, PRETRAIN_SAMPLES, PRETRAIN_SEED_OFFSET, PRETRAIN_TEST_SAMPLES, TRAIN_SAMPLES, VAL_SAMPLES, VERA_RANK,
 )
 from .training import accuracy, evaluate, fit
@@ -95,6 +95,9 @@ def configuration(w: Walkthrough) -> None:
         ("backend", f"{w.backend}  (requested: {get_backend()})"),
         ("variant", variant.description),
     ]
+    if name == "multi":
+        rows.append(("tasks", f"{MULTI_TASKS}, one adapter each, on one frozen base (sections 3-7)"))
+        w.result["config"]["tasks"] = MULTI_TASKS
     out.fields(rows, width=30)
 
 

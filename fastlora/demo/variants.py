@@ -18,7 +18,8 @@ from .. import (
 )
 from .data import layers
 from .settings import (
-    ADALORA_INIT_FACTOR, ADALORA_TFINAL, ADALORA_TINIT, LORA_LR, LORA_RANK, LORAPLUS_RATIO, NF4, VERA_LR, VERA_RANK,
+    ADALORA_INIT_FACTOR, ADALORA_TFINAL, ADALORA_TINIT, LORA_LR, LORA_RANK, LORAPLUS_RATIO, MULTI_EPOCHS, MULTI_TASKS, NF4,
+    VERA_LR, VERA_RANK,
 )
 
 # Names of the trainable adapter parameters (every variant's).
@@ -42,6 +43,7 @@ class Variant:
     own_rank_table: bool = False  # section 9 compares this variant's ranks (else plain LoRA's)
     default_rank: int = LORA_RANK
     default_lr: float = LORA_LR
+    default_epochs: int = 100
     notes: tuple[str, ...] = field(default=())  # extra lines under section 4's apply call
 
     @property
@@ -99,6 +101,11 @@ VARIANTS: dict[str, Variant] = {
         Variant(
             "olora", "OLoRA", "LoRAConfig(init='olora'): adapters from a QR factorisation", *_RESIDUAL,
             lora_config={"init": "olora"}, rewrites_base=True,
+        ),
+        Variant(
+            "multi", "Multi-adapter LoRA",
+            f"{MULTI_TASKS} tasks' adapters trained together in mixed batches (MultiAdapterModel)", *_LORA_MERGE,
+            lora_config={}, default_epochs=MULTI_EPOCHS,
         ),
         Variant(
             "adalora", "AdaLoRA", "apply_adalora: SVD-form adapters, ranks pruned during training",

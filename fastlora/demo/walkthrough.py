@@ -18,6 +18,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from . import multi
 from .adapters import apply_adapters, train_adapters
 from .data import MLP, Split
 from .evaluation import compare_accuracy, loss_curve, merging
@@ -81,7 +82,8 @@ class Walkthrough:
     def run(self) -> int:
         start = time.perf_counter()
         self.out(f"fastlora demo: {self.label} fine-tuning, step by step")
-        for section in SECTIONS:
+        sections = SECTIONS[:2] + multi.SECTIONS if self.variant.name == "multi" else SECTIONS
+        for section in sections:
             section(self)
         self.result["wall_time_s"] = time.perf_counter() - start
         self.out()
