@@ -11,12 +11,24 @@ shapes). PEFT parity of the same forward is in tests/test_named_adapters.py.
 
 from __future__ import annotations
 
+import copy
+import threading
+
+import pytest
 import torch
 from torch import nn
 
+import fastlora
 import fastlora.modules as fl_modules
 from fastlora import LoRAConfig, LoRALinear, apply_lora
-from fastlora.adapters import add_adapter
+from fastlora.adapters import (
+    MultiAdapterModel,
+    add_adapter,
+    mixed_batch,
+    named_adapter_layers,
+    set_adapter,
+    trainable_adapters,
+)
 
 from _oracles import assert_close_to
 
@@ -195,21 +207,6 @@ def test_qlora_layers_keep_the_per_adapter_loop(monkeypatch):
 
 
 # -- per-row training: MultiAdapterModel, trainable_adapters, mixed_batch in training ---------
-
-import copy  # noqa: E402
-import threading  # noqa: E402
-
-import pytest  # noqa: E402
-
-import fastlora  # noqa: E402
-from fastlora.adapters import (  # noqa: E402
-    MultiAdapterModel,
-    mixed_batch,
-    named_adapter_layers,
-    set_adapter,
-    trainable_adapters,
-)
-
 
 class Net(nn.Module):
     def __init__(self):
