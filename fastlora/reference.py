@@ -21,6 +21,8 @@ the LoRA branch, S and the adapter gradients are float32, as in PEFT).
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import Tensor
 
@@ -277,20 +279,112 @@ def adapter_segments(adapter_ids: Tensor, n_adapters: int) -> tuple[Tensor, list
     (a device sync on CUDA). Raises a ValueError naming ``adapter_ids`` when an
     id is outside [-1, n_adapters).
     """
+    plan = _multi_plan(adapter_ids, n_adapters, 1, 1, 1, path="grouped")
+    return plan.order, plan.counts
+
+
+class MultiPlan(NamedTuple):
+    """How :func:`lora_multi_forward` / :func:`lora_multi_backward` walk the adapters
+    (:func:`multi_plan`).
+
+    path: ``"runs"``, ``"padded"`` or ``"grouped"`` (see :func:`multi_path`).
+    order: [M] int64, a stable argsort of the ids (base rows first, then adapter 0's, ...).
+    sorted_ids: [M] int64, the ids in that order.
+    counts: ``n_adapters + 1`` ints: base rows, then each adapter's rows.
+    runs: the maximal runs of one adapter in x's row order, ``(adapter, start, stop)``
+      (base rows excluded); only for ``"runs"``, else ``[]``.
+    width: the rows per adapter of the padded layout (the largest count); ``"padded"`` only.
+    """
+
+    path: str
+    order: Tensor
+    sorted_ids: Tensor
+    counts: list[int]
+    runs: list[tuple[int, int, int]]
+    width: int
+
+
+# NOTE: the cost rule's units, measured on the CPU this was written on (AMD EPYC,
+# torch 2.13 + MKL, 1 thread): one small torch call (a [<=64, K] x [K, r] GEMM, an
+# index_select of a few rows) costs ~8 us of dispatch; in that time the CPU copies
+# ~25_000 elements (index_select / index_add_ of fresh [M, K] rows: 2048 x 1024 in
+# ~0.9 ms) or does ~250_000 multiply-adds of a small bmm ([8, 16, 1024] x [8, 1024, 16]
+# in ~33 us). Measured with /tmp scripts interleaving each op in rounds (thread CPU
+# time, medians); only the ratios matter, and the rule is not sensitive to them within 2x.
+_OP_ELEMS_COPIED = 25_000
+_OP_MACS = 250_000
+
+
+def multi_path(n_adapters: int, counts: list[int], n_runs: int, k: int, n_out: int, r: int) -> str:
+    """The cost rule that picks how the LoRA rows are walked (no timing at runtime).
+
+    Costs in small-torch-call units (per forward; backward has ~2x of each term):
+      runs:    2 * n_runs                       two GEMMs per maximal run of one adapter
+                                                in x's order, straight into y's rows: no copies
+      grouped: 3 * used + 6 + ml * (K + 2N) / 25_000
+                                                two GEMMs + index_add_ per adapter with rows, on
+                                                the rows gathered in adapter order (x rows in,
+                                                [ml, N] expand out and scattered into y)
+      padded:  12 + n * c * r * (K + N) / 250_000
+                                                the BGMV form: every adapter's rows padded to
+                                                c = the largest count, two torch.bmm over all n
+                                                adapters (idle adapters' padding is wasted work)
+    where ml = the LoRA rows, used = adapters with rows. The cheapest wins (ties: runs,
+    then grouped); ``padded`` also needs n * c <= 4 * ml + n (its temporaries [n * c,
+    max(K, N)] stay within ~4x the gathered rows).
+    """
+    ml = sum(counts[1:])
+    if ml == 0:
+        return "runs"
+    used = sum(1 for c in counts[1:] if c)
+    width = max(counts[1:])
+    costs = {
+        "runs": 2.0 * n_runs,
+        "grouped": 3.0 * used + 6.0 + ml * (k + 2 * n_out) / _OP_ELEMS_COPIED,
+    }
+    if n_adapters * width <= 4 * ml + n_adapters:
+        costs["padded"] = 12.0 + n_adapters * width * r * (k + n_out) / _OP_MACS
+    return min(costs, key=costs.__getitem__)
+
+
+def _multi_plan(
+    adapter_ids: Tensor, n_adapters: int, k: int, n_out: int, r: int, path: str | None = None
+) -> MultiPlan:
+    """Sort the ids, count rows and runs (one host read; a second for the runs' bounds),
+    check the id range and pick the path (:func:`multi_path`, or ``path`` when given)."""
     ids = adapter_ids.reshape(-1).to(torch.int64)
+    m = ids.numel()
     sorted_ids, order = torch.sort(ids, stable=True)
     # bounds[j] = first sorted position with id >= j - 1: segment j (j = 0 the base)
     # is [bounds[j], bounds[j + 1]); every id is in range iff bounds[0] == 0 and
-    # bounds[-1] == M.
+    # bounds[-1] == M. Last entry: the number of runs of one adapter in x's order.
     probes = torch.arange(-1, n_adapters + 1, dtype=torch.int64, device=ids.device)
-    bounds = torch.searchsorted(sorted_ids, probes).tolist()
-    if bounds[0] != 0 or bounds[-1] != ids.numel():
+    starts = ids >= 0  # a LoRA row that starts a run
+    starts[1:] &= ids[1:] != ids[:-1]
+    host = torch.cat([torch.searchsorted(sorted_ids, probes), starts.sum().view(1)]).tolist()
+    bounds, n_runs = host[:-1], host[-1]
+    if bounds[0] != 0 or bounds[-1] != m:
         lo, hi = int(sorted_ids[0]), int(sorted_ids[-1])
         raise ValueError(
             f"adapter_ids must be in [-1, {n_adapters}) (-1 = the base alone; {n_adapters} = lora_A.shape[0] "
             f"adapters), got values from {lo} to {hi}"
         )
-    return order, [b - a for a, b in zip(bounds[:-1], bounds[1:])]
+    counts = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
+    if path is None:
+        path = multi_path(n_adapters, counts, n_runs, k, n_out, r)
+    elif path not in ("runs", "padded", "grouped"):
+        raise ValueError(f"path must be 'runs', 'padded', 'grouped' or None (the cost rule), got {path!r}")
+    runs: list[tuple[int, int, int]] = []
+    if path == "runs" and n_runs:
+        first = torch.ones(m, dtype=torch.bool, device=ids.device)
+        first[1:] = ids[1:] != ids[:-1]
+        at = first.nonzero().flatten()
+        edges = torch.cat([at, at.new_tensor([m])])
+        bounds_ids = torch.cat([edges, ids[at]]).tolist()
+        n_all = at.numel()
+        edge, run_ids = bounds_ids[: n_all + 1], bounds_ids[n_all + 1 :]
+        runs = [(a, edge[i], edge[i + 1]) for i, a in enumerate(run_ids) if a >= 0]
+    return MultiPlan(path, order, sorted_ids, counts, runs, max(counts[1:], default=0))
 
 
 def _segment_slices(counts: list[int]):
@@ -300,6 +394,33 @@ def _segment_slices(counts: list[int]):
         if c:
             yield a, slice(lo, lo + c)
         lo += c
+
+
+def _padded_slots(plan: MultiPlan, n_adapters: int) -> tuple[Tensor, Tensor]:
+    """``(rows, slot)``: the LoRA rows in adapter order and each one's row in the padded
+    [n_adapters * width] layout (adapter a's j-th row -> a * width + j)."""
+    base = plan.counts[0]
+    rows, seg = plan.order[base:], plan.sorted_ids[base:]
+    firsts, lo = [], 0
+    for c in plan.counts[1:]:
+        firsts.append(lo)  # where each adapter's segment starts among the LoRA rows
+        lo += c
+    pos = torch.arange(rows.numel(), device=rows.device) - torch.tensor(firsts, device=rows.device)[seg]
+    return rows, seg * plan.width + pos
+
+
+def _scaled(t: Tensor, scaling: Tensor) -> Tensor:
+    """t [n, c, r] times each adapter's scale; half precision: the product in float32
+    and one rounding (as a GEMM's float ``alpha``), so the scale is not rounded first."""
+    if t.element_size() < 4:
+        return (t.float() * scaling.view(-1, 1, 1)).to(t.dtype)
+    return t.mul_(scaling.view(-1, 1, 1).to(t.dtype))
+
+
+def _pad(t: Tensor, slot: Tensor, n_adapters: int, width: int) -> Tensor:
+    """[n_adapters, width, t.shape[1]]: the rows of ``t`` at ``slot``, zeros elsewhere."""
+    out = t.new_zeros((n_adapters * width, t.shape[1]))
+    return out.index_copy_(0, slot, t).view(n_adapters, width, t.shape[1])
 
 
 def lora_multi_forward(
@@ -312,44 +433,74 @@ def lora_multi_forward(
     bias: Tensor | None = None,
     dropout_p: float = 0.0,
     seed: int = 0,
+    *,
+    path: str | None = None,
 ) -> tuple[Tensor, Tensor]:
     """``y[m] = x[m] W^T + bias + scaling[a] * dropout(x)[m] A[a]^T B[a]^T``; returns ``(y, s)``.
 
     x [M, K], weight [N, K], lora_A [n, r, K], lora_B [n, N, r], scaling [n],
     adapter_ids [M] (-1 = base only), bias [N] -> y [M, N], s [M, r] =
     dropout(x)[m] A[a]^T in x's row order (zero on base rows), in the adapters'
-    dtype. The base GEMM runs once over all rows in x's order; the LoRA rows are
-    gathered once in adapter order (:func:`adapter_segments`) and each adapter's
-    contiguous segment takes two small GEMMs (shrink, expand), whose result is
-    added into its rows of y (``index_add_``). Temporaries: the gathered LoRA
-    rows of x and one segment's [rows, N] expand; nothing [M, N] besides y.
+    dtype. The base GEMM runs once over all rows in x's order; the LoRA rows take
+    one of three paths (:func:`multi_path` picks by a cost rule; ``path`` forces one):
 
-    NOTE: a loop over the adapters, not ``torch.bmm`` over segments padded to the
-    longest: on CPU (1 thread, 8 ragged adapters, r=16) the LoRA part took 0.94 ms
-    vs 1.75 ms (M=512, K=N=512) and 5.5 vs 13.5 ms (M=2048, K=N=1024), best of
-    repeats; padding wastes work and memory on ragged batches.
+    * ``runs``: each maximal run of rows on one adapter (in x's order) takes the
+      single-adapter op's two GEMMs on its slice of x, s and y: no copies. The
+      usual training batch (one adapter per sample) has few, long runs.
+    * ``grouped``: the LoRA rows gathered once in adapter order
+      (:func:`adapter_segments`), two GEMMs per adapter, the expand added into y's
+      rows (``index_add_``). Many short runs, many rows per adapter.
+    * ``padded`` (BGMV): each adapter's rows padded to the longest segment,
+      ``torch.bmm`` for the shrink and the expand of all adapters at once. Few
+      rows per adapter (decoding): a fixed number of torch calls.
+
+    Temporaries: the runs path only the single-adapter op's (dropout(x) [M, K]
+    with dropout; the fp32 copy of y when mixed); grouped: the gathered rows and
+    one segment's [rows, N] expand; padded: [n * c, K] and [n * c, N] with n * c
+    <= 4 * (LoRA rows) + n. Nothing else [M, N] besides y.
     """
     m, k = x.shape
     n_adapters, r = lora_A.shape[0], lora_A.shape[1]
-    order, counts = adapter_segments(adapter_ids, n_adapters)
+    plan = _multi_plan(adapter_ids, n_adapters, k, weight.shape[0], r, path)
     y = torch.addmm(bias, x, weight.t()) if bias is not None else torch.mm(x, weight.t())
     s = torch.zeros((m, r), dtype=lora_A.dtype, device=x.device)
-    if counts[0] == m:
+    if plan.counts[0] == m:
         return y, s
     mixed = lora_A.dtype != x.dtype  # the LoRA branch in the adapters' dtype, as lora_forward
-    rows = order[counts[0] :]  # the LoRA rows, grouped by adapter
-    xs = x.index_select(0, rows)
-    if mixed:
-        xs = xs.to(lora_A.dtype)
-    alpha = 1.0
+    branch = lora_A.dtype
+    acc = y.to(branch) if mixed else y  # mixed: one rounding of base + LoRA, as lora_forward
+    alpha, mask = 1.0, None
     if dropout_p > 0.0:
         mask, keep = dropout_keep_mask(seed, (m, k), dropout_p, x.device)
+        alpha = 1.0 / keep  # folded into the shrink
+    if plan.path == "runs":
+        xl = x.to(branch) if mixed else x
+        xd = mask.to(branch).mul_(xl) if mask is not None else xl
+        scales = scaling.tolist()
+        for a, lo, hi in plan.runs:
+            torch.addmm(s[lo:hi], xd[lo:hi], lora_A[a].t(), beta=0, alpha=alpha, out=s[lo:hi])
+            acc[lo:hi].addmm_(s[lo:hi], lora_B[a].t(), alpha=scales[a])
+        return (acc.to(x.dtype) if mixed else acc), s
+    rows = plan.order[plan.counts[0] :]  # the LoRA rows, grouped by adapter
+    xs = x.index_select(0, rows)
+    if mixed:
+        xs = xs.to(branch)
+    if mask is not None:
         xs.mul_(mask.index_select(0, rows))  # dropout(x) rows; 1/keep folded into the shrink
-        alpha = 1.0 / keep
-    ss = torch.empty((rows.numel(), r), dtype=lora_A.dtype, device=x.device)
-    acc = y.to(lora_A.dtype) if mixed else y  # mixed: one rounding of base + LoRA, as lora_forward
+    if plan.path == "padded":
+        rows, slot = _padded_slots(plan, n_adapters)
+        sp = torch.baddbmm(
+            xs.new_empty(()), _pad(xs, slot, n_adapters, plan.width), lora_A.transpose(1, 2), beta=0, alpha=alpha
+        )  # [n, c, r]
+        s.index_copy_(0, rows, sp.view(-1, r).index_select(0, slot))
+        # NOTE: the scales multiply S (n * c * r values) in float32, one rounding to the branch dtype.
+        sp = _scaled(sp, scaling)
+        ep = torch.bmm(sp, lora_B.transpose(1, 2))  # [n, c, N]
+        acc.index_add_(0, rows, ep.view(-1, ep.shape[2]).index_select(0, slot))
+        return (acc.to(x.dtype) if mixed else acc), s
+    ss = torch.empty((rows.numel(), r), dtype=branch, device=x.device)
     scales = scaling.tolist()
-    for a, seg in _segment_slices(counts):
+    for a, seg in _segment_slices(plan.counts):
         torch.addmm(ss[seg], xs[seg], lora_A[a].t(), beta=0, alpha=alpha, out=ss[seg])
         acc.index_add_(0, rows[seg], torch.mm(ss[seg], lora_B[a].t()), alpha=scales[a])
     s.index_copy_(0, rows, ss)
@@ -368,6 +519,8 @@ def lora_multi_backward(
     dropout_p: float = 0.0,
     seed: int = 0,
     needs: tuple[bool, bool, bool, bool, bool] = (True, False, True, True, False),
+    *,
+    path: str | None = None,
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
     """Gradients ``(dx, dweight, dA, dB, dbias)`` of :func:`lora_multi_forward`.
 
@@ -377,63 +530,167 @@ def lora_multi_backward(
       dx[m] = dY[m] W + D(dS[m] A[a])   (base rows: dY[m] W)
       dW = dY^T x ; dbias = sum_m dY
     An adapter without rows gets zeros. ``needs`` selects which of the five are
-    computed (others None). The segments come from the ids again (one sort);
-    nothing saved is written to.
+    computed (others None). The path comes from the ids again (the forward's cost
+    rule, one sort; ``path`` forces one); nothing saved is written to.
     """
     need_x, need_w, need_a, need_b, need_bias = needs
     m, k = x.shape
     n_adapters, r = lora_A.shape[0], lora_A.shape[1]
-    mixed = lora_A.dtype != x.dtype
     dx = torch.mm(dy, weight) if need_x else None
-    da = torch.empty_like(lora_A) if need_a else None
-    db = torch.empty_like(lora_B) if need_b else None
+    da = db = None
     if need_x or need_a or need_b:
-        order, counts = adapter_segments(adapter_ids, n_adapters)
-        for a, c in enumerate(counts[1:]):
-            if c == 0:  # an adapter without rows: zero gradients (the others are written whole below)
-                for g in (da, db):
-                    if g is not None:
-                        g[a].zero_()
-        rows = order[counts[0] :]
-        if rows.numel():
-            ml, branch = rows.numel(), lora_A.dtype
-            dys = dy.index_select(0, rows)
-            if mixed:
-                dys = dys.to(branch)
-            scales = scaling.tolist()
-            keep, ms = 1.0, None
-            if dropout_p > 0.0 and (need_x or need_a):
-                mask, keep = dropout_keep_mask(seed, (m, k), dropout_p, x.device)
-                ms = mask.index_select(0, rows).to(branch)
-            ss = s.index_select(0, rows) if need_b else None
-            dss = torch.empty((ml, r), dtype=branch, device=dy.device) if (need_x or need_a) else None
-            if need_a:
-                xs = x.index_select(0, rows)
-                xs = xs.to(branch) if mixed else xs
-                if ms is not None:
-                    xs.mul_(ms)  # dropout(x) rows (1/keep in the GEMM's alpha)
-            lora_dx = torch.empty((ml, k), dtype=branch, device=dy.device) if need_x else None
-            for a, seg in _segment_slices(counts):
-                if dss is not None:
-                    torch.addmm(dss[seg], dys[seg], lora_B[a], beta=0, alpha=scales[a], out=dss[seg])
-                if need_b:
-                    torch.addmm(db[a], dys[seg].t(), ss[seg], beta=0, alpha=scales[a], out=db[a])
-                if need_a:
-                    torch.addmm(da[a], dss[seg].t(), xs[seg], beta=0, alpha=1.0 / keep, out=da[a])
-                if need_x:
-                    torch.mm(dss[seg], lora_A[a], out=lora_dx[seg])
-            if need_x:
-                if ms is not None:
-                    lora_dx.mul_(ms)
-                if mixed:
-                    # NOTE: one rounding of dY W + the fp32 LoRA term, as lora_backward.
-                    full = torch.zeros((m, k), dtype=branch, device=dy.device).index_copy_(0, rows, lora_dx)
-                    dx.add_(full, alpha=1.0 / keep)
-                else:
-                    dx.index_add_(0, rows, lora_dx, alpha=1.0 / keep)
+        plan = _multi_plan(adapter_ids, n_adapters, k, weight.shape[0], r, path)
+        if plan.counts[0] == m:  # no LoRA row: zero adapter gradients
+            da = torch.zeros_like(lora_A) if need_a else None
+            db = torch.zeros_like(lora_B) if need_b else None
+        else:
+            step = {"runs": _multi_backward_runs, "padded": _multi_backward_padded, "grouped": _multi_backward_grouped}
+            da, db = step[plan.path](plan, dx, dy, x, lora_A, lora_B, scaling, s, dropout_p, seed, needs)
     dw = torch.mm(dy.t(), x) if need_w else None
     dbias = dy.sum(0) if need_bias else None
     return dx, dw, da, db, dbias
+
+
+def _multi_backward_runs(plan, dx, dy, x, lora_A, lora_B, scaling, s, dropout_p, seed, needs):
+    """The runs path: per run of one adapter, the single-adapter backward on slices
+    (dA, dB accumulate over an adapter's runs in x's order)."""
+    need_x, _, need_a, need_b, _ = needs
+    m, k = x.shape
+    branch, mixed = lora_A.dtype, lora_A.dtype != x.dtype
+    dyl = dy.to(branch) if mixed else dy
+    scales = scaling.tolist()
+    keep, mf = 1.0, None
+    if dropout_p > 0.0 and (need_x or need_a):
+        mask, keep = dropout_keep_mask(seed, (m, k), dropout_p, x.device)
+        mf = mask.to(branch)
+    xd = None
+    if need_a:
+        xd = x.to(branch) if mixed else x
+        xd = xd.mul(mf) if mf is not None else xd  # dropout(x) (1/keep in the GEMM's alpha)
+    ds = torch.empty((m, lora_A.shape[1]), dtype=branch, device=x.device) if (need_x or need_a) else None
+    da = torch.empty_like(lora_A) if need_a else None
+    db = torch.empty_like(lora_B) if need_b else None
+    seen: set[int] = set()
+    for a, lo, hi in plan.runs:
+        first = a not in seen
+        seen.add(a)
+        beta = 0 if first else 1
+        if ds is not None:
+            torch.addmm(ds[lo:hi], dyl[lo:hi], lora_B[a], beta=0, alpha=scales[a], out=ds[lo:hi])
+        if need_b:
+            torch.addmm(db[a], dyl[lo:hi].t(), s[lo:hi], beta=beta, alpha=scales[a], out=db[a])
+        if need_a:
+            torch.addmm(da[a], ds[lo:hi].t(), xd[lo:hi], beta=beta, alpha=1.0 / keep, out=da[a])
+        if need_x:
+            if mf is None and not mixed:
+                dx[lo:hi].addmm_(ds[lo:hi], lora_A[a])
+            else:
+                # NOTE: mixed: the fp32 LoRA term added into dY W with one rounding, as lora_backward.
+                lora_dx = torch.mm(ds[lo:hi], lora_A[a])
+                if mf is not None:
+                    lora_dx.mul_(mf[lo:hi])
+                dx[lo:hi].add_(lora_dx, alpha=1.0 / keep)
+    for a in range(lora_A.shape[0]):
+        if a not in seen:  # an adapter without rows: zero gradients
+            for g in (da, db):
+                if g is not None:
+                    g[a].zero_()
+    return da, db
+
+
+def _multi_backward_padded(plan, dx, dy, x, lora_A, lora_B, scaling, s, dropout_p, seed, needs):
+    """The padded (BGMV) path: dY, S and dropout(x) rows padded per adapter, one bmm per
+    gradient; padding rows are zeros, so idle adapters get exact zeros."""
+    need_x, _, need_a, need_b, _ = needs
+    m, k = x.shape
+    n_adapters, width = lora_A.shape[0], plan.width
+    branch, mixed = lora_A.dtype, lora_A.dtype != x.dtype
+    rows, slot = _padded_slots(plan, n_adapters)
+    dys = dy.index_select(0, rows)
+    dyp = _pad(dys.to(branch) if mixed else dys, slot, n_adapters, width)  # [n, c, N]
+    keep, ms = 1.0, None
+    if dropout_p > 0.0 and (need_x or need_a):
+        mask, keep = dropout_keep_mask(seed, (m, k), dropout_p, x.device)
+        ms = mask.index_select(0, rows).to(branch)
+    db = da = None
+    if need_b:
+        sp = _pad(s.index_select(0, rows), slot, n_adapters, width)
+        sp = _scaled(sp, scaling)
+        db = torch.bmm(dyp.transpose(1, 2), sp)  # [n, N, r]
+    if need_x or need_a:
+        dsp = torch.bmm(dyp, lora_B)  # [n, c, r]
+        dsp = _scaled(dsp, scaling)
+        if need_a:
+            xs = x.index_select(0, rows)
+            xs = xs.to(branch) if mixed else xs
+            if ms is not None:
+                xs.mul_(ms)  # dropout(x) rows (1/keep in the GEMM's alpha)
+            da = torch.baddbmm(
+                dsp.new_empty(()), dsp.transpose(1, 2), _pad(xs, slot, n_adapters, width), beta=0, alpha=1.0 / keep
+            )  # [n, r, K]
+        if need_x:
+            lora_dx = torch.bmm(dsp, lora_A).view(-1, k).index_select(0, slot)  # [LoRA rows, K]
+            if ms is not None:
+                lora_dx.mul_(ms)
+            _add_rows(dx, rows, lora_dx, 1.0 / keep, mixed)
+    return da, db
+
+
+def _add_rows(dx: Tensor, rows: Tensor, lora_dx: Tensor, alpha: float, mixed: bool) -> None:
+    """dx[rows] += alpha * lora_dx; mixed: one rounding of dY W + the fp32 LoRA term, as lora_backward."""
+    if mixed:
+        full = torch.zeros(dx.shape, dtype=lora_dx.dtype, device=dx.device).index_copy_(0, rows, lora_dx)
+        dx.add_(full, alpha=alpha)
+    else:
+        dx.index_add_(0, rows, lora_dx, alpha=alpha)
+
+
+def _multi_backward_grouped(plan, dx, dy, x, lora_A, lora_B, scaling, s, dropout_p, seed, needs):
+    """The grouped path: the LoRA rows gathered in adapter order, GEMMs per adapter."""
+    need_x, _, need_a, need_b, _ = needs
+    m, k = x.shape
+    r = lora_A.shape[1]
+    branch, mixed = lora_A.dtype, lora_A.dtype != x.dtype
+    da = torch.empty_like(lora_A) if need_a else None
+    db = torch.empty_like(lora_B) if need_b else None
+    for a, c in enumerate(plan.counts[1:]):
+        if c == 0:  # an adapter without rows: zero gradients (the others are written whole below)
+            for g in (da, db):
+                if g is not None:
+                    g[a].zero_()
+    rows = plan.order[plan.counts[0] :]
+    ml = rows.numel()
+    dys = dy.index_select(0, rows)
+    if mixed:
+        dys = dys.to(branch)
+    scales = scaling.tolist()
+    keep, ms = 1.0, None
+    if dropout_p > 0.0 and (need_x or need_a):
+        mask, keep = dropout_keep_mask(seed, (m, k), dropout_p, x.device)
+        ms = mask.index_select(0, rows).to(branch)
+    ss = s.index_select(0, rows) if need_b else None
+    dss = torch.empty((ml, r), dtype=branch, device=dy.device) if (need_x or need_a) else None
+    xs = None
+    if need_a:
+        xs = x.index_select(0, rows)
+        xs = xs.to(branch) if mixed else xs
+        if ms is not None:
+            xs.mul_(ms)  # dropout(x) rows (1/keep in the GEMM's alpha)
+    lora_dx = torch.empty((ml, k), dtype=branch, device=dy.device) if need_x else None
+    for a, seg in _segment_slices(plan.counts):
+        if dss is not None:
+            torch.addmm(dss[seg], dys[seg], lora_B[a], beta=0, alpha=scales[a], out=dss[seg])
+        if need_b:
+            torch.addmm(db[a], dys[seg].t(), ss[seg], beta=0, alpha=scales[a], out=db[a])
+        if need_a:
+            torch.addmm(da[a], dss[seg].t(), xs[seg], beta=0, alpha=1.0 / keep, out=da[a])
+        if need_x:
+            torch.mm(dss[seg], lora_A[a], out=lora_dx[seg])
+    if need_x:
+        if ms is not None:
+            lora_dx.mul_(ms)
+        _add_rows(dx, rows, lora_dx, 1.0 / keep, mixed)
+    return da, db
 
 
 def lora_multi_float64(
