@@ -21,6 +21,7 @@ the LoRA branch, S and the adapter gradients are float32, as in PEFT).
 
 from __future__ import annotations
 
+import itertools
 from typing import NamedTuple
 
 import torch
@@ -275,8 +276,8 @@ def adapter_segments(adapter_ids: Tensor, n_adapters: int) -> tuple[Tensor, list
     ``order`` [M] int64 is a stable argsort of the ids: the base rows (-1)
     first, then adapter 0's rows, adapter 1's, ... each in x's order;
     ``counts`` is ``n_adapters + 1`` Python ints (base rows, then the rows of
-    each adapter). One sort and one host read of ``n_adapters + 2`` bounds
-    (a device sync on CUDA). Raises a ValueError naming ``adapter_ids`` when an
+    each adapter). One host read of the ids (a device sync on CUDA), grouped in
+    Python (see :func:`_multi_plan`). Raises a ValueError naming ``adapter_ids`` when an
     id is outside [-1, n_adapters).
     """
     plan = _multi_plan(adapter_ids, n_adapters, 1, 1, 1, path="grouped")
@@ -284,24 +285,29 @@ def adapter_segments(adapter_ids: Tensor, n_adapters: int) -> tuple[Tensor, list
 
 
 class MultiPlan(NamedTuple):
-    """How :func:`lora_multi_forward` / :func:`lora_multi_backward` walk the adapters
-    (:func:`multi_plan`).
+    """How :func:`lora_multi_forward` / :func:`lora_multi_backward` walk the adapters.
 
     path: ``"runs"``, ``"padded"`` or ``"grouped"`` (see :func:`multi_path`).
-    order: [M] int64, a stable argsort of the ids (base rows first, then adapter 0's, ...).
-    sorted_ids: [M] int64, the ids in that order.
     counts: ``n_adapters + 1`` ints: base rows, then each adapter's rows.
     runs: the maximal runs of one adapter in x's row order, ``(adapter, start, stop)``
-      (base rows excluded); only for ``"runs"``, else ``[]``.
-    width: the rows per adapter of the padded layout (the largest count); ``"padded"`` only.
+      (base rows excluded).
+    order: [M] int64 on the ids' device, the rows grouped by adapter (a stable sort of
+      the ids: base rows first, then adapter 0's, ...); None on the runs path.
+    slot: [LoRA rows] int64, each LoRA row's place in the padded layout (adapter a's
+      j-th row -> a * width + j), in ``order``'s order; padded path only, else None.
+    width: the rows per adapter of the padded layout (the largest count).
+    sizes, chunks: x's rows cut into maximal runs of one id (base runs included):
+      each run's length and its id (-1 = base), for ``Tensor.split``.
     """
 
     path: str
-    order: Tensor
-    sorted_ids: Tensor
     counts: list[int]
     runs: list[tuple[int, int, int]]
+    order: Tensor | None
+    slot: Tensor | None
     width: int
+    sizes: list[int]
+    chunks: list[int]
 
 
 # NOTE: the cost rule's units, measured on the CPU this was written on (AMD EPYC,
@@ -350,41 +356,55 @@ def multi_path(n_adapters: int, counts: list[int], n_runs: int, k: int, n_out: i
 def _multi_plan(
     adapter_ids: Tensor, n_adapters: int, k: int, n_out: int, r: int, path: str | None = None
 ) -> MultiPlan:
-    """Sort the ids, count rows and runs (one host read; a second for the runs' bounds),
-    check the id range and pick the path (:func:`multi_path`, or ``path`` when given)."""
-    ids = adapter_ids.reshape(-1).to(torch.int64)
-    m = ids.numel()
-    sorted_ids, order = torch.sort(ids, stable=True)
-    # bounds[j] = first sorted position with id >= j - 1: segment j (j = 0 the base)
-    # is [bounds[j], bounds[j + 1]); every id is in range iff bounds[0] == 0 and
-    # bounds[-1] == M. Last entry: the number of runs of one adapter in x's order.
-    probes = torch.arange(-1, n_adapters + 1, dtype=torch.int64, device=ids.device)
-    starts = ids >= 0  # a LoRA row that starts a run
-    starts[1:] &= ids[1:] != ids[:-1]
-    host = torch.cat([torch.searchsorted(sorted_ids, probes), starts.sum().view(1)]).tolist()
-    bounds, n_runs = host[:-1], host[-1]
-    if bounds[0] != 0 or bounds[-1] != m:
-        lo, hi = int(sorted_ids[0]), int(sorted_ids[-1])
-        raise ValueError(
-            f"adapter_ids must be in [-1, {n_adapters}) (-1 = the base alone; {n_adapters} = lora_A.shape[0] "
-            f"adapters), got values from {lo} to {hi}"
-        )
-    counts = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
+    """Read the ids once (``tolist``: one host read, a device sync on CUDA), find the
+    runs and counts in Python, check the id range and pick the path (:func:`multi_path`,
+    or ``path`` when given).
+
+    NOTE: host Python, not torch ops: on CPU (1 thread, right after the base GEMM) each
+    distinct small torch op cost 15-75 us of thread time (cold code after the GEMM;
+    a sort + searchsorted + run count took ~0.5 ms at M=64), while the list walk costs
+    ~0.1 us per row (itertools.groupby in C).
+    """
+    ids = adapter_ids.reshape(-1).tolist()
+    m = len(ids)
+    counts = [0] * (n_adapters + 1)
+    runs: list[tuple[int, int, int]] = []
+    sizes: list[int] = []
+    chunks: list[int] = []
+    lo = 0
+    for a, group in itertools.groupby(ids):
+        hi = lo + len(list(group))
+        sizes.append(hi - lo)
+        chunks.append(a)
+        if not -1 <= a < n_adapters:
+            raise ValueError(
+                f"adapter_ids must be in [-1, {n_adapters}) (-1 = the base alone; {n_adapters} = lora_A.shape[0] "
+                f"adapters), got values from {min(ids)} to {max(ids)}"
+            )
+        counts[a + 1] += hi - lo
+        if a >= 0:
+            runs.append((a, lo, hi))
+        lo = hi
     if path is None:
-        path = multi_path(n_adapters, counts, n_runs, k, n_out, r)
+        path = multi_path(n_adapters, counts, len(runs), k, n_out, r)
     elif path not in ("runs", "padded", "grouped"):
         raise ValueError(f"path must be 'runs', 'padded', 'grouped' or None (the cost rule), got {path!r}")
-    runs: list[tuple[int, int, int]] = []
-    if path == "runs" and n_runs:
-        first = torch.ones(m, dtype=torch.bool, device=ids.device)
-        first[1:] = ids[1:] != ids[:-1]
-        at = first.nonzero().flatten()
-        edges = torch.cat([at, at.new_tensor([m])])
-        bounds_ids = torch.cat([edges, ids[at]]).tolist()
-        n_all = at.numel()
-        edge, run_ids = bounds_ids[: n_all + 1], bounds_ids[n_all + 1 :]
-        runs = [(a, edge[i], edge[i + 1]) for i, a in enumerate(run_ids) if a >= 0]
-    return MultiPlan(path, order, sorted_ids, counts, runs, max(counts[1:], default=0))
+    width = max(counts[1:], default=0)
+    order = slot = None
+    if path != "runs":
+        rows_of: list[list[int]] = [[] for _ in range(n_adapters + 1)]  # base rows, then each adapter's
+        lo = 0
+        for a, group in itertools.groupby(ids):
+            hi = lo + len(list(group))
+            rows_of[a + 1].extend(range(lo, hi))
+            lo = hi
+        flat = list(itertools.chain.from_iterable(rows_of))
+        if path == "padded":
+            flat += [a * width + j for a, c in enumerate(counts[1:]) for j in range(c)]
+        both = torch.tensor(flat, dtype=torch.int64, device=adapter_ids.device)
+        order = both[:m]
+        slot = both[m:] if path == "padded" else None
+    return MultiPlan(path, counts, runs, order, slot, width, sizes, chunks)
 
 
 def _segment_slices(counts: list[int]):
@@ -394,19 +414,6 @@ def _segment_slices(counts: list[int]):
         if c:
             yield a, slice(lo, lo + c)
         lo += c
-
-
-def _padded_slots(plan: MultiPlan, n_adapters: int) -> tuple[Tensor, Tensor]:
-    """``(rows, slot)``: the LoRA rows in adapter order and each one's row in the padded
-    [n_adapters * width] layout (adapter a's j-th row -> a * width + j)."""
-    base = plan.counts[0]
-    rows, seg = plan.order[base:], plan.sorted_ids[base:]
-    firsts, lo = [], 0
-    for c in plan.counts[1:]:
-        firsts.append(lo)  # where each adapter's segment starts among the LoRA rows
-        lo += c
-    pos = torch.arange(rows.numel(), device=rows.device) - torch.tensor(firsts, device=rows.device)[seg]
-    return rows, seg * plan.width + pos
 
 
 def _scaled(t: Tensor, scaling: Tensor) -> Tensor:
@@ -477,9 +484,14 @@ def lora_multi_forward(
         xl = x.to(branch) if mixed else x
         xd = mask.to(branch).mul_(xl) if mask is not None else xl
         scales = scaling.tolist()
-        for a, lo, hi in plan.runs:
-            torch.addmm(s[lo:hi], xd[lo:hi], lora_A[a].t(), beta=0, alpha=alpha, out=s[lo:hi])
-            acc[lo:hi].addmm_(s[lo:hi], lora_B[a].t(), alpha=scales[a])
+        # NOTE: the run slices and adapter views come from one split / unbind each (one
+        # dispatch for all of them; a slice per run cost as much as its GEMM on CPU).
+        a_t, b_t = lora_A.transpose(1, 2).unbind(0), lora_B.transpose(1, 2).unbind(0)
+        sizes = plan.sizes
+        for a, xr, sr, yr in zip(plan.chunks, xd.split(sizes), s.split(sizes), acc.split(sizes)):
+            if a >= 0:
+                torch.addmm(sr, xr, a_t[a], beta=0, alpha=alpha, out=sr)
+                yr.addmm_(sr, b_t[a], alpha=scales[a])
         return (acc.to(x.dtype) if mixed else acc), s
     rows = plan.order[plan.counts[0] :]  # the LoRA rows, grouped by adapter
     xs = x.index_select(0, rows)
@@ -488,7 +500,7 @@ def lora_multi_forward(
     if mask is not None:
         xs.mul_(mask.index_select(0, rows))  # dropout(x) rows; 1/keep folded into the shrink
     if plan.path == "padded":
-        rows, slot = _padded_slots(plan, n_adapters)
+        slot = plan.slot
         sp = torch.baddbmm(
             xs.new_empty(()), _pad(xs, slot, n_adapters, plan.width), lora_A.transpose(1, 2), beta=0, alpha=alpha
         )  # [n, c, r]
@@ -571,25 +583,32 @@ def _multi_backward_runs(plan, dx, dy, x, lora_A, lora_B, scaling, s, dropout_p,
     da = torch.empty_like(lora_A) if need_a else None
     db = torch.empty_like(lora_B) if need_b else None
     seen: set[int] = set()
-    for a, lo, hi in plan.runs:
-        first = a not in seen
+    sizes = plan.sizes
+    per_row = [t.split(sizes) if t is not None else itertools.repeat(None) for t in (dyl, s, xd, ds, dx)]
+    a_views, b_views = lora_A.unbind(0), lora_B.unbind(0)
+    da_views = da.unbind(0) if da is not None else None
+    db_views = db.unbind(0) if db is not None else None
+    mf_rows = mf.split(sizes) if mf is not None else itertools.repeat(None)
+    for a, dyr, sr, xr, dsr, dxr, mr in zip(plan.chunks, *per_row, mf_rows):
+        if a < 0:
+            continue
+        beta = 1 if a in seen else 0  # dA, dB accumulate over the adapter's runs
         seen.add(a)
-        beta = 0 if first else 1
-        if ds is not None:
-            torch.addmm(ds[lo:hi], dyl[lo:hi], lora_B[a], beta=0, alpha=scales[a], out=ds[lo:hi])
+        if dsr is not None:
+            torch.addmm(dsr, dyr, b_views[a], beta=0, alpha=scales[a], out=dsr)
         if need_b:
-            torch.addmm(db[a], dyl[lo:hi].t(), s[lo:hi], beta=beta, alpha=scales[a], out=db[a])
+            torch.addmm(db_views[a], dyr.t(), sr, beta=beta, alpha=scales[a], out=db_views[a])
         if need_a:
-            torch.addmm(da[a], ds[lo:hi].t(), xd[lo:hi], beta=beta, alpha=1.0 / keep, out=da[a])
+            torch.addmm(da_views[a], dsr.t(), xr, beta=beta, alpha=1.0 / keep, out=da_views[a])
         if need_x:
-            if mf is None and not mixed:
-                dx[lo:hi].addmm_(ds[lo:hi], lora_A[a])
+            if mr is None and not mixed:
+                dxr.addmm_(dsr, a_views[a])
             else:
                 # NOTE: mixed: the fp32 LoRA term added into dY W with one rounding, as lora_backward.
-                lora_dx = torch.mm(ds[lo:hi], lora_A[a])
-                if mf is not None:
-                    lora_dx.mul_(mf[lo:hi])
-                dx[lo:hi].add_(lora_dx, alpha=1.0 / keep)
+                lora_dx = torch.mm(dsr, a_views[a])
+                if mr is not None:
+                    lora_dx.mul_(mr)
+                dxr.add_(lora_dx, alpha=1.0 / keep)
     for a in range(lora_A.shape[0]):
         if a not in seen:  # an adapter without rows: zero gradients
             for g in (da, db):
@@ -605,7 +624,7 @@ def _multi_backward_padded(plan, dx, dy, x, lora_A, lora_B, scaling, s, dropout_
     m, k = x.shape
     n_adapters, width = lora_A.shape[0], plan.width
     branch, mixed = lora_A.dtype, lora_A.dtype != x.dtype
-    rows, slot = _padded_slots(plan, n_adapters)
+    rows, slot = plan.order[plan.counts[0] :], plan.slot
     dys = dy.index_select(0, rows)
     dyp = _pad(dys.to(branch) if mixed else dys, slot, n_adapters, width)  # [n, c, N]
     keep, ms = 1.0, None
