@@ -310,31 +310,38 @@ class MultiPlan(NamedTuple):
     chunks: list[int]
 
 
-# NOTE: the cost rule's units, measured on the CPU this was written on (AMD EPYC,
-# torch 2.13 + MKL, 1 thread): one small torch call (a [<=64, K] x [K, r] GEMM, an
-# index_select of a few rows) costs ~8 us of dispatch; in that time the CPU copies
-# ~25_000 elements (index_select / index_add_ of fresh [M, K] rows: 2048 x 1024 in
-# ~0.9 ms) or does ~250_000 multiply-adds of a small bmm ([8, 16, 1024] x [8, 1024, 16]
-# in ~33 us). Measured with /tmp scripts interleaving each op in rounds (thread CPU
-# time, medians); only the ratios matter, and the rule is not sensitive to them within 2x.
+# NOTE: the cost rule's units, fitted on the CPU this was written on (AMD EPYC, 2
+# cores, torch 2.13 + MKL, 1 thread, thread CPU time, medians of interleaved rounds;
+# /tmp scripts timing each path forced, forward only, against lora_forward):
+# one small torch call right after the base GEMM costs ~12 us (one unit); the grouped
+# path's fixed calls (gathers, scatter, S copy) ~40 units, the padded path's ~80
+# (its ~10 distinct ops each run cold after the GEMM); a unit copies ~25_000 elements
+# or does ~250_000 multiply-adds of a small bmm. Measured (thread ms, 8 adapters, r=16,
+# K=N=1024 unless noted; runs / padded / grouped vs one adapter): M=16 decode 1.50 /
+# 1.70 / 1.75; M=8 decode 1.42 / 1.87 / 1.72; M=64 one row per sample (60 runs) 1.55
+# / 1.47 / 1.38; M=64 two samples on one adapter 1.05 / - / 1.24; M=512 (16 samples
+# x 32, K=N=512) 1.14 / 1.50 / 1.30; M=64 decode over 64 adapters 1.71 / 1.96 / 1.91.
+# So on this CPU the rule picks runs or grouped; padded wins only with many rows per
+# call on few, fully used adapters and is kept (forced with ``path``) for other devices.
 _OP_ELEMS_COPIED = 25_000
 _OP_MACS = 250_000
+_GROUPED_FIXED = 40.0
+_PADDED_FIXED = 80.0
 
 
 def multi_path(n_adapters: int, counts: list[int], n_runs: int, k: int, n_out: int, r: int) -> str:
     """The cost rule that picks how the LoRA rows are walked (no timing at runtime).
 
-    Costs in small-torch-call units (per forward; backward has ~2x of each term):
+    Costs in units of one small torch call (see the NOTE above for the constants):
       runs:    2 * n_runs                       two GEMMs per maximal run of one adapter
-                                                in x's order, straight into y's rows: no copies
-      grouped: 3 * used + 6 + ml * (K + 2N) / 25_000
-                                                two GEMMs + index_add_ per adapter with rows, on
-                                                the rows gathered in adapter order (x rows in,
-                                                [ml, N] expand out and scattered into y)
-      padded:  12 + n * c * r * (K + N) / 250_000
-                                                the BGMV form: every adapter's rows padded to
-                                                c = the largest count, two torch.bmm over all n
-                                                adapters (idle adapters' padding is wasted work)
+                                                in x's order, on slices of x, S and y: no copies
+      grouped: 40 + 3 * used + ml * (K + 2N) / 25_000
+                                                the LoRA rows gathered in adapter order, two
+                                                GEMMs + an index_add_ per adapter with rows
+      padded:  80 + n * c * r * (K + N) / 250_000 + n * r * (K + N) / 25_000
+                                                BGMV: every adapter's rows padded to c = the
+                                                largest count, two torch.bmm over all n adapters
+                                                (reading every adapter's A and B, used or not)
     where ml = the LoRA rows, used = adapters with rows. The cheapest wins (ties: runs,
     then grouped); ``padded`` also needs n * c <= 4 * ml + n (its temporaries [n * c,
     max(K, N)] stay within ~4x the gathered rows).
@@ -346,10 +353,12 @@ def multi_path(n_adapters: int, counts: list[int], n_runs: int, k: int, n_out: i
     width = max(counts[1:])
     costs = {
         "runs": 2.0 * n_runs,
-        "grouped": 3.0 * used + 6.0 + ml * (k + 2 * n_out) / _OP_ELEMS_COPIED,
+        "grouped": _GROUPED_FIXED + 3.0 * used + ml * (k + 2 * n_out) / _OP_ELEMS_COPIED,
     }
     if n_adapters * width <= 4 * ml + n_adapters:
-        costs["padded"] = 12.0 + n_adapters * width * r * (k + n_out) / _OP_MACS
+        costs["padded"] = (
+            _PADDED_FIXED + n_adapters * width * r * (k + n_out) / _OP_MACS + n_adapters * r * (k + n_out) / _OP_ELEMS_COPIED
+        )
     return min(costs, key=costs.__getitem__)
 
 
