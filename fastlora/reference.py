@@ -21,6 +21,9 @@ the LoRA branch, S and the adapter gradients are float32, as in PEFT).
 
 from __future__ import annotations
 
+import itertools
+from typing import NamedTuple
+
 import torch
 from torch import Tensor
 
@@ -273,24 +276,144 @@ def adapter_segments(adapter_ids: Tensor, n_adapters: int) -> tuple[Tensor, list
     ``order`` [M] int64 is a stable argsort of the ids: the base rows (-1)
     first, then adapter 0's rows, adapter 1's, ... each in x's order;
     ``counts`` is ``n_adapters + 1`` Python ints (base rows, then the rows of
-    each adapter). One sort and one host read of ``n_adapters + 2`` bounds
-    (a device sync on CUDA). Raises a ValueError naming ``adapter_ids`` when an
+    each adapter). One host read of the ids (a device sync on CUDA), grouped in
+    Python (see :func:`_multi_plan`). Raises a ValueError naming ``adapter_ids`` when an
     id is outside [-1, n_adapters).
     """
-    ids = adapter_ids.reshape(-1).to(torch.int64)
-    sorted_ids, order = torch.sort(ids, stable=True)
-    # bounds[j] = first sorted position with id >= j - 1: segment j (j = 0 the base)
-    # is [bounds[j], bounds[j + 1]); every id is in range iff bounds[0] == 0 and
-    # bounds[-1] == M.
-    probes = torch.arange(-1, n_adapters + 1, dtype=torch.int64, device=ids.device)
-    bounds = torch.searchsorted(sorted_ids, probes).tolist()
-    if bounds[0] != 0 or bounds[-1] != ids.numel():
-        lo, hi = int(sorted_ids[0]), int(sorted_ids[-1])
-        raise ValueError(
-            f"adapter_ids must be in [-1, {n_adapters}) (-1 = the base alone; {n_adapters} = lora_A.shape[0] "
-            f"adapters), got values from {lo} to {hi}"
+    plan = _multi_plan(adapter_ids, n_adapters, 1, 1, 1, path="grouped")
+    return plan.order, plan.counts
+
+
+class MultiPlan(NamedTuple):
+    """How :func:`lora_multi_forward` / :func:`lora_multi_backward` walk the adapters.
+
+    path: ``"runs"``, ``"padded"`` or ``"grouped"`` (see :func:`multi_path`).
+    counts: ``n_adapters + 1`` ints: base rows, then each adapter's rows.
+    runs: the maximal runs of one adapter in x's row order, ``(adapter, start, stop)``
+      (base rows excluded).
+    order: [M] int64 on the ids' device, the rows grouped by adapter (a stable sort of
+      the ids: base rows first, then adapter 0's, ...); None on the runs path.
+    slot: [LoRA rows] int64, each LoRA row's place in the padded layout (adapter a's
+      j-th row -> a * width + j), in ``order``'s order; padded path only, else None.
+    width: the rows per adapter of the padded layout (the largest count).
+    sizes, chunks: x's rows cut into maximal runs of one id (base runs included):
+      each run's length and its id (-1 = base), for ``Tensor.split``.
+    """
+
+    path: str
+    counts: list[int]
+    runs: list[tuple[int, int, int]]
+    order: Tensor | None
+    slot: Tensor | None
+    width: int
+    sizes: list[int]
+    chunks: list[int]
+
+
+# NOTE: the cost rule's units, fitted on the CPU this was written on (AMD EPYC, 2
+# cores, torch 2.13 + MKL, 1 thread, thread CPU time, medians of interleaved rounds;
+# /tmp scripts timing each path forced, forward only, against lora_forward):
+# one small torch call right after the base GEMM costs ~12 us (one unit); the grouped
+# path's fixed calls (gathers, scatter, S copy) ~40 units, the padded path's ~80
+# (its ~10 distinct ops each run cold after the GEMM); a unit copies ~25_000 elements
+# or does ~250_000 multiply-adds of a small bmm. Measured (thread ms, 8 adapters, r=16,
+# K=N=1024 unless noted; runs / padded / grouped vs one adapter): M=16 decode 1.50 /
+# 1.70 / 1.75; M=8 decode 1.42 / 1.87 / 1.72; M=64 one row per sample (60 runs) 1.55
+# / 1.47 / 1.38; M=64 two samples on one adapter 1.05 / - / 1.24; M=512 (16 samples
+# x 32, K=N=512) 1.14 / 1.50 / 1.30; M=64 decode over 64 adapters 1.71 / 1.96 / 1.91.
+# So on this CPU the rule picks runs or grouped; padded wins only with many rows per
+# call on few, fully used adapters and is kept (forced with ``path``) for other devices.
+_OP_ELEMS_COPIED = 25_000
+_OP_MACS = 250_000
+_GROUPED_FIXED = 40.0
+_PADDED_FIXED = 80.0
+
+
+def multi_path(n_adapters: int, counts: list[int], n_runs: int, k: int, n_out: int, r: int) -> str:
+    """The cost rule that picks how the LoRA rows are walked (no timing at runtime).
+
+    Costs in units of one small torch call (see the NOTE above for the constants):
+      runs:    2 * n_runs                       two GEMMs per maximal run of one adapter
+                                                in x's order, on slices of x, S and y: no copies
+      grouped: 40 + 3 * used + ml * (K + 2N) / 25_000
+                                                the LoRA rows gathered in adapter order, two
+                                                GEMMs + an index_add_ per adapter with rows
+      padded:  80 + n * c * r * (K + N) / 250_000 + n * r * (K + N) / 25_000
+                                                BGMV: every adapter's rows padded to c = the
+                                                largest count, two torch.bmm over all n adapters
+                                                (reading every adapter's A and B, used or not)
+    where ml = the LoRA rows, used = adapters with rows. The cheapest wins (ties: runs,
+    then grouped); ``padded`` also needs n * c <= 4 * ml + n (its temporaries [n * c,
+    max(K, N)] stay within ~4x the gathered rows).
+    """
+    ml = sum(counts[1:])
+    if ml == 0:
+        return "runs"
+    used = sum(1 for c in counts[1:] if c)
+    width = max(counts[1:])
+    costs = {
+        "runs": 2.0 * n_runs,
+        "grouped": _GROUPED_FIXED + 3.0 * used + ml * (k + 2 * n_out) / _OP_ELEMS_COPIED,
+    }
+    if n_adapters * width <= 4 * ml + n_adapters:
+        costs["padded"] = (
+            _PADDED_FIXED + n_adapters * width * r * (k + n_out) / _OP_MACS + n_adapters * r * (k + n_out) / _OP_ELEMS_COPIED
         )
-    return order, [b - a for a, b in zip(bounds[:-1], bounds[1:])]
+    return min(costs, key=costs.__getitem__)
+
+
+def _multi_plan(
+    adapter_ids: Tensor, n_adapters: int, k: int, n_out: int, r: int, path: str | None = None
+) -> MultiPlan:
+    """Read the ids once (``tolist``: one host read, a device sync on CUDA), find the
+    runs and counts in Python, check the id range and pick the path (:func:`multi_path`,
+    or ``path`` when given).
+
+    NOTE: host Python, not torch ops: on CPU (1 thread, right after the base GEMM) each
+    distinct small torch op cost 15-75 us of thread time (cold code after the GEMM;
+    a sort + searchsorted + run count took ~0.5 ms at M=64), while the list walk costs
+    ~0.1 us per row (itertools.groupby in C).
+    """
+    ids = adapter_ids.reshape(-1).tolist()
+    m = len(ids)
+    counts = [0] * (n_adapters + 1)
+    runs: list[tuple[int, int, int]] = []
+    sizes: list[int] = []
+    chunks: list[int] = []
+    lo = 0
+    for a, group in itertools.groupby(ids):
+        hi = lo + len(list(group))
+        sizes.append(hi - lo)
+        chunks.append(a)
+        if not -1 <= a < n_adapters:
+            raise ValueError(
+                f"adapter_ids must be in [-1, {n_adapters}) (-1 = the base alone; {n_adapters} = lora_A.shape[0] "
+                f"adapters), got values from {min(ids)} to {max(ids)}"
+            )
+        counts[a + 1] += hi - lo
+        if a >= 0:
+            runs.append((a, lo, hi))
+        lo = hi
+    if path is None:
+        path = multi_path(n_adapters, counts, len(runs), k, n_out, r)
+    elif path not in ("runs", "padded", "grouped"):
+        raise ValueError(f"path must be 'runs', 'padded', 'grouped' or None (the cost rule), got {path!r}")
+    width = max(counts[1:], default=0)
+    order = slot = None
+    if path != "runs":
+        rows_of: list[list[int]] = [[] for _ in range(n_adapters + 1)]  # base rows, then each adapter's
+        lo = 0
+        for a, group in itertools.groupby(ids):
+            hi = lo + len(list(group))
+            rows_of[a + 1].extend(range(lo, hi))
+            lo = hi
+        flat = list(itertools.chain.from_iterable(rows_of))
+        if path == "padded":
+            flat += [a * width + j for a, c in enumerate(counts[1:]) for j in range(c)]
+        both = torch.tensor(flat, dtype=torch.int64, device=adapter_ids.device)
+        order = both[:m]
+        slot = both[m:] if path == "padded" else None
+    return MultiPlan(path, counts, runs, order, slot, width, sizes, chunks)
 
 
 def _segment_slices(counts: list[int]):
@@ -300,6 +423,20 @@ def _segment_slices(counts: list[int]):
         if c:
             yield a, slice(lo, lo + c)
         lo += c
+
+
+def _scaled(t: Tensor, scaling: Tensor) -> Tensor:
+    """t [n, c, r] times each adapter's scale; half precision: the product in float32
+    and one rounding (as a GEMM's float ``alpha``), so the scale is not rounded first."""
+    if t.element_size() < 4:
+        return (t.float() * scaling.view(-1, 1, 1)).to(t.dtype)
+    return t.mul_(scaling.view(-1, 1, 1).to(t.dtype))
+
+
+def _pad(t: Tensor, slot: Tensor, n_adapters: int, width: int) -> Tensor:
+    """[n_adapters, width, t.shape[1]]: the rows of ``t`` at ``slot``, zeros elsewhere."""
+    out = t.new_zeros((n_adapters * width, t.shape[1]))
+    return out.index_copy_(0, slot, t).view(n_adapters, width, t.shape[1])
 
 
 def lora_multi_forward(
@@ -312,44 +449,79 @@ def lora_multi_forward(
     bias: Tensor | None = None,
     dropout_p: float = 0.0,
     seed: int = 0,
+    *,
+    path: str | None = None,
 ) -> tuple[Tensor, Tensor]:
     """``y[m] = x[m] W^T + bias + scaling[a] * dropout(x)[m] A[a]^T B[a]^T``; returns ``(y, s)``.
 
     x [M, K], weight [N, K], lora_A [n, r, K], lora_B [n, N, r], scaling [n],
     adapter_ids [M] (-1 = base only), bias [N] -> y [M, N], s [M, r] =
     dropout(x)[m] A[a]^T in x's row order (zero on base rows), in the adapters'
-    dtype. The base GEMM runs once over all rows in x's order; the LoRA rows are
-    gathered once in adapter order (:func:`adapter_segments`) and each adapter's
-    contiguous segment takes two small GEMMs (shrink, expand), whose result is
-    added into its rows of y (``index_add_``). Temporaries: the gathered LoRA
-    rows of x and one segment's [rows, N] expand; nothing [M, N] besides y.
+    dtype. The base GEMM runs once over all rows in x's order; the LoRA rows take
+    one of three paths (:func:`multi_path` picks by a cost rule; ``path`` forces one):
 
-    NOTE: a loop over the adapters, not ``torch.bmm`` over segments padded to the
-    longest: on CPU (1 thread, 8 ragged adapters, r=16) the LoRA part took 0.94 ms
-    vs 1.75 ms (M=512, K=N=512) and 5.5 vs 13.5 ms (M=2048, K=N=1024), best of
-    repeats; padding wastes work and memory on ragged batches.
+    * ``runs``: each maximal run of rows on one adapter (in x's order) takes the
+      single-adapter op's two GEMMs on its slice of x, s and y: no copies. The
+      usual training batch (one adapter per sample) has few, long runs.
+    * ``grouped``: the LoRA rows gathered once in adapter order
+      (:func:`adapter_segments`), two GEMMs per adapter, the expand added into y's
+      rows (``index_add_``). Many short runs, many rows per adapter.
+    * ``padded`` (BGMV): each adapter's rows padded to the longest segment,
+      ``torch.bmm`` for the shrink and the expand of all adapters at once. Few
+      rows per adapter (decoding): a fixed number of torch calls.
+
+    Temporaries: the runs path only the single-adapter op's (dropout(x) [M, K]
+    with dropout; the fp32 copy of y when mixed); grouped: the gathered rows and
+    one segment's [rows, N] expand; padded: [n * c, K] and [n * c, N] with n * c
+    <= 4 * (LoRA rows) + n. Nothing else [M, N] besides y.
     """
     m, k = x.shape
     n_adapters, r = lora_A.shape[0], lora_A.shape[1]
-    order, counts = adapter_segments(adapter_ids, n_adapters)
+    plan = _multi_plan(adapter_ids, n_adapters, k, weight.shape[0], r, path)
     y = torch.addmm(bias, x, weight.t()) if bias is not None else torch.mm(x, weight.t())
     s = torch.zeros((m, r), dtype=lora_A.dtype, device=x.device)
-    if counts[0] == m:
+    if plan.counts[0] == m:
         return y, s
     mixed = lora_A.dtype != x.dtype  # the LoRA branch in the adapters' dtype, as lora_forward
-    rows = order[counts[0] :]  # the LoRA rows, grouped by adapter
-    xs = x.index_select(0, rows)
-    if mixed:
-        xs = xs.to(lora_A.dtype)
-    alpha = 1.0
+    branch = lora_A.dtype
+    acc = y.to(branch) if mixed else y  # mixed: one rounding of base + LoRA, as lora_forward
+    alpha, mask = 1.0, None
     if dropout_p > 0.0:
         mask, keep = dropout_keep_mask(seed, (m, k), dropout_p, x.device)
+        alpha = 1.0 / keep  # folded into the shrink
+    if plan.path == "runs":
+        xl = x.to(branch) if mixed else x
+        xd = mask.to(branch).mul_(xl) if mask is not None else xl
+        scales = scaling.tolist()
+        # NOTE: the run slices and adapter views come from one split / unbind each (one
+        # dispatch for all of them; a slice per run cost as much as its GEMM on CPU).
+        a_t, b_t = lora_A.transpose(1, 2).unbind(0), lora_B.transpose(1, 2).unbind(0)
+        sizes = plan.sizes
+        for a, xr, sr, yr in zip(plan.chunks, xd.split(sizes), s.split(sizes), acc.split(sizes)):
+            if a >= 0:
+                torch.addmm(sr, xr, a_t[a], beta=0, alpha=alpha, out=sr)
+                yr.addmm_(sr, b_t[a], alpha=scales[a])
+        return (acc.to(x.dtype) if mixed else acc), s
+    rows = plan.order[plan.counts[0] :]  # the LoRA rows, grouped by adapter
+    xs = x.index_select(0, rows)
+    if mixed:
+        xs = xs.to(branch)
+    if mask is not None:
         xs.mul_(mask.index_select(0, rows))  # dropout(x) rows; 1/keep folded into the shrink
-        alpha = 1.0 / keep
-    ss = torch.empty((rows.numel(), r), dtype=lora_A.dtype, device=x.device)
-    acc = y.to(lora_A.dtype) if mixed else y  # mixed: one rounding of base + LoRA, as lora_forward
+    if plan.path == "padded":
+        slot = plan.slot
+        sp = torch.baddbmm(
+            xs.new_empty(()), _pad(xs, slot, n_adapters, plan.width), lora_A.transpose(1, 2), beta=0, alpha=alpha
+        )  # [n, c, r]
+        s.index_copy_(0, rows, sp.view(-1, r).index_select(0, slot))
+        # NOTE: the scales multiply S (n * c * r values) in float32, one rounding to the branch dtype.
+        sp = _scaled(sp, scaling)
+        ep = torch.bmm(sp, lora_B.transpose(1, 2))  # [n, c, N]
+        acc.index_add_(0, rows, ep.view(-1, ep.shape[2]).index_select(0, slot))
+        return (acc.to(x.dtype) if mixed else acc), s
+    ss = torch.empty((rows.numel(), r), dtype=branch, device=x.device)
     scales = scaling.tolist()
-    for a, seg in _segment_slices(counts):
+    for a, seg in _segment_slices(plan.counts):
         torch.addmm(ss[seg], xs[seg], lora_A[a].t(), beta=0, alpha=alpha, out=ss[seg])
         acc.index_add_(0, rows[seg], torch.mm(ss[seg], lora_B[a].t()), alpha=scales[a])
     s.index_copy_(0, rows, ss)
@@ -368,6 +540,8 @@ def lora_multi_backward(
     dropout_p: float = 0.0,
     seed: int = 0,
     needs: tuple[bool, bool, bool, bool, bool] = (True, False, True, True, False),
+    *,
+    path: str | None = None,
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
     """Gradients ``(dx, dweight, dA, dB, dbias)`` of :func:`lora_multi_forward`.
 
@@ -377,63 +551,174 @@ def lora_multi_backward(
       dx[m] = dY[m] W + D(dS[m] A[a])   (base rows: dY[m] W)
       dW = dY^T x ; dbias = sum_m dY
     An adapter without rows gets zeros. ``needs`` selects which of the five are
-    computed (others None). The segments come from the ids again (one sort);
-    nothing saved is written to.
+    computed (others None). The path comes from the ids again (the forward's cost
+    rule, one sort; ``path`` forces one); nothing saved is written to.
     """
     need_x, need_w, need_a, need_b, need_bias = needs
     m, k = x.shape
     n_adapters, r = lora_A.shape[0], lora_A.shape[1]
-    mixed = lora_A.dtype != x.dtype
     dx = torch.mm(dy, weight) if need_x else None
-    da = torch.empty_like(lora_A) if need_a else None
-    db = torch.empty_like(lora_B) if need_b else None
+    da = db = None
     if need_x or need_a or need_b:
-        order, counts = adapter_segments(adapter_ids, n_adapters)
-        for a, c in enumerate(counts[1:]):
-            if c == 0:  # an adapter without rows: zero gradients (the others are written whole below)
-                for g in (da, db):
-                    if g is not None:
-                        g[a].zero_()
-        rows = order[counts[0] :]
-        if rows.numel():
-            ml, branch = rows.numel(), lora_A.dtype
-            dys = dy.index_select(0, rows)
-            if mixed:
-                dys = dys.to(branch)
-            scales = scaling.tolist()
-            keep, ms = 1.0, None
-            if dropout_p > 0.0 and (need_x or need_a):
-                mask, keep = dropout_keep_mask(seed, (m, k), dropout_p, x.device)
-                ms = mask.index_select(0, rows).to(branch)
-            ss = s.index_select(0, rows) if need_b else None
-            dss = torch.empty((ml, r), dtype=branch, device=dy.device) if (need_x or need_a) else None
-            if need_a:
-                xs = x.index_select(0, rows)
-                xs = xs.to(branch) if mixed else xs
-                if ms is not None:
-                    xs.mul_(ms)  # dropout(x) rows (1/keep in the GEMM's alpha)
-            lora_dx = torch.empty((ml, k), dtype=branch, device=dy.device) if need_x else None
-            for a, seg in _segment_slices(counts):
-                if dss is not None:
-                    torch.addmm(dss[seg], dys[seg], lora_B[a], beta=0, alpha=scales[a], out=dss[seg])
-                if need_b:
-                    torch.addmm(db[a], dys[seg].t(), ss[seg], beta=0, alpha=scales[a], out=db[a])
-                if need_a:
-                    torch.addmm(da[a], dss[seg].t(), xs[seg], beta=0, alpha=1.0 / keep, out=da[a])
-                if need_x:
-                    torch.mm(dss[seg], lora_A[a], out=lora_dx[seg])
-            if need_x:
-                if ms is not None:
-                    lora_dx.mul_(ms)
-                if mixed:
-                    # NOTE: one rounding of dY W + the fp32 LoRA term, as lora_backward.
-                    full = torch.zeros((m, k), dtype=branch, device=dy.device).index_copy_(0, rows, lora_dx)
-                    dx.add_(full, alpha=1.0 / keep)
-                else:
-                    dx.index_add_(0, rows, lora_dx, alpha=1.0 / keep)
+        plan = _multi_plan(adapter_ids, n_adapters, k, weight.shape[0], r, path)
+        if plan.counts[0] == m:  # no LoRA row: zero adapter gradients
+            da = torch.zeros_like(lora_A) if need_a else None
+            db = torch.zeros_like(lora_B) if need_b else None
+        else:
+            step = {"runs": _multi_backward_runs, "padded": _multi_backward_padded, "grouped": _multi_backward_grouped}
+            da, db = step[plan.path](plan, dx, dy, x, lora_A, lora_B, scaling, s, dropout_p, seed, needs)
     dw = torch.mm(dy.t(), x) if need_w else None
     dbias = dy.sum(0) if need_bias else None
     return dx, dw, da, db, dbias
+
+
+def _multi_backward_runs(plan, dx, dy, x, lora_A, lora_B, scaling, s, dropout_p, seed, needs):
+    """The runs path: per run of one adapter, the single-adapter backward on slices
+    (dA, dB accumulate over an adapter's runs in x's order)."""
+    need_x, _, need_a, need_b, _ = needs
+    m, k = x.shape
+    branch, mixed = lora_A.dtype, lora_A.dtype != x.dtype
+    dyl = dy.to(branch) if mixed else dy
+    scales = scaling.tolist()
+    keep, mf = 1.0, None
+    if dropout_p > 0.0 and (need_x or need_a):
+        mask, keep = dropout_keep_mask(seed, (m, k), dropout_p, x.device)
+        mf = mask.to(branch)
+    xd = None
+    if need_a:
+        xd = x.to(branch) if mixed else x
+        xd = xd.mul(mf) if mf is not None else xd  # dropout(x) (1/keep in the GEMM's alpha)
+    ds = torch.empty((m, lora_A.shape[1]), dtype=branch, device=x.device) if (need_x or need_a) else None
+    da = torch.empty_like(lora_A) if need_a else None
+    db = torch.empty_like(lora_B) if need_b else None
+    seen: set[int] = set()
+    sizes = plan.sizes
+    per_row = [t.split(sizes) if t is not None else itertools.repeat(None) for t in (dyl, s, xd, ds, dx)]
+    a_views, b_views = lora_A.unbind(0), lora_B.unbind(0)
+    da_views = da.unbind(0) if da is not None else None
+    db_views = db.unbind(0) if db is not None else None
+    mf_rows = mf.split(sizes) if mf is not None else itertools.repeat(None)
+    for a, dyr, sr, xr, dsr, dxr, mr in zip(plan.chunks, *per_row, mf_rows):
+        if a < 0:
+            continue
+        beta = 1 if a in seen else 0  # dA, dB accumulate over the adapter's runs
+        seen.add(a)
+        if dsr is not None:
+            torch.addmm(dsr, dyr, b_views[a], beta=0, alpha=scales[a], out=dsr)
+        if need_b:
+            torch.addmm(db_views[a], dyr.t(), sr, beta=beta, alpha=scales[a], out=db_views[a])
+        if need_a:
+            torch.addmm(da_views[a], dsr.t(), xr, beta=beta, alpha=1.0 / keep, out=da_views[a])
+        if need_x:
+            if mr is None and not mixed:
+                dxr.addmm_(dsr, a_views[a])
+            else:
+                # NOTE: mixed: the fp32 LoRA term added into dY W with one rounding, as lora_backward.
+                lora_dx = torch.mm(dsr, a_views[a])
+                if mr is not None:
+                    lora_dx.mul_(mr)
+                dxr.add_(lora_dx, alpha=1.0 / keep)
+    for a in range(lora_A.shape[0]):
+        if a not in seen:  # an adapter without rows: zero gradients
+            for g in (da, db):
+                if g is not None:
+                    g[a].zero_()
+    return da, db
+
+
+def _multi_backward_padded(plan, dx, dy, x, lora_A, lora_B, scaling, s, dropout_p, seed, needs):
+    """The padded (BGMV) path: dY, S and dropout(x) rows padded per adapter, one bmm per
+    gradient; padding rows are zeros, so idle adapters get exact zeros."""
+    need_x, _, need_a, need_b, _ = needs
+    m, k = x.shape
+    n_adapters, width = lora_A.shape[0], plan.width
+    branch, mixed = lora_A.dtype, lora_A.dtype != x.dtype
+    rows, slot = plan.order[plan.counts[0] :], plan.slot
+    dys = dy.index_select(0, rows)
+    dyp = _pad(dys.to(branch) if mixed else dys, slot, n_adapters, width)  # [n, c, N]
+    keep, ms = 1.0, None
+    if dropout_p > 0.0 and (need_x or need_a):
+        mask, keep = dropout_keep_mask(seed, (m, k), dropout_p, x.device)
+        ms = mask.index_select(0, rows).to(branch)
+    db = da = None
+    if need_b:
+        sp = _pad(s.index_select(0, rows), slot, n_adapters, width)
+        sp = _scaled(sp, scaling)
+        db = torch.bmm(dyp.transpose(1, 2), sp)  # [n, N, r]
+    if need_x or need_a:
+        dsp = torch.bmm(dyp, lora_B)  # [n, c, r]
+        dsp = _scaled(dsp, scaling)
+        if need_a:
+            xs = x.index_select(0, rows)
+            xs = xs.to(branch) if mixed else xs
+            if ms is not None:
+                xs.mul_(ms)  # dropout(x) rows (1/keep in the GEMM's alpha)
+            da = torch.baddbmm(
+                dsp.new_empty(()), dsp.transpose(1, 2), _pad(xs, slot, n_adapters, width), beta=0, alpha=1.0 / keep
+            )  # [n, r, K]
+        if need_x:
+            lora_dx = torch.bmm(dsp, lora_A).view(-1, k).index_select(0, slot)  # [LoRA rows, K]
+            if ms is not None:
+                lora_dx.mul_(ms)
+            _add_rows(dx, rows, lora_dx, 1.0 / keep, mixed)
+    return da, db
+
+
+def _add_rows(dx: Tensor, rows: Tensor, lora_dx: Tensor, alpha: float, mixed: bool) -> None:
+    """dx[rows] += alpha * lora_dx; mixed: one rounding of dY W + the fp32 LoRA term, as lora_backward."""
+    if mixed:
+        full = torch.zeros(dx.shape, dtype=lora_dx.dtype, device=dx.device).index_copy_(0, rows, lora_dx)
+        dx.add_(full, alpha=alpha)
+    else:
+        dx.index_add_(0, rows, lora_dx, alpha=alpha)
+
+
+def _multi_backward_grouped(plan, dx, dy, x, lora_A, lora_B, scaling, s, dropout_p, seed, needs):
+    """The grouped path: the LoRA rows gathered in adapter order, GEMMs per adapter."""
+    need_x, _, need_a, need_b, _ = needs
+    m, k = x.shape
+    r = lora_A.shape[1]
+    branch, mixed = lora_A.dtype, lora_A.dtype != x.dtype
+    da = torch.empty_like(lora_A) if need_a else None
+    db = torch.empty_like(lora_B) if need_b else None
+    for a, c in enumerate(plan.counts[1:]):
+        if c == 0:  # an adapter without rows: zero gradients (the others are written whole below)
+            for g in (da, db):
+                if g is not None:
+                    g[a].zero_()
+    rows = plan.order[plan.counts[0] :]
+    ml = rows.numel()
+    dys = dy.index_select(0, rows)
+    if mixed:
+        dys = dys.to(branch)
+    scales = scaling.tolist()
+    keep, ms = 1.0, None
+    if dropout_p > 0.0 and (need_x or need_a):
+        mask, keep = dropout_keep_mask(seed, (m, k), dropout_p, x.device)
+        ms = mask.index_select(0, rows).to(branch)
+    ss = s.index_select(0, rows) if need_b else None
+    dss = torch.empty((ml, r), dtype=branch, device=dy.device) if (need_x or need_a) else None
+    xs = None
+    if need_a:
+        xs = x.index_select(0, rows)
+        xs = xs.to(branch) if mixed else xs
+        if ms is not None:
+            xs.mul_(ms)  # dropout(x) rows (1/keep in the GEMM's alpha)
+    lora_dx = torch.empty((ml, k), dtype=branch, device=dy.device) if need_x else None
+    for a, seg in _segment_slices(plan.counts):
+        if dss is not None:
+            torch.addmm(dss[seg], dys[seg], lora_B[a], beta=0, alpha=scales[a], out=dss[seg])
+        if need_b:
+            torch.addmm(db[a], dys[seg].t(), ss[seg], beta=0, alpha=scales[a], out=db[a])
+        if need_a:
+            torch.addmm(da[a], dss[seg].t(), xs[seg], beta=0, alpha=1.0 / keep, out=da[a])
+        if need_x:
+            torch.mm(dss[seg], lora_A[a], out=lora_dx[seg])
+    if need_x:
+        if ms is not None:
+            lora_dx.mul_(ms)
+        _add_rows(dx, rows, lora_dx, 1.0 / keep, mixed)
+    return da, db
 
 
 def lora_multi_float64(
