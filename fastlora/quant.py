@@ -830,12 +830,16 @@ def dequantize_4bit(qw: QuantizedWeight, dtype: torch.dtype | None = None) -> Te
     # Chunks hold whole blocks (an even number of elements: blocksize >= 32).
     chunk = max(bs, _CPU_CHUNK // bs * bs) if device.type == "cpu" else n
     buf = None if dtype == torch.float32 else torch.empty(min(chunk, n), dtype=torch.float32, device=device)
+    # The int32 byte indices of one chunk (index_select takes no uint8 index), one buffer for all chunks.
+    index = torch.empty(min(chunk, n) // 2, dtype=torch.int32, device=device)
     for e0 in range(0, n, chunk):
         e1 = min(n, e0 + chunk)
         vals = out[e0:e1] if buf is None else buf[: e1 - e0]
         pairs = (e1 - e0) // 2
         b0 = e0 // 2
-        torch.index_select(table, 0, packed[b0 : b0 + pairs].to(torch.int32), out=vals[: 2 * pairs].view(torch.int64))
+        idx = index[:pairs]
+        idx.copy_(packed[b0 : b0 + pairs])
+        torch.index_select(table, 0, idx, out=vals[: 2 * pairs].view(torch.int64))
         if (e1 - e0) % 2:  # the last element of an odd-sized weight: the high nibble of the last byte
             vals[-1:] = qw.quant_map[(packed[b0 + pairs :] >> 4).long()]
         blk0, full = e0 // bs, (e1 - e0) // bs
