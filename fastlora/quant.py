@@ -36,6 +36,7 @@ from functools import lru_cache
 
 import torch
 from torch import Tensor
+from torch.utils.weak import WeakIdKeyDictionary
 
 QUANT_TYPES = ("nf4", "fp4")
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
@@ -766,7 +767,8 @@ def _restore_absmax(codes: Tensor, nested_absmax: Tensor, nested_map: Tensor, of
     out = torch.index_select(nested_map, 0, codes.reshape(-1).to(torch.int32))
     full = nb - nb % nested_blocksize
     # Two roundings (product, then sum) as bitsandbytes does: no fused multiply-add.
-    out[:full].view(-1, nested_blocksize).mul_(nested_absmax[: full // nested_blocksize].unsqueeze(1))
+    if full:
+        out[:full].view(-1, nested_blocksize).mul_(nested_absmax[: full // nested_blocksize].unsqueeze(1))
     if full < nb:
         out[full:].mul_(nested_absmax[-1])
     return out.add_(offset.reshape(()))
@@ -794,9 +796,24 @@ def _nibble_index(device: torch.device) -> Tensor:
 
 def _byte_table(quant_map: Tensor) -> Tensor:
     """int64 [256]: entry b holds the fp32 pair ``(quant_map[b >> 4], quant_map[b & 15])``
-    (high nibble first), so gathering it by packed byte writes two values at once."""
-    pairs = quant_map[_nibble_index(quant_map.device)]  # [256, 2] fp32
-    return pairs.view(torch.int64).view(256)
+    (high nibble first), so gathering it by packed byte writes two values at once.
+
+    Cached per quant_map tensor (weakly: it goes with the tensor) and rebuilt when
+    that tensor is modified in place (its version counter moves); building it
+    costs ~15 us of op overhead, a tenth of a small layer's dequantization."""
+    if quant_map.is_inference():  # no version counter to tell an in-place change: not cached
+        return quant_map[_nibble_index(quant_map.device)].view(torch.int64).view(256)
+    version = quant_map._version
+    hit = _BYTE_TABLES.get(quant_map)
+    if hit is not None and hit[0] == version:
+        return hit[1]
+    pairs = quant_map.detach()[_nibble_index(quant_map.device)]  # [256, 2] fp32
+    table = pairs.view(torch.int64).view(256)
+    _BYTE_TABLES[quant_map] = (version, table)
+    return table
+
+
+_BYTE_TABLES = WeakIdKeyDictionary()
 
 
 # NOTE: on CPU the weight is dequantized in chunks of this many elements (2 MiB
