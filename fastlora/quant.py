@@ -835,13 +835,15 @@ def dequantize_4bit(qw: QuantizedWeight, dtype: torch.dtype | None = None) -> Te
     absmax, and the fp32 result is converted once to ``dtype``; on CPU chunk by
     chunk, so the fp32 values never leave the cache unless they are the output.
 
-    Speed on CPU (1 thread, 2048 x 2048 NF4): about 2x bitsandbytes' native
-    loop with fp32 output and about 3x with fp16 / bf16 (bitsandbytes 0.50.2,
-    ``python bench/report_qlora.py --device cpu --threads 1``). The byte gather
-    (``torch.index_select``, a scalar loop) is the floor: alone it costs
-    1.1-1.3x bitsandbytes' whole fp32 call; every other gather PyTorch has
-    (take, gather, indexing, embedding, a 65536-entry table, grid_sample) is
-    slower (``python bench/dequant_cpu_ideas.py``)."""
+    Speed on CPU (1 thread, 2048 x 2048, thread CPU time on the shared 2-core
+    machine of ``bench/results/qlora_cpu.md``, from ``python
+    bench/report_qlora.py --device cpu --threads 1``): 2.6-3.2x bitsandbytes
+    0.50.2's native loop with fp32 output, 4.0-5.1x with fp16 / bf16. The byte
+    gather (``torch.index_select``, a scalar loop) is the floor: alone it costs
+    1.5-2x bitsandbytes' whole fp32 call there (the table's gather-floor
+    column); every other gather PyTorch has (take, gather, indexing, embedding,
+    embedding_bag, a 65536-entry table, grid_sample) is slower
+    (``python bench/dequant_cpu_ideas.py``)."""
     if not isinstance(qw, QuantizedWeight):
         raise TypeError(f"qw must be a QuantizedWeight, got {type(qw).__name__}")
     dtype = qw.dtype if dtype is None else dtype
