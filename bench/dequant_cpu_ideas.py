@@ -97,7 +97,8 @@ def candidates(n_rows: int, n_cols: int) -> tuple[dict, dict]:
         "bitsandbytes dequantize_4bit, fp16 out": ("whole", lambda: bnb(torch.float16)),
         "fastlora dequantize_4bit, fp32 out": ("whole", lambda: dequantize_4bit(qw, torch.float32)),
         "fastlora dequantize_4bit, fp16 out": ("whole", lambda: dequantize_4bit(qw, torch.float16)),
-        "index_select, byte -> pair (int64), n/2": ("gather", lambda: torch.index_select(table, 0, idx32, out=out_pairs)),
+        "index_select, byte -> pair (int64), n/2": (
+            "gather", lambda: torch.index_select(table, 0, idx32, out=out_pairs)),
         "take, byte -> pair, n/2 (int64 index)": ("gather", lambda: torch.take(table, idx64)),
         "gather, byte -> pair, n/2 (int64 index)": ("gather", lambda: torch.gather(table, 0, idx64)),
         "advanced indexing table[idx], n/2": ("gather", lambda: table[idx64]),

@@ -213,7 +213,8 @@ def write_markdown(path: str, rows: list[dict], pieces: list[dict[str, float]], 
     for row in rows:
         lines.append(f"| {row['shape']} | {row['regenerate_saved_bytes']} | {row['stored_bits_saved_bytes']} | "
                      f"`{row['cpu_default_spec']}` |")
-    lines += ["", "## The mask's pieces (thread CPU ms, median, x's shape)", "", "| shape | piece | ms |", "|---|---|---|"]
+    lines += ["", "## The mask's pieces (thread CPU ms, median, x's shape)", "",
+              "| shape | piece | ms |", "|---|---|---|"]
     for row, costs in zip(rows, pieces):
         lines += [f"| {row['shape']} | {name} | {ms:.3g} |" for name, ms in costs.items()]
     if notes:
