@@ -16,7 +16,11 @@ Two sections (issue 3, "Benchmarks"):
    load from other processes disturbs less. GB/s counts bytes read + written:
    packed codes + absmax (+ nested absmax and offset) + the output (code
    tables excluded: 64 B / 1 KiB). The copy moves 2x the output bytes; "of
-   copy" = dequant GB/s / copy GB/s.
+   copy" = dequant GB/s / copy GB/s. On CPU also the **gather floor**: one
+   ``torch.index_select`` of the n/2 packed bytes (int32 indices prebuilt)
+   from fastlora's 256-entry byte -> fp32-pair table into a preallocated
+   output, the one pass a pure-PyTorch dequantizer cannot avoid, timed in the
+   same rounds; and a summary of fastlora/bnb per output dtype.
 2. **QLoRA layer** forward, backward and forward+backward at the same shape:
    fastlora ``QLoRALinear`` (nf4, double quant, blocksize 64) vs fastlora
    ``LoRALinear`` on the full-precision weight (same dtype) vs PEFT LoRA on a
@@ -59,7 +63,7 @@ from torch import nn  # noqa: E402
 import fastlora  # noqa: E402
 from fastlora._backend import resolve_backend  # noqa: E402
 from fastlora.qlora import QLoRALinear  # noqa: E402
-from fastlora.quant import QuantizedWeight, quantize_4bit  # noqa: E402
+from fastlora.quant import QuantizedWeight, _byte_table, quantize_4bit  # noqa: E402
 from fastlora.quant import dequantize_4bit as reference_dequantize_4bit  # noqa: E402
 from report import (  # noqa: E402
     PHASES,
@@ -220,6 +224,13 @@ def build_dequant(case: DequantCase, device: str, with_bnb: bool = True) -> tupl
     src = torch.randn(qw.numel, device=device).to(case.dtype)
     dst = torch.empty_like(src)
     fns["copy"] = lambda: dst.copy_(src)
+    if device == "cpu":
+        # The floor of a pure-PyTorch CPU dequantizer: the byte -> fp32-pair gather
+        # alone (no index conversion, no scaling, no conversion, no allocation).
+        table = _byte_table(qw.quant_map)
+        index = qw.packed.reshape(-1)[: qw.numel // 2].to(torch.int32)
+        pairs = torch.empty(index.numel(), dtype=torch.int64)
+        fns["gather"] = lambda: torch.index_select(table, 0, index, out=pairs)
     return fns, info
 
 
@@ -293,6 +304,11 @@ def run_dequant(case: DequantCase, device: str, reps: int, warmup: int, with_bnb
     cpu_samples: dict[str, list[float]] | None = {} if device == "cpu" else None
     samples = time_calls(fns, device, reps, warmup, cpu_samples)
     copy_med = put_quantiles(row, "copy", samples.pop("copy"))
+    gather = samples.pop("gather", None)
+    if gather is not None:
+        put_quantiles(row, "gather", gather)
+        if cpu_samples and "gather" in cpu_samples:
+            put_quantiles(row, "gather_cpu", cpu_samples["gather"])
     row["copy_gbps"] = 2 * info["bytes_written"] / copy_med / 1e9
     for impl, vals in samples.items():
         med = put_quantiles(row, impl, vals)
@@ -310,6 +326,8 @@ def run_dequant(case: DequantCase, device: str, reps: int, warmup: int, with_bnb
                 put_quantiles(row, f"{impl}_cpu", cpu_samples[impl])
         if "bnb_cpu_ms" in row:
             row["ratio_fastlora_bnb_cpu"] = row["fastlora_cpu_ms"] / row["bnb_cpu_ms"]
+            if "gather_cpu_ms" in row:
+                row["ratio_gather_bnb_cpu"] = row["gather_cpu_ms"] / row["bnb_cpu_ms"]
     return row, info["notes"]
 
 
@@ -478,6 +496,27 @@ def _table(head: list[str], rows: list[list[str]]) -> list[str]:
     return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(r) + " |" for r in rows]
 
 
+def dtype_summary(deq_rows: list[dict]) -> list[str]:
+    """Markdown lines: fastlora/bnb per output dtype, the median (min-max) over
+    the dequant cases of that dtype; wall time, CPU time, and the gather floor."""
+    if not any("ratio_fastlora_bnb" in r for r in deq_rows):
+        return []
+    cols = [("ratio_fastlora_bnb", "fastlora/bnb (wall)"), ("ratio_fastlora_bnb_cpu", "fastlora/bnb (CPU time)"),
+            ("ratio_gather_bnb_cpu", "gather floor/bnb (CPU time)")]
+    cols = [(k, h) for k, h in cols if any(k in r for r in deq_rows)]
+    body = []
+    for dtype in dict.fromkeys(r["dtype"] for r in deq_rows):
+        rows = [r for r in deq_rows if r["dtype"] == dtype]
+        cells = [dtype, str(len(rows))]
+        for key, _ in cols:
+            vals = sorted(r[key] for r in rows if key in r)
+            cells.append(f"{quantiles(vals)[1]:.2f} ({vals[0]:.2f}-{vals[-1]:.2f})" if vals else "n/a")
+        body.append(cells)
+    return ["", "### fastlora / bitsandbytes per output dtype", "",
+            "Median (min-max) over the cases above of each dtype (< 1: fastlora faster).", ""] + \
+        _table(["dtype", "cases"] + [h for _, h in cols], body)
+
+
 def write_markdown(path: str, deq_rows: list[dict], layer_rows: list[dict], stamp: dict, device: str,
                    notes: list[str]) -> None:
     lines = [f"# fastlora QLoRA benchmark ({device})", ""]
@@ -497,6 +536,9 @@ def write_markdown(path: str, deq_rows: list[dict], layer_rows: list[dict], stam
         cpu_time = any("fastlora_cpu_ms" in r for r in deq_rows)
         if cpu_time:
             head += ["fastlora CPU ms", "bnb CPU ms", "fastlora/bnb CPU"]
+        floor = any("gather_cpu_ms" in r for r in deq_rows)
+        if floor:
+            head += ["gather floor CPU ms", "gather/bnb CPU"]
         for i in extra:
             head += [f"{i} ms", f"{i} GB/s"]
         head += ["MiB moved", "fastlora GB/s", "bnb GB/s", "copy ms", "copy GB/s", "fl of copy", "bnb of copy",
@@ -508,6 +550,8 @@ def write_markdown(path: str, deq_rows: list[dict], layer_rows: list[dict], stam
             cells = [r["case"], _q(r, "fastlora"), _q(r, "bnb"), _num(r, "ratio_fastlora_bnb", ".2f"), per_round]
             if cpu_time:
                 cells += [_q(r, "fastlora_cpu"), _q(r, "bnb_cpu"), _num(r, "ratio_fastlora_bnb_cpu", ".2f")]
+            if floor:
+                cells += [_q(r, "gather_cpu"), _num(r, "ratio_gather_bnb_cpu", ".2f")]
             for i in extra:
                 cells += [_q(r, i), _num(r, f"{i}_gbps", ".3g")]
             exact = (f"{_num(r, 'packed_equals_bnb')}, {_num(r, 'output_equals_bnb')}"
@@ -517,6 +561,7 @@ def write_markdown(path: str, deq_rows: list[dict], layer_rows: list[dict], stam
                       exact]
             body.append(cells)
         lines += _table(head, body)
+        lines += dtype_summary(deq_rows)
         if any("fastlora_equals_reference" in r for r in deq_rows):
             lines += ["", "Triton kernel output == reference twin (bitwise): "
                       + ", ".join(f"{r['case']}: {_num(r, 'fastlora_equals_reference')}" for r in deq_rows)]
@@ -614,9 +659,13 @@ def main(argv: list[str] | None = None) -> int:
                      "and again in backward); the Triton kernels need CUDA. Every dequant call allocates its output "
                      "(page faults included); the copy writes into a preallocated tensor")
         notes.append("CPU dequant: fastlora gathers two fp32 values per packed byte from a 256-entry table "
-                     "(torch.index_select, one scalar load/store per byte), scales each block in place and converts "
-                     "once, in chunks of 2**19 elements; bitsandbytes runs one native C++ loop over the output. The "
-                     "gather alone costs about as much as bitsandbytes' whole call")
+                     "(torch.index_select: a scalar loop, ~0.6-0.8 ns per byte), scales each block in place and "
+                     "converts once, in chunks of 2**19 elements; bitsandbytes 0.50.2 runs a native C++ loop "
+                     "(libbitsandbytes_cpu.so, dequantizeBlockwise4bitCpu, AVX-512 here) over the output. The "
+                     "'gather floor' column is that one gather pass alone: no pure-PyTorch dequantizer goes below it")
+        notes.append("bitsandbytes' CPU kernels are OpenMP-parallel (GOMP_parallel) and link libgomp.so.1, which "
+                     "resolves to the libgomp torch already loaded (one OpenMP runtime per process), so "
+                     "torch.set_num_threads bounds them too: at 1 thread its thread CPU time equals its wall time")
         notes.append(f"the machine is shared ({os.cpu_count()} logical CPUs, see the load averages above): other "
                      "processes add noise; the per-round ratio pairs the two calls of each round")
     else:

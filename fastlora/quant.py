@@ -36,6 +36,7 @@ from functools import lru_cache
 
 import torch
 from torch import Tensor
+from torch.utils.weak import WeakIdKeyDictionary
 
 QUANT_TYPES = ("nf4", "fp4")
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
@@ -766,7 +767,8 @@ def _restore_absmax(codes: Tensor, nested_absmax: Tensor, nested_map: Tensor, of
     out = torch.index_select(nested_map, 0, codes.reshape(-1).to(torch.int32))
     full = nb - nb % nested_blocksize
     # Two roundings (product, then sum) as bitsandbytes does: no fused multiply-add.
-    out[:full].view(-1, nested_blocksize).mul_(nested_absmax[: full // nested_blocksize].unsqueeze(1))
+    if full:
+        out[:full].view(-1, nested_blocksize).mul_(nested_absmax[: full // nested_blocksize].unsqueeze(1))
     if full < nb:
         out[full:].mul_(nested_absmax[-1])
     return out.add_(offset.reshape(()))
@@ -794,9 +796,24 @@ def _nibble_index(device: torch.device) -> Tensor:
 
 def _byte_table(quant_map: Tensor) -> Tensor:
     """int64 [256]: entry b holds the fp32 pair ``(quant_map[b >> 4], quant_map[b & 15])``
-    (high nibble first), so gathering it by packed byte writes two values at once."""
-    pairs = quant_map[_nibble_index(quant_map.device)]  # [256, 2] fp32
-    return pairs.view(torch.int64).view(256)
+    (high nibble first), so gathering it by packed byte writes two values at once.
+
+    Cached per quant_map tensor (weakly: it goes with the tensor) and rebuilt when
+    that tensor is modified in place (its version counter moves); building it
+    costs ~15 us of op overhead, a tenth of a small layer's dequantization."""
+    if quant_map.is_inference():  # no version counter to tell an in-place change: not cached
+        return quant_map[_nibble_index(quant_map.device)].view(torch.int64).view(256)
+    version = quant_map._version
+    hit = _BYTE_TABLES.get(quant_map)
+    if hit is not None and hit[0] == version:
+        return hit[1]
+    pairs = quant_map.detach()[_nibble_index(quant_map.device)]  # [256, 2] fp32
+    table = pairs.view(torch.int64).view(256)
+    _BYTE_TABLES[quant_map] = (version, table)
+    return table
+
+
+_BYTE_TABLES = WeakIdKeyDictionary()
 
 
 # NOTE: on CPU the weight is dequantized in chunks of this many elements (2 MiB
@@ -816,7 +833,17 @@ def dequantize_4bit(qw: QuantizedWeight, dtype: torch.dtype | None = None) -> Te
     How: a 256-entry table maps each packed byte to its two fp32 values (one
     gather per byte, 8 bytes written), each block is multiplied in place by its
     absmax, and the fp32 result is converted once to ``dtype``; on CPU chunk by
-    chunk, so the fp32 values never leave the cache unless they are the output."""
+    chunk, so the fp32 values never leave the cache unless they are the output.
+
+    Speed on CPU (1 thread, 2048 x 2048, thread CPU time on the shared 2-core
+    machine of ``bench/results/qlora_cpu.md``, from ``python
+    bench/report_qlora.py --device cpu --threads 1``): 2.6-3.2x bitsandbytes
+    0.50.2's native loop with fp32 output, 4.0-5.1x with fp16 / bf16. The byte
+    gather (``torch.index_select``, a scalar loop) is the floor: alone it costs
+    1.5-2x bitsandbytes' whole fp32 call there (the table's gather-floor
+    column); every other gather PyTorch has (take, gather, indexing, embedding,
+    embedding_bag, a 65536-entry table, grid_sample) is slower
+    (``python bench/dequant_cpu_ideas.py``)."""
     if not isinstance(qw, QuantizedWeight):
         raise TypeError(f"qw must be a QuantizedWeight, got {type(qw).__name__}")
     dtype = qw.dtype if dtype is None else dtype
@@ -830,12 +857,16 @@ def dequantize_4bit(qw: QuantizedWeight, dtype: torch.dtype | None = None) -> Te
     # Chunks hold whole blocks (an even number of elements: blocksize >= 32).
     chunk = max(bs, _CPU_CHUNK // bs * bs) if device.type == "cpu" else n
     buf = None if dtype == torch.float32 else torch.empty(min(chunk, n), dtype=torch.float32, device=device)
+    # The int32 byte indices of one chunk (index_select takes no uint8 index), one buffer for all chunks.
+    index = torch.empty(min(chunk, n) // 2, dtype=torch.int32, device=device)
     for e0 in range(0, n, chunk):
         e1 = min(n, e0 + chunk)
         vals = out[e0:e1] if buf is None else buf[: e1 - e0]
         pairs = (e1 - e0) // 2
         b0 = e0 // 2
-        torch.index_select(table, 0, packed[b0 : b0 + pairs].to(torch.int32), out=vals[: 2 * pairs].view(torch.int64))
+        idx = index[:pairs]
+        idx.copy_(packed[b0 : b0 + pairs])
+        torch.index_select(table, 0, idx, out=vals[: 2 * pairs].view(torch.int64))
         if (e1 - e0) % 2:  # the last element of an odd-sized weight: the high nibble of the last byte
             vals[-1:] = qw.quant_map[(packed[b0 + pairs :] >> 4).long()]
         blk0, full = e0 // bs, (e1 - e0) // bs

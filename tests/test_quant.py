@@ -183,6 +183,27 @@ def test_dequantize_over_several_default_chunks(dtype):
         assert torch.equal(_bits(out), _bits(_bnb_dequantize(q, state)))
 
 
+def test_cached_byte_table_follows_the_quant_map():
+    """The byte -> pair table is cached per quant_map tensor: an in-place change
+    of that tensor (version counter), another tensor, and an inference tensor
+    (no version counter, so never cached) each dequantize to the float64 oracle
+    of the code table they hold."""
+    w = _weight((16, 64), torch.float32, 64, seed=11)
+    qw = quantize_4bit(w, quant_type="nf4", blocksize=64, double_quant=False)
+    assert torch.equal(dequantize_4bit(qw), _float64_dequantize(qw))
+    qw.quant_map.mul_(0.5)  # exact (a power of two); the cached table is stale now
+    assert torch.equal(dequantize_4bit(qw), _float64_dequantize(qw))
+    other = QuantizedWeight(packed=qw.packed, absmax=qw.absmax, quant_map=quant_map("nf4"), quant_type="nf4",
+                            blocksize=64, shape=qw.shape, dtype=qw.dtype)
+    assert torch.equal(dequantize_4bit(other), _float64_dequantize(other))
+    with torch.inference_mode():
+        qi = quantize_4bit(w, quant_type="fp4", blocksize=64, double_quant=False)
+        first = dequantize_4bit(qi)
+        qi.quant_map.mul_(0.5)
+        second = dequantize_4bit(qi)
+    assert torch.equal(first, _float64_dequantize(qi) * 2) and torch.equal(second, _float64_dequantize(qi))
+
+
 # -- bitsandbytes modules and state dicts ----------------------------------------
 
 
