@@ -46,7 +46,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from . import configs, lora
+from ..quant import QuantizedWeight
+from . import configs, lora, nf4
 from ._common import add_bias, arrive_and_sum, check_dtype, dot_acc, dot_f32_lhs, dropout_args, expect, gemm_tile
 from ._common import grouped_tile, keep_mask, launch, m_bucket, padded_rank, rank_dots, target_programs
 
@@ -808,6 +809,50 @@ def lora_multi_backward(
     da = multi_down_grad(ds, x, n, rows, dropout_p, seed) if need_a else None
     dw = torch.mm(dy.t(), x) if need_w else None
     return dx, dw, da, db, dbias
+
+
+def qlora_multi_forward(
+    x: Tensor,
+    qweight: QuantizedWeight,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    scaling: Tensor,
+    adapter_ids: Tensor,
+    bias: Tensor | None = None,
+    dropout_p: float = 0.0,
+    seed: int = 0,
+) -> tuple[Tensor, Tensor]:
+    """:func:`lora_multi_forward` on a 4-bit base (QLoRA's ``dequant_once``): one
+    dequant launch (``nf4.dequantize_4bit``) into a transient [N, K] weight in x's
+    dtype, freed on return, then the dense multi-adapter path. 3 launches."""
+    weight = nf4.dequantize_4bit(qweight, x.dtype)
+    return lora_multi_forward(x, weight, lora_A, lora_B, scaling, adapter_ids, bias, dropout_p, seed)
+
+
+def qlora_multi_backward(
+    dy: Tensor,
+    x: Tensor,
+    qweight: QuantizedWeight,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    scaling: Tensor,
+    adapter_ids: Tensor,
+    s: Tensor,
+    dropout_p: float = 0.0,
+    seed: int = 0,
+    needs: tuple[bool, bool, bool, bool, bool] = (True, False, True, True, False),
+) -> tuple[Tensor | None, None, Tensor | None, Tensor | None, Tensor | None]:
+    """Gradients ``(dx, None, dA, dB, dbias)`` of :func:`qlora_multi_forward` (the
+    4-bit weight is frozen: its slot is always None). deq(W) is dequantized again
+    (1 launch) only when dx is needed, then :func:`lora_multi_backward`."""
+    need_x, need_w, need_a, need_b, need_bias = needs
+    if need_w:
+        raise ValueError("qlora_multi_backward: the 4-bit base weight is frozen; it has no gradient")
+    weight = nf4.dequantize_4bit(qweight, dy.dtype) if need_x else None
+    dx, _, da, db, dbias = lora_multi_backward(
+        dy, x, weight, lora_A, lora_B, scaling, adapter_ids, s, dropout_p, seed, (need_x, False, need_a, need_b, need_bias)
+    )
+    return dx, None, da, db, dbias
 
 
 def dropout_keep_mask(seed: int, shape: tuple[int, int], p: float, device: torch.device) -> tuple[Tensor, float]:

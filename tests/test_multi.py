@@ -169,25 +169,27 @@ def test_all_rows_on_the_base():
     assert torch.equal(xg.grad, torch.ones(9, 12) @ w)
 
 
-def _alone(x, w, a, b, sc, ids, bias, dy):
-    """Each adapter trained alone on its rows (fastlora.lora_linear): {a: (dx rows, dA, dB)}."""
+def _alone(x, w, a, b, sc, ids, bias, dy, single=None):
+    """Each adapter trained alone on its rows (``single(x, w, A, B, scaling, bias)``, by
+    default fastlora.lora_linear): {a: (dx rows, dA, dB)}."""
+    single = single or fastlora.lora_linear
     out = {}
     for i in range(a.shape[0]):
         rows = (ids.reshape(-1) == i).nonzero().flatten()
         if rows.numel() == 0:
             continue
         xr, ai, bi = (t.clone().requires_grad_(True) for t in (x[rows], a[i], b[i]))
-        y = fastlora.lora_linear(xr, w, ai, bi, float(sc[i]), bias)
+        y = single(xr, w, ai, bi, float(sc[i]), bias)
         y.backward(dy[rows])
         out[i] = (rows, xr.grad, ai.grad, bi.grad)
     return out
 
 
-def _check_alone(grads, x, w, a, b, sc, ids, bias, dy):
+def _check_alone(grads, x, w, a, b, sc, ids, bias, dy, single=None):
     """Per adapter: multi's dA[a], dB[a] and dx rows are as close to float64 as training
     the adapter alone is (2x its error + 4 ulps); adapters without rows get exact zeros."""
     _, g64 = float64_all(x, w, a, b, sc, ids, bias, dy)
-    alone = _alone(x, w, a, b, sc, ids, bias, dy)
+    alone = _alone(x, w, a, b, sc, ids, bias, dy, single)
     for i in range(a.shape[0]):
         if i not in alone:
             assert torch.equal(grads[1][i], torch.zeros_like(a[i])) and torch.equal(grads[2][i], torch.zeros_like(b[i]))
