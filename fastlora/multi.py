@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from ._fused import FusedOp
+from .quant import QuantizedWeight
 from .validation import check_base_dtype, check_dense_weight, check_dropout, check_same_device
 
 _KERNELS = "fastlora.kernels.lora_multi"
@@ -73,17 +74,29 @@ def check_multi_operands(x, weight, lora_A, lora_B, scaling, adapter_ids, bias, 
     """The operands of :func:`lora_linear_multi` (errors name the argument, what came and
     what was expected). The id values are checked where they are read (one sort per
     call, see ``fastlora.reference.adapter_segments``), not here."""
+    _check_x(x)
+    n_out, k = check_dense_weight(None, weight)
+    _check_multi_rest(x, "weight", (n_out, k), lora_A, lora_B, scaling, adapter_ids, bias, dropout)
+    check_same_device(x, weight=weight)
+    check_base_dtype(x, "weight", weight)
+
+
+def _check_x(x) -> None:
     if not isinstance(x, Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if not x.is_floating_point():
         raise TypeError(f"x must be a floating-point tensor, got dtype={x.dtype}")
     if x.dim() < 1:
         raise ValueError("x must have at least one dimension [..., in_features], got a 0-d tensor")
-    n_out, k = check_dense_weight(None, weight)
+
+
+def _check_multi_rest(x, base_name, base_shape, lora_A, lora_B, scaling, adapter_ids, bias, dropout) -> None:
+    """Everything but the base weight itself, against its [N, K] ``base_shape``."""
+    n_out, k = base_shape
     if x.shape[-1] != k:
         raise ValueError(
-            f"x's last dimension must equal weight's in_features: x has shape {tuple(x.shape)}, weight has shape "
-            f"{tuple(weight.shape)} (expected x of shape [..., {k}])"
+            f"x's last dimension must equal {base_name}'s in_features: x has shape {tuple(x.shape)}, {base_name} has "
+            f"shape {tuple(base_shape)} (expected x of shape [..., {k}])"
         )
     for name, t in (("lora_A", lora_A), ("lora_B", lora_B), ("scaling", scaling), ("adapter_ids", adapter_ids)):
         if not isinstance(t, Tensor):
@@ -112,8 +125,7 @@ def check_multi_operands(x, weight, lora_A, lora_B, scaling, adapter_ids, bias, 
     if bias is not None and (not isinstance(bias, Tensor) or bias.dim() != 1 or bias.shape[0] != n_out):
         raise ValueError(f"bias must have shape [{n_out}] (out_features), got {_shape(bias)}")
     check_dropout(dropout)
-    check_same_device(x, weight=weight, lora_A=lora_A, lora_B=lora_B, scaling=scaling, adapter_ids=adapter_ids, bias=bias)
-    check_base_dtype(x, "weight", weight)
+    check_same_device(x, lora_A=lora_A, lora_B=lora_B, scaling=scaling, adapter_ids=adapter_ids, bias=bias)
     check_base_dtype(x, "bias", bias)
     if lora_B.dtype != lora_A.dtype or lora_A.dtype not in (x.dtype, torch.float32):
         raise TypeError(
@@ -178,7 +190,8 @@ def lora_linear_multi(
 
     Args:
       x: [..., K] (any leading dims, zero rows allowed).
-      weight: [N, K], the frozen base weight (dW is computed if it requires grad).
+      weight: [N, K], the frozen base weight (dW is computed if it requires grad), or a
+        4-bit :class:`fastlora.quant.QuantizedWeight` (then this is :func:`qlora_linear_multi`).
       lora_A: [n, r, K] and lora_B: [n, N, r], the n adapters stacked; an adapter
         of smaller rank is zero-padded to r by the caller. In x's dtype, or
         float32 (the LoRA branch and the adapter gradients in fp32, as PEFT).
@@ -193,9 +206,140 @@ def lora_linear_multi(
     bias when they require grad. Under ``torch.autocast`` x, weight, the adapters
     and bias are cast as ``nn.Linear`` casts them.
     """
+    if isinstance(weight, QuantizedWeight):
+        return qlora_linear_multi(x, weight, lora_A, lora_B, scaling, adapter_ids, bias, dropout=dropout, training=training)
     return MULTI(
         x, weight, lora_A, lora_B, scaling, adapter_ids, bias, scaling=1.0, dropout=dropout, training=training
     )
 
 
-__all__ = ["MULTI", "LoRAMultiLinearFunction", "check_multi_operands", "lora_linear_multi"]
+# -- a 4-bit base weight -----------------------------------------------------------
+# As fastlora.qlora: the QuantizedWeight travels as its tensors (inputs without
+# gradients, held by reference for backward) plus its metadata (constants).
+# NOTE: fastlora.qlora is imported at call time only (it imports fastlora.modules,
+# which may import this module).
+_QW_INPUTS = [
+    ("packed", "Tensor"), ("absmax", "Tensor"), ("quant_map", "Tensor"), ("nested_absmax", "Tensor?"),
+    ("nested_quant_map", "Tensor?"), ("offset", "Tensor?"),
+]  # fmt: skip
+_N_QW = len(_QW_INPUTS)
+
+
+def _q_forward(backend, seed, x, lora_A, lora_B, adapter_scaling, adapter_ids, bias, *rest):
+    from .qlora import _qw_from
+
+    tensors, (_, dropout_p, *meta) = rest[:_N_QW], rest[_N_QW:]
+    return _module(backend).qlora_multi_forward(
+        x, _qw_from(tensors, meta), lora_A, lora_B, adapter_scaling, adapter_ids, bias, dropout_p, seed
+    )
+
+
+def _q_backward(backend, seed, needs, dy, saved, new, consts):
+    from .qlora import _qw_from
+
+    x, lora_A, lora_B, adapter_scaling, adapter_ids, *tensors = saved
+    (s,) = new
+    _, dropout_p, *meta = consts
+    need_x, need_a, need_b, _, _, need_bias = needs[:6]
+    dx, _, da, db, dbias = _module(backend).qlora_multi_backward(
+        dy, x, _qw_from(tensors, meta), lora_A, lora_B, adapter_scaling, adapter_ids, s, dropout_p, seed,
+        (need_x, False, need_a, need_b, need_bias),
+    )  # fmt: skip
+    return [dx, da, db, None, None, dbias] + [None] * _N_QW
+
+
+def _q_fake_forward(x, lora_A, lora_B, adapter_scaling, adapter_ids, bias, *rest):
+    shape = rest[_N_QW + 4]
+    return x.new_empty(x.shape[0], shape[0]), lora_A.new_empty(x.shape[0], lora_A.shape[1])
+
+
+def _q_fake_backward(needs, dy, saved, new, consts):
+    x, lora_A, lora_B = saved[:3]
+    grads = [t.new_empty(t.shape) if n else None for t, n in zip((x, lora_A, lora_B), needs)]
+    return grads + [None, None, dy.new_empty(dy.shape[1]) if needs[5] else None] + [None] * _N_QW
+
+
+def _q_validate(x, inputs, consts) -> None:
+    _check_x(x)
+    _check_multi_rest(
+        x, "qweight", tuple(consts["shape"]), inputs["lora_A"], inputs["lora_B"], inputs["adapter_scaling"],
+        inputs["adapter_ids"], inputs["bias"], consts["dropout_p"],
+    )  # fmt: skip
+    check_same_device(x, qweight=inputs["packed"])
+
+
+QLORA_MULTI = FusedOp(
+    "qlora_multi",
+    function_name="QLoRAMultiLinearFunction",
+    inputs=[
+        ("x", "Tensor"), ("lora_A", "Tensor"), ("lora_B", "Tensor"), ("adapter_scaling", "Tensor"),
+        ("adapter_ids", "Tensor"), ("bias", "Tensor?"), *_QW_INPUTS,
+    ],
+    consts=[("quant_type", "str"), ("blocksize", "int"), ("shape", "int[]"), ("dtype", "ScalarType"), ("nested_blocksize", "int")],
+    saved=("x", "lora_A", "lora_B", "adapter_scaling", "adapter_ids"),
+    held=tuple(name for name, _ in _QW_INPUTS),
+    n_new=1,
+    forward=_q_forward,
+    backward=_q_backward,
+    fake_forward=_q_fake_forward,
+    fake_backward=_q_fake_backward,
+    validate=_q_validate,
+    autocast=("x", "lora_A", "lora_B", "bias"),
+    cast_adapters_for_kernels=True,  # kernels/lora_multi.py reads the adapters in x's dtype
+    doc="""``y[m] = x[m] deq(W)^T + bias + scaling[a] * dropout(x)[m] A[a]^T B[a]^T``, a = ids[m], on 2-D x.
+
+    Saved for backward: x (the caller's tensor), the caller's adapter_ids, S [M, r]
+    and the integer dropout seed; the adapters, scaling and the 4-bit weight's
+    tensors by reference (never a dequantized weight: backward dequantizes
+    again). Gradients as :data:`MULTI`'s, with W frozen (no weight gradient):
+      dB[a] = scaling[a] sum_{m in a} dY[m]^T S[m];  dA[a] = sum_{m in a} dS[m]^T D(x)[m];
+      dx[m] = dY[m] deq(W) + D(dS[m] A[a]);  dbias = sum dY.
+    """,
+)  # fmt: skip
+QLoRAMultiLinearFunction = QLORA_MULTI.function
+
+
+def qlora_linear_multi(
+    x: Tensor,
+    qweight: QuantizedWeight,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    scaling: Tensor,
+    adapter_ids: Tensor,
+    bias: Tensor | None = None,
+    *,
+    dropout: float = 0.0,
+    training: bool = True,
+) -> Tensor:
+    """:func:`lora_linear_multi` on a frozen 4-bit base weight (QLoRA, several adapters in one batch):
+    ``y[m] = x[m] deq(W)^T + bias + scaling[a] * (dropout(x)[m] A[a]^T) B[a]^T``, ``a = adapter_ids[m]``.
+
+    Args as :func:`lora_linear_multi`, with ``qweight`` the [N, K] 4-bit weight
+    (:class:`fastlora.quant.QuantizedWeight`, NF4 / FP4, double quantization or
+    not), dequantized to x's dtype. Gradients: x, lora_A, lora_B and bias (when
+    it requires grad); none for the 4-bit weight.
+
+    How: the reference backend dequantizes W to a temporary in x's dtype and runs
+    ``reference.lora_multi_forward`` / ``_backward``. The Triton backend is the
+    ``dequant_once`` strategy: one dequant launch (``kernels/nf4.py``'s) into a
+    transient dense [N, K] weight, then the dense multi-adapter kernels; backward
+    dequantizes again for dx (nothing [N, K] is saved). So a call costs an
+    [N, K] temporary in x's dtype and one extra launch each way; there is no
+    dequant-inside-the-GEMM variant for the multi op yet.
+    """
+    if not isinstance(qweight, QuantizedWeight):
+        raise TypeError(f"qweight must be a fastlora.quant.QuantizedWeight, got {type(qweight).__name__}")
+    if len(qweight.shape) != 2:
+        raise ValueError(f"qweight must hold a 2-D [out_features, in_features] weight, got shape {qweight.shape}")
+    from .qlora import _qw_meta, _qw_tensors
+
+    return QLORA_MULTI(
+        x, lora_A, lora_B, scaling, adapter_ids, bias, *_qw_tensors(qweight),
+        scaling=1.0, dropout=dropout, training=training, consts=_qw_meta(qweight),
+    )  # fmt: skip
+
+
+__all__ = [
+    "MULTI", "QLORA_MULTI", "LoRAMultiLinearFunction", "QLoRAMultiLinearFunction", "check_multi_operands",
+    "lora_linear_multi", "qlora_linear_multi",
+]  # fmt: skip

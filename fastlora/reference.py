@@ -726,6 +726,49 @@ def _multi_backward_grouped(plan, dx, dy, x, lora_A, lora_B, scaling, s, dropout
     return da, db
 
 
+def qlora_multi_forward(
+    x: Tensor,
+    qweight: QuantizedWeight,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    scaling: Tensor,
+    adapter_ids: Tensor,
+    bias: Tensor | None = None,
+    dropout_p: float = 0.0,
+    seed: int = 0,
+) -> tuple[Tensor, Tensor]:
+    """:func:`lora_multi_forward` on a 4-bit base: deq(W) is a temporary in x's
+    dtype (as :func:`qlora_forward`), freed on return; returns ``(y, s)``."""
+    weight = dequantize_4bit(qweight, x.dtype)
+    return lora_multi_forward(x, weight, lora_A, lora_B, scaling, adapter_ids, bias, dropout_p, seed)
+
+
+def qlora_multi_backward(
+    dy: Tensor,
+    x: Tensor,
+    qweight: QuantizedWeight,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    scaling: Tensor,
+    adapter_ids: Tensor,
+    s: Tensor,
+    dropout_p: float = 0.0,
+    seed: int = 0,
+    needs: tuple[bool, bool, bool, bool, bool] = (True, False, True, True, False),
+) -> tuple[Tensor | None, None, Tensor | None, Tensor | None, Tensor | None]:
+    """Gradients ``(dx, None, dA, dB, dbias)`` of :func:`qlora_multi_forward`: the
+    4-bit weight is frozen (its slot is always None); deq(W) is rebuilt only when
+    dx is needed, freed on return."""
+    need_x, need_w, need_a, need_b, need_bias = needs
+    if need_w:
+        raise ValueError("qlora_multi_backward: the 4-bit base weight is frozen; it has no gradient")
+    weight = dequantize_4bit(qweight, dy.dtype) if need_x else None
+    dx, _, da, db, dbias = lora_multi_backward(
+        dy, x, weight, lora_A, lora_B, scaling, adapter_ids, s, dropout_p, seed, (need_x, False, need_a, need_b, need_bias)
+    )
+    return dx, None, da, db, dbias
+
+
 def lora_multi_float64(
     x: Tensor,
     weight: Tensor,

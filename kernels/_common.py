@@ -1,9 +1,12 @@
-"""What the LoRA kernels (lora.py) and the QLoRA kernels (nf4.py) share.
+"""What the LoRA kernels (lora.py), the multi-adapter kernels (lora_multi.py)
+and the QLoRA kernels (nf4.py) share.
 
 * ``@triton.jit`` helpers: the dropout keep-mask of a tile (:func:`keep_mask`),
   the dots (:func:`dot_acc`, :func:`dot_f32_lhs`), the grouped tile order of
-  the GEMMs (:func:`grouped_tile`) and their epilogue (:func:`add_rank_term`,
-  :func:`add_bias`): ``acc + D(scaling * L E)`` and ``+ bias``.
+  the GEMMs (:func:`grouped_tile`), their dense main loop (:func:`gemm_tile`)
+  and their epilogue (:func:`add_rank_term` = :func:`rank_dots` + the dropout
+  mask, :func:`add_bias`): ``acc + D(scaling * L E)`` and ``+ bias``; the
+  deterministic split reduction (:func:`arrive_and_sum`).
 * launch plumbing: one launch counter for every kernel module
   (:func:`launch`, :func:`launch_count`), argument checks that name what they
   got and what they expected, the padded rank, dropout arguments.
@@ -167,6 +170,86 @@ def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_
 
 
 @triton.jit
+def gemm_tile(
+    p_ptr,  # [M, K] left operand (any strides)
+    q_ptr,  # [K, N] right operand, via strides
+    rows,  # [BLOCK_M] int64 rows of P the tile reads (a range, or gathered through a permutation)
+    rn,  # [BLOCK_N] int64 columns of Q
+    mask_m,
+    mask_n,
+    K,
+    stride_pm,
+    stride_pk,
+    stride_qk,
+    stride_qn,
+    IEEE: tl.constexpr,  # fp32 P and Q: IEEE dots (never TF32)
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """The main loop of the dense GEMMs: P[rows] Q[:, rn] as a [BLOCK_M, BLOCK_N]
+    fp32 tile, BLOCK_K columns of P per step (masked edges read zeros).
+
+    NOTE: row and column offsets are int64 (M*K, N*K may exceed 2**31); the K
+    offsets stay within one tile and the base pointers advance by BLOCK_K.
+    """
+    rk = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    p_ptrs = p_ptr + rows[:, None] * stride_pm + rk[None, :] * stride_pk
+    q_ptrs = q_ptr + rk[:, None] * stride_qk + rn[None, :] * stride_qn
+    for k0 in range(0, K, BLOCK_K):
+        mask_k = (k0 + rk) < K
+        p = tl.load(p_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        q = tl.load(q_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        acc = dot_acc(p, q, acc, IEEE)
+        p_ptrs += BLOCK_K * stride_pk
+        q_ptrs += BLOCK_K * stride_qk
+    return acc
+
+
+@triton.jit
+def rank_dots(
+    term,  # [BLOCK_M, BLOCK_N] fp32 tile the products are added to
+    l_ptr,  # [M, R] rank-r left factor
+    e_ptr,  # [R, N] rank-r right factor (a strided view)
+    rm,  # [BLOCK_M] int64 rows of L
+    rn,  # [BLOCK_N] int64 columns of E
+    mask_m,  # rows of L to read (others count as zero)
+    mask_n,
+    R,
+    stride_lm,
+    stride_lr,
+    stride_er,
+    stride_en,
+    scale,  # fp32: multiplies L (in fp32, before any rounding to 16 bits)
+    IEEE: tl.constexpr,
+    DTYPE: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    R_CHUNK: tl.constexpr,
+):
+    """term + (scale * L[rm]) E[:, rn], the rank in steps of R_CHUNK columns (the
+    dots of :func:`add_rank_term`, without its dropout mask: the multi-adapter
+    GEMM calls it once per adapter of a tile and masks the sum once)."""
+    rr = tl.arange(0, R_CHUNK)
+    # NOTE: unrolled (static_range over the padded rank): a runtime loop carrying
+    # the accumulator spills on sm_80 (STACK 272-728 bytes at rank 64, pipelined
+    # or not). The barrier between steps keeps the compiler from hoisting every
+    # step's loads to the top (STACK 144-352 at rank 256 without it).
+    for r0 in tl.static_range(0, BLOCK_R, R_CHUNK):
+        if r0 > 0:
+            tl.debug_barrier()
+        mask_r = (r0 + rr) < R
+        l = tl.load(l_ptr + rm[:, None] * stride_lm + (r0 + rr)[None, :] * stride_lr, mask=mask_m[:, None] & mask_r[None, :], other=0.0)
+        e = tl.load(e_ptr + (r0 + rr)[:, None] * stride_er + rn[None, :] * stride_en, mask=mask_r[:, None] & mask_n[None, :], other=0.0)
+        lf = l.to(tl.float32) * scale
+        if (not IEEE) and (e.dtype == tl.float32):  # fp32 adapters on 16-bit activations
+            term = dot_f32_f32(lf, e, term, DTYPE)
+        else:
+            term = dot_f32_lhs(lf, e, term, IEEE)
+    return term
+
+
+@triton.jit
 def add_rank_term(
     acc,  # [BLOCK_M, BLOCK_N] fp32 tile
     l_ptr,  # [M, R] rank-r left factor (S, or dS in fp32)
@@ -211,28 +294,37 @@ def add_rank_term(
         term = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     else:
         term = acc
-    rr = tl.arange(0, R_CHUNK)
-    # NOTE: unrolled (static_range over the padded rank): a runtime loop carrying
-    # the accumulator spills on sm_80 (STACK 272-728 bytes at rank 64, pipelined
-    # or not). The barrier between steps keeps the compiler from hoisting every
-    # step's loads to the top (STACK 144-352 at rank 256 without it).
-    for r0 in tl.static_range(0, BLOCK_R, R_CHUNK):
-        if r0 > 0:
-            tl.debug_barrier()
-        mask_r = (r0 + rr) < R
-        l = tl.load(l_ptr + rm[:, None] * stride_lm + (r0 + rr)[None, :] * stride_lr, mask=mask_m[:, None] & mask_r[None, :], other=0.0)
-        e = tl.load(e_ptr + (r0 + rr)[:, None] * stride_er + rn[None, :] * stride_en, mask=mask_r[:, None] & mask_n[None, :], other=0.0)
-        lf = l.to(tl.float32) * scale
-        if (not IEEE) and (e.dtype == tl.float32):  # fp32 adapters on 16-bit activations
-            term = dot_f32_f32(lf, e, term, DTYPE)
-        else:
-            term = dot_f32_lhs(lf, e, term, IEEE)
+    term = rank_dots(term, l_ptr, e_ptr, rm, rn, mask_m, mask_n, R, stride_lm, stride_lr, stride_er, stride_en, scale,
+                     IEEE, DTYPE, BLOCK_R, R_CHUNK)  # fmt: skip
     if HAS_DROPOUT:
         keep = keep_mask(seed, rm, col0, N, keep_levels, BLOCK_M, BLOCK_N)
         acc += tl.where(keep, term, 0.0)
     else:
         acc = term
     return acc
+
+
+@triton.jit
+def arrive_and_sum(ws_base, part_stride, offs, mask, part, index, n_parts, counter_ptr):
+    """Deterministic cross-program sum: store ``part`` as partial ``index`` of
+    ``n_parts`` (at ``ws_base + index * part_stride + offs``), then arrive at the
+    int32 ``counter_ptr``; returns ``(last, total)``, ``last`` true for the program
+    that arrived last, whose ``total`` is every partial summed in index order
+    (zeros for the others). The caller stores ``total`` when ``last``.
+
+    NOTE: a CTA barrier, then a gpu-scope acq_rel ``atomic_add`` (the pattern of
+    Triton's own lock tests and of CUDA's grid sync); the last program reads the
+    others' partials past L1 (``.cg``). No fp32 atomics: bit-identical reruns.
+    """
+    tl.store(ws_base + index * part_stride + offs, part, mask=mask)
+    tl.debug_barrier()
+    arrived = tl.atomic_add(counter_ptr, 1, sem="acq_rel")
+    last = arrived == n_parts - 1
+    total = tl.zeros_like(part)
+    if last:
+        for t in range(0, n_parts):
+            total += tl.load(ws_base + t * part_stride + offs, mask=mask, other=0.0, cache_modifier=".cg")
+    return last, total
 
 
 @triton.jit

@@ -250,6 +250,124 @@ def qlora_gemm_configs(
     return cands
 
 
+# -- the multi-adapter kernels (kernels/lora_multi.py) ---------------------------------
+# NOTE: each list is AOT-compiled without spills for sm_80 and sm_90 by
+# tests/test_aot.py (the multi_* kernels there).
+
+
+def multi_rank_chunk(arch: int, block_r: int, dtype: torch.dtype) -> int:
+    """``R_CHUNK`` of ``lora_multi._multi_gemm_kernel``'s epilogue: :func:`rank_chunk`,
+    except for 16-bit activations on Ampere-class archs: steps of at most 32 ranks.
+    NOTE: at rank 64 on sm_80 the whole padded rank in one step spills in fp16
+    (64x64 w4, triton 3.9: forward STACK 8, dX with dropout STACK 72, REG
+    254-255) while steps of 32 take REG 141-172; on sm_90 it is the other way
+    round (64x128 w8 dX, steps of 32: STACK 16-136; whole rank: no spill)."""
+    if dtype == torch.float32 or _family(arch) == 90:
+        return rank_chunk(block_r, dtype)
+    return min(block_r, 32)
+
+
+def multi_gemm_configs(
+    arch: int, dtype: torch.dtype, *, has_dropout: bool = False, block_r: int = 16, decode: bool = False
+) -> list[triton.Config]:
+    """Configs of ``lora_multi._multi_gemm_kernel`` (forward Y and dX).
+
+    Sorted path: :func:`gemm_configs`'s tiles minus those that spill with the
+    per-adapter epilogue loop: 128x256 always (STACK 96-176 bytes), and at
+    ranks above 16 or with dropout on sm_80 everything above 64x64 (128x128 w8:
+    STACK 16-360; 64x128 w8 in dX: 104). Decode: one BLOCK_M = 16 tile of rows;
+    BLOCK_N 128 spills on sm_90 (the per-row epilogue's [BLOCK_R, BLOCK_N] fp32
+    slice of B), and narrow columns give a memory-bound GEMV more programs.
+    """
+    if interpreting():
+        if decode:
+            return [_cfg(4, 1, BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=1)]
+        return [_cfg(4, 1, BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4)]
+    if decode:
+        if dtype == torch.float32:
+            return [_cfg(4, 2, BLOCK_M=16, BLOCK_N=64, BLOCK_K=32, GROUP_M=1)]
+        bk = 128 if _family(arch) == 90 else 64
+        return [_cfg(4, 4, BLOCK_M=16, BLOCK_N=64, BLOCK_K=bk, GROUP_M=1), _cfg(4, 4, BLOCK_M=16, BLOCK_N=32, BLOCK_K=bk, GROUP_M=1)]
+    if dtype == torch.float32:
+        # fp32 runs IEEE dots on FMA units (a correctness path): one small tile.
+        if block_r <= 16:
+            return [_cfg(4, 2, BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, GROUP_M=8)]
+        return [_cfg(4, 2, BLOCK_M=32, BLOCK_N=32, BLOCK_K=16, GROUP_M=8)]
+    if block_r > 64:
+        return [_cfg(4, 4, BLOCK_M=32, BLOCK_N=64, BLOCK_K=32, GROUP_M=8)]
+    if _family(arch) == 90:
+        if block_r <= 16:
+            # NOTE: 64x128 with 4 warps spills in dX with dropout (STACK 8, REG 255, triton 3.9).
+            return [_cfg(8, 4, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8), _cfg(8, 4, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8)]
+        # NOTE: above rank 16 the 128x128 tile spills on sm_90 (STACK 16-48, REG 255, Triton 3.9)
+        return [_cfg(8, 4, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8)]
+    # NOTE: with dropout, sm_80's 128x128 w8 dX tile spills (STACK 16, REG 255, Triton 3.9); 64-row tiles do not.
+    if block_r <= 16 and not has_dropout:
+        return [_cfg(8, 4, BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8), _cfg(4, 4, BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, GROUP_M=8)]
+    return [_cfg(4, 4, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8)]
+
+
+def multi_shrink_configs(arch: int, dtype: torch.dtype, *, has_dropout: bool = False, block_r: int = 16) -> list[triton.Config]:
+    """Configs of ``lora_multi._multi_shrink_kernel`` (sorted rows): BLOCK_M rows,
+    BLOCK_K columns per step. 4 warps spill at rank 64 in 16-bit (STACK 64-696)
+    and with dropout at 64x128 on sm_90; fp32 at rank 64 needs 8 warps on sm_80
+    and a 32x32 tile on sm_90 (8 warps there got REG 128 and spilled)."""
+    if interpreting():
+        return [_cfg(4, 1, BLOCK_M=32, BLOCK_K=32)]
+    if block_r > 64:
+        return [_cfg(8, 2, BLOCK_M=32, BLOCK_K=32)]
+    if dtype == torch.float32:
+        if block_r <= 16:
+            return [_cfg(4, 2, BLOCK_M=32, BLOCK_K=64)]
+        return [_cfg(8, 1, BLOCK_M=32, BLOCK_K=64)] if _family(arch) == 80 else [_cfg(4, 2, BLOCK_M=32, BLOCK_K=32)]
+    if block_r <= 16:
+        if _family(arch) == 90:
+            return [_cfg(8, 4, BLOCK_M=64, BLOCK_K=128), _cfg(4, 4, BLOCK_M=32, BLOCK_K=128)]
+        return [_cfg(4, 4, BLOCK_M=64, BLOCK_K=64), _cfg(4, 4, BLOCK_M=32, BLOCK_K=128)]
+    if _family(arch) == 90:
+        return [_cfg(8, 4, BLOCK_M=64, BLOCK_K=64), _cfg(8, 4, BLOCK_M=32, BLOCK_K=128)]
+    return [_cfg(8, 4, BLOCK_M=64, BLOCK_K=64)]
+
+
+def multi_decode_shrink_configs(
+    arch: int, dtype: torch.dtype, *, has_dropout: bool = False, block_r: int = 16
+) -> list[triton.Config]:
+    """Configs of ``lora_multi._decode_shrink_kernel``: one row per program, a
+    [BLOCK_R, BLOCK_K] slice of that row's A per step (fp32 products)."""
+    if interpreting():
+        return [_cfg(4, 1, BLOCK_K=32)]
+    return [_cfg(4, 2, BLOCK_K=128 if block_r <= 16 else 64)]
+
+
+def multi_dy_pass_configs(arch: int, dtype: torch.dtype, *, block_r: int = 16) -> list[triton.Config]:
+    """Configs of ``lora_multi._multi_dy_kernel`` in order of preference (as
+    :func:`dy_pass_configs`, the whole padded rank per program)."""
+    if interpreting():
+        return [_cfg(4, 1, BLOCK_M=32, BLOCK_N=32)]
+    if dtype == torch.float32:
+        return [_cfg(4 if block_r <= 16 else 8, 2, BLOCK_M=32, BLOCK_N=64)]
+    if block_r > 64:
+        return [_cfg(4, 2, BLOCK_M=32, BLOCK_N=32)]
+    if block_r <= 16:
+        return [_cfg(8, 3, BLOCK_M=64, BLOCK_N=256), _cfg(4, 3, BLOCK_M=64, BLOCK_N=128)]
+    return [_cfg(8, 3, BLOCK_M=64, BLOCK_N=128), _cfg(4, 3, BLOCK_M=32, BLOCK_N=64)]
+
+
+def multi_down_grad_configs(
+    arch: int, dtype: torch.dtype, *, has_dropout: bool = False, block_r: int = 16
+) -> list[triton.Config]:
+    """Configs of ``lora_multi._multi_down_grad_kernel`` (dA per adapter) in order of preference."""
+    if interpreting():
+        return [_cfg(4, 1, BLOCK_M=32, BLOCK_K=32)]
+    if dtype == torch.float32:
+        return [_cfg(4 if block_r <= 16 else 8, 2, BLOCK_M=32, BLOCK_K=64)]
+    if block_r > 64:
+        return [_cfg(4, 2, BLOCK_M=32, BLOCK_K=32)]
+    if _family(arch) == 90:
+        return [_cfg(4, 4, BLOCK_M=64, BLOCK_K=128), _cfg(4, 4, BLOCK_M=64, BLOCK_K=64)]
+    return [_cfg(4, 4, BLOCK_M=64, BLOCK_K=64), _cfg(4, 4, BLOCK_M=32, BLOCK_K=64)]
+
+
 def _union(fn, **flags_grid) -> list[triton.Config]:
     out: list[triton.Config] = []
     combos = [{}]
@@ -273,6 +391,10 @@ def all_gemm_configs() -> list[triton.Config]:
 
 def all_shrink_configs() -> list[triton.Config]:
     return _union(shrink_configs, has_dropout=(False, True), block_r=(16, 64, 128, 256), lora_f32=(False, True))
+
+
+def all_multi_gemm_configs() -> list[triton.Config]:
+    return _union(multi_gemm_configs, has_dropout=(False, True), block_r=(16, 64, 128), decode=(False, True))
 
 
 def device_arch(device: torch.device) -> int:

@@ -60,6 +60,7 @@ from ._common import (
     dot_f32_lhs,
     dropout_args,
     expect,
+    gemm_tile,
     grouped_tile,
     keep_mask,
     launch,
@@ -224,22 +225,10 @@ def _lora_gemm_kernel(
     pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-    rk = tl.arange(0, BLOCK_K)
     mask_m = rm < M
     mask_n = rn < N
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    # NOTE: M and N offsets are int64 (M*K, M*N, N*K may exceed 2**31); K
-    # offsets stay within a tile and the base pointers advance by BLOCK_K.
-    p_ptrs = p_ptr + rm[:, None] * stride_pm + rk[None, :] * stride_pk
-    q_ptrs = q_ptr + rk[:, None] * stride_qk + rn[None, :] * stride_qn
-    for k0 in range(0, K, BLOCK_K):
-        mask_k = (k0 + rk) < K
-        p = tl.load(p_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        q = tl.load(q_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-        acc = dot_acc(p, q, acc, IEEE)
-        p_ptrs += BLOCK_K * stride_pk
-        q_ptrs += BLOCK_K * stride_qk
-
+    acc = gemm_tile(p_ptr, q_ptr, rm, rn, mask_m, mask_n, K, stride_pm, stride_pk, stride_qk, stride_qn,
+                    IEEE, BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
     acc = add_rank_term(
         acc, l_ptr, e_ptr, rm, rn, mask_m, mask_n, R, stride_lm, stride_lr, stride_er, stride_en,
         scaling, seed, keep_levels, inv_keep, N, pid_n * BLOCK_N,

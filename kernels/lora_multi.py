@@ -30,10 +30,10 @@ dbias; the dX GEMM; dA), plus a few torch ops (argsort, searchsorted, counter
 zero-fill) that are not kernels of this module. Counted by
 ``fastlora.kernels.lora.launch_count()`` (one counter for every kernel module).
 
-NOTE: the launch configurations live in this file (the ``*_configs``
-functions below) while ``kernels/configs.py`` is being refactored; they move
-there afterwards. The jit helpers (dropout mask, dots) and the launch counter
-come from ``kernels/lora.py``.
+The launch configurations are ``kernels/configs.py``'s ``multi_*_configs``; the
+jit helpers (dropout mask, dots, the grouped tile order, the dense GEMM main
+loop, the rank-r epilogue dots, bias, the split reduction) and the launch
+plumbing are ``kernels/_common.py``'s, shared with ``kernels/lora.py``.
 
 Importing this module touches no GPU driver; with ``TRITON_INTERPRET=1`` (set
 before import) it runs on CPU tensors.
@@ -46,170 +46,20 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .._backend import interpreting
-from . import lora
-from ._common import dot_acc as _mma
-from ._common import dot_f32_lhs as _mma_f32_lhs
-from ._common import dropout_args as _dropout_args
-from ._common import keep_mask as _keep_mask
-from ._common import launch as _launch
-from ._common import padded_rank as _block_r
+from ..quant import QuantizedWeight
+from . import configs, lora, nf4
+from ._common import add_bias, arrive_and_sum, check_dtype, dot_acc, dot_f32_lhs, dropout_args, expect, gemm_tile
+from ._common import grouped_tile, keep_mask, launch, m_bucket, padded_rank, rank_dots, target_programs
 
 DECODE_MAX_M = 16  # forward batches up to this many rows take the decode path
 
-# ----------------------------------------------------------------------------
-# launch configurations (functions of arch, dtype and flags; one under the interpreter)
-# ----------------------------------------------------------------------------
-
-ARCHS = (80, 90)
-
-
-def _cfg(num_warps: int, num_stages: int, **tiles: int) -> triton.Config:
-    return triton.Config(dict(tiles), num_warps=num_warps, num_stages=num_stages)
-
-
-def _family(arch: int) -> int:
-    """Hopper-class (sm_90, sm_100) or Ampere-class tiles (sm_80-89, sm_120), as kernels/configs.py."""
-    return 90 if 90 <= arch < 120 else 80
-
-
-def gemm_configs(
-    arch: int, dtype: torch.dtype, *, has_dropout: bool = False, block_r: int = 16, decode: bool = False
-) -> list[triton.Config]:
-    """Configs of ``_multi_gemm_kernel`` (forward Y and dX), each compiled without
-    spills for sm_80 and sm_90 by ``tests/test_multi.py``.
-
-    Sorted path: ``kernels/configs.gemm_configs``'s tiles minus those that spill
-    with the per-adapter epilogue loop: 128x256 always (STACK 96-176 bytes), and
-    at ranks above 16 or with dropout on sm_80 everything above 64x64
-    (128x128 w8: STACK 16-360; 64x128 w8 in dX: 104). Decode: one BLOCK_M = 16 tile of rows;
-    BLOCK_N 128 spills on sm_90 (the per-row epilogue's [BLOCK_R, BLOCK_N] fp32
-    slice of B), and narrow columns give a memory-bound GEMV more programs.
-    """
-    if interpreting():
-        if decode:
-            return [_cfg(4, 1, BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=1)]
-        return [_cfg(4, 1, BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4)]
-    if decode:
-        if dtype == torch.float32:
-            return [_cfg(4, 2, BLOCK_M=16, BLOCK_N=64, BLOCK_K=32, GROUP_M=1)]
-        bk = 128 if _family(arch) == 90 else 64
-        return [_cfg(4, 4, BLOCK_M=16, BLOCK_N=64, BLOCK_K=bk, GROUP_M=1), _cfg(4, 4, BLOCK_M=16, BLOCK_N=32, BLOCK_K=bk, GROUP_M=1)]
-    if dtype == torch.float32:
-        # fp32 runs IEEE dots on FMA units (a correctness path): one small tile.
-        if block_r <= 16:
-            return [_cfg(4, 2, BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, GROUP_M=8)]
-        return [_cfg(4, 2, BLOCK_M=32, BLOCK_N=32, BLOCK_K=16, GROUP_M=8)]
-    if block_r > 64:
-        return [_cfg(4, 4, BLOCK_M=32, BLOCK_N=64, BLOCK_K=32, GROUP_M=8)]
-    if _family(arch) == 90:
-        if block_r <= 16:
-            return [_cfg(8, 4, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8), _cfg(4, 4, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8)]
-        # NOTE: above rank 16 the 128x128 tile spills on sm_90 (STACK 16-48, REG 255, Triton 3.9)
-        return [_cfg(8, 4, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8)]
-    # NOTE: with dropout, sm_80's 128x128 w8 dX tile spills (STACK 16, REG 255, Triton 3.9) since the
-    # shared fp32-operand helper of kernels/_common.py; 64-row tiles do not.
-    if block_r <= 16 and not has_dropout:
-        return [_cfg(8, 4, BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8), _cfg(4, 4, BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, GROUP_M=8)]
-    return [_cfg(4, 4, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8)]
-
-
-def shrink_configs(arch: int, dtype: torch.dtype, *, has_dropout: bool = False, block_r: int = 16) -> list[triton.Config]:
-    """Configs of ``_multi_shrink_kernel`` (sorted rows): BLOCK_M rows, BLOCK_K columns
-    per step. Spill-checked: 4 warps spill at rank 64 in 16-bit (STACK 64-696) and
-    with dropout at 64x128 on sm_90; fp32 at rank 64 needs 8 warps on sm_80 and
-    a 32x32 tile on sm_90 (8 warps there got REG 128 and spilled)."""
-    if interpreting():
-        return [_cfg(4, 1, BLOCK_M=32, BLOCK_K=32)]
-    if block_r > 64:
-        return [_cfg(8, 2, BLOCK_M=32, BLOCK_K=32)]
-    if dtype == torch.float32:
-        if block_r <= 16:
-            return [_cfg(4, 2, BLOCK_M=32, BLOCK_K=64)]
-        return [_cfg(8, 1, BLOCK_M=32, BLOCK_K=64)] if _family(arch) == 80 else [_cfg(4, 2, BLOCK_M=32, BLOCK_K=32)]
-    if block_r <= 16:
-        if _family(arch) == 90:
-            return [_cfg(8, 4, BLOCK_M=64, BLOCK_K=128), _cfg(4, 4, BLOCK_M=32, BLOCK_K=128)]
-        return [_cfg(4, 4, BLOCK_M=64, BLOCK_K=64), _cfg(4, 4, BLOCK_M=32, BLOCK_K=128)]
-    if _family(arch) == 90:
-        return [_cfg(8, 4, BLOCK_M=64, BLOCK_K=64), _cfg(8, 4, BLOCK_M=32, BLOCK_K=128)]
-    return [_cfg(8, 4, BLOCK_M=64, BLOCK_K=64)]
-
-
-def decode_shrink_configs(arch: int, dtype: torch.dtype, *, has_dropout: bool = False, block_r: int = 16) -> list[triton.Config]:
-    """Configs of ``_decode_shrink_kernel``: one row per program, a [BLOCK_R, BLOCK_K]
-    slice of that row's A per step (fp32 products, no tensor cores)."""
-    if interpreting():
-        return [_cfg(4, 1, BLOCK_K=32)]
-    return [_cfg(4, 2, BLOCK_K=128 if block_r <= 16 else 64)]
-
-
-def dy_pass_configs(arch: int, dtype: torch.dtype, *, block_r: int = 16) -> list[triton.Config]:
-    """Configs of ``_multi_dy_kernel`` in order of preference (as kernels/configs.dy_pass_configs)."""
-    if interpreting():
-        return [_cfg(4, 1, BLOCK_M=32, BLOCK_N=32)]
-    if dtype == torch.float32:
-        return [_cfg(4 if block_r <= 16 else 8, 2, BLOCK_M=32, BLOCK_N=64)]
-    if block_r > 64:
-        return [_cfg(4, 2, BLOCK_M=32, BLOCK_N=32)]
-    if block_r <= 16:
-        return [_cfg(8, 3, BLOCK_M=64, BLOCK_N=256), _cfg(4, 3, BLOCK_M=64, BLOCK_N=128)]
-    return [_cfg(8, 3, BLOCK_M=64, BLOCK_N=128), _cfg(4, 3, BLOCK_M=32, BLOCK_N=64)]
-
-
-def down_grad_configs(arch: int, dtype: torch.dtype, *, has_dropout: bool = False, block_r: int = 16) -> list[triton.Config]:
-    """Configs of ``_multi_down_grad_kernel`` (dA per adapter) in order of preference."""
-    if interpreting():
-        return [_cfg(4, 1, BLOCK_M=32, BLOCK_K=32)]
-    if dtype == torch.float32:
-        return [_cfg(4 if block_r <= 16 else 8, 2, BLOCK_M=32, BLOCK_K=64)]
-    if block_r > 64:
-        return [_cfg(4, 2, BLOCK_M=32, BLOCK_K=32)]
-    if _family(arch) == 90:
-        return [_cfg(4, 4, BLOCK_M=64, BLOCK_K=128), _cfg(4, 4, BLOCK_M=64, BLOCK_K=64)]
-    return [_cfg(4, 4, BLOCK_M=64, BLOCK_K=64), _cfg(4, 4, BLOCK_M=32, BLOCK_K=64)]
-
-
-def _union(fn, **flags_grid) -> list[triton.Config]:
-    out: list[triton.Config] = []
-    combos = [{}]
-    for name, values in flags_grid.items():
-        combos = [dict(c, **{name: v}) for c in combos for v in values]
-    for arch in ARCHS:
-        for dtype in (torch.float32, torch.float16, torch.bfloat16):
-            for flags in combos:
-                for c in fn(arch, dtype, **flags):
-                    if c not in out:
-                        out.append(c)
-    return out
-
-
-def device_arch(device: torch.device) -> int:
-    """10 * major + minor of a CUDA device (at launch time, never at import)."""
-    if device.type != "cuda":
-        return 90
-    major, minor = torch.cuda.get_device_capability(device)
-    return 10 * major + minor
-
-
-def _fits(c: triton.Config, dims: dict[str, int]) -> bool:
-    return all(c.kwargs[b] <= max(16, triton.next_power_of_2(max(d, 1))) for b, d in dims.items() if b in c.kwargs)
-
-
-def pick(candidates: list[triton.Config], dims: dict[str, int]) -> triton.Config:
-    """The first candidate whose tiles are not far larger than the problem (``dims``)."""
-    for c in candidates:
-        if _fits(c, dims):
-            return c
-    return candidates[-1]
-
 
 def _prune_gemm(cs, nargs, **kw):
+    """The autotuner's filter: the configs of the device's arch, dtype and flags that fit the shape."""
     p = nargs["p_ptr"]
-    allowed = set(gemm_configs(device_arch(p.device), p.dtype, has_dropout=kw["HAS_DROPOUT"], block_r=kw["BLOCK_R"],
-                               decode=kw["DECODE"]))  # fmt: skip
-    kept = [c for c in cs if c in allowed and _fits(c, {"BLOCK_M": nargs["M"], "BLOCK_N": nargs["N"]})]
-    return kept or [c for c in cs if c in allowed][-1:]
+    allowed = configs.multi_gemm_configs(configs.device_arch(p.device), p.dtype, has_dropout=kw["HAS_DROPOUT"],
+                                         block_r=kw["BLOCK_R"], decode=kw["DECODE"])  # fmt: skip
+    return configs.prune(cs, allowed, {"BLOCK_M": nargs["M"], "BLOCK_N": nargs["N"]})
 
 
 # ----------------------------------------------------------------------------
@@ -284,11 +134,11 @@ def _multi_shrink_kernel(
             x = tl.load(x_ptr + rows[:, None] * stride_xm + (k0 + rk)[None, :] * stride_xk,
                         mask=sel[:, None] & mask_k[None, :], other=0.0)  # fmt: skip
             if HAS_DROPOUT:
-                keep = _keep_mask(seed, rows, k0, K, keep_levels, BLOCK_M, BLOCK_K)
+                keep = keep_mask(seed, rows, k0, K, keep_levels, BLOCK_M, BLOCK_K)
                 x = tl.where(keep, x, tl.zeros_like(x))
             a_t = tl.load(a_ptr + a * stride_an + rr[None, :] * stride_ar + (k0 + rk)[:, None] * stride_ak,
                           mask=mask_k[:, None] & mask_r[None, :], other=0.0)  # fmt: skip
-            acc = _mma(x, a_t, acc, IEEE)
+            acc = dot_acc(x, a_t, acc, IEEE)
     if HAS_DROPOUT:
         acc = acc * tl.cast(inv_keep, tl.float32)
     s_ptrs = s_ptr + rows[:, None] * stride_sm + rr[None, :] * stride_sr
@@ -333,7 +183,7 @@ def _decode_shrink_kernel(
             x = tl.load(x_ptr + row[:, None] * stride_xm + (k0 + rk)[None, :] * stride_xk, mask=mask_k[None, :], other=0.0)
             x = x.to(tl.float32)
             if HAS_DROPOUT:
-                keep = _keep_mask(seed, row, k0, K, keep_levels, 1, BLOCK_K)
+                keep = keep_mask(seed, row, k0, K, keep_levels, 1, BLOCK_K)
                 x = tl.where(keep, x, 0.0)
             a_t = tl.load(a_ptr + a.to(tl.int64) * stride_an + rr[:, None] * stride_ar + (k0 + rk)[None, :] * stride_ak,
                           mask=mask_r[:, None] & mask_k[None, :], other=0.0)  # fmt: skip
@@ -344,7 +194,7 @@ def _decode_shrink_kernel(
 
 
 @triton.autotune(
-    configs=_union(gemm_configs, has_dropout=(False, True), block_r=(16, 64, 128), decode=(False, True)),
+    configs=configs.all_multi_gemm_configs(),
     key=["M_BUCKET", "N", "K", "BLOCK_R", "HAS_BIAS", "HAS_DROPOUT", "DECODE", "ROW_SCALE", "L_SORTED"],
     prune_configs_by={"early_config_prune": lambda cs, nargs, **kw: _prune_gemm(cs, nargs, **kw)},
 )
@@ -389,27 +239,20 @@ def _multi_gemm_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
+    R_CHUNK: tl.constexpr,  # rank columns per epilogue step (configs.multi_rank_chunk)
 ):
     """OUT[row] = P[row] Q + D(c[a] * L[row] E[a]) + bias with a = the row's adapter.
 
     Forward: Y = X W^T + scaling[a] * S B[a]^T + bias (L = S, E = B^T, c = scaling, no D)
     dX:      dX = dY W + D(dS A[a])                  (L = dS sorted, E = A, c = 1)
-    The main loop is the grouped-order tiled GEMM of ``kernels/lora.py`` over
-    sorted rows (gathered loads, scattered stores: rows stay contiguous in K
-    and N). Epilogue, sorted: per adapter present in the tile, its rows of L
-    (a masked load) times E[a], one rank-R dot. DECODE (rows in order, one tile): each row's term from its own E[a],
+    The main loop is ``_common.gemm_tile`` (``kernels/lora.py``'s) in grouped
+    tile order over sorted rows (gathered loads, scattered stores: rows stay
+    contiguous in K and N). Epilogue, sorted: per adapter present in the tile,
+    its rows of L (a masked load) times E[a] (``_common.rank_dots``, the rank in
+    steps of R_CHUNK), then one dropout mask over the summed term. DECODE (rows in order, one tile): each row's term from its own E[a],
     fp32 products, added to that row of the tile.
     """
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    num_in_group = GROUP_M * num_pid_n
-    group_id = pid // num_in_group
-    first_m = group_id * GROUP_M
-    group_size = min(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + ((pid % num_in_group) % group_size)
-    pid_n = (pid % num_in_group) // group_size
-
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     p = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = p < M
     if DECODE:
@@ -417,24 +260,15 @@ def _multi_gemm_kernel(
     else:
         rows = tl.load(perm_ptr + p, mask=mask_m, other=0).to(tl.int64)
     rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-    rk = tl.arange(0, BLOCK_K)
     mask_n = rn < N
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    p_ptrs = p_ptr + rows[:, None] * stride_pm + rk[None, :] * stride_pk
-    q_ptrs = q_ptr + rk[:, None] * stride_qk + rn[None, :] * stride_qn
-    for k0 in range(0, K, BLOCK_K):
-        mask_k = (k0 + rk) < K
-        a_tile = tl.load(p_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        b_tile = tl.load(q_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-        acc = _mma(a_tile, b_tile, acc, IEEE)
-        p_ptrs += BLOCK_K * stride_pk
-        q_ptrs += BLOCK_K * stride_qk
+    acc = gemm_tile(p_ptr, q_ptr, rows, rn, mask_m, mask_n, K, stride_pm, stride_pk, stride_qk, stride_qn,
+                    IEEE, BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
 
-    rr = tl.arange(0, BLOCK_R)
-    mask_r = rr < R
     if DECODE:
         # NOTE: rows in order; row i's LoRA term from its own E[a] (fp32 products),
         # added to row i only: BLOCK_M small GEMVs instead of BLOCK_M masked dots.
+        rr = tl.arange(0, BLOCK_R)
+        mask_r = rr < R
         for i in tl.static_range(BLOCK_M):
             row = pid_m * BLOCK_M + i
             a = tl.load(ids_ptr + row, mask=row < M, other=-1)
@@ -452,26 +286,24 @@ def _multi_gemm_kernel(
         l_rows = p.to(tl.int64) if L_SORTED else rows
         if HAS_DROPOUT:
             # NOTE: the mask applies to the LoRA term only: its own [BM, BN] registers.
-            lora = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            term = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        else:
+            term = acc
         for a in range(lo, hi + 1):
             # NOTE: L loaded with the adapter's rows as the mask (each row read once;
             # no masked copy of an [BM, R] tile kept live beside the accumulator).
-            sel = mask_m & (ids == a)
-            l_a = tl.load(l_ptr + l_rows[:, None] * stride_lm + rr[None, :] * stride_lr,
-                          mask=sel[:, None] & mask_r[None, :], other=0.0).to(tl.float32)  # fmt: skip
-            if ROW_SCALE:
-                l_a = l_a * tl.load(scale_ptr + a)
-            e = tl.load(e_ptr + a * stride_ea + rr[:, None] * stride_er + rn[None, :] * stride_en,
-                        mask=mask_r[:, None] & mask_n[None, :], other=0.0)  # fmt: skip
+            scale = tl.load(scale_ptr + a) if ROW_SCALE else 1.0
             if HAS_DROPOUT:
-                lora = _mma_f32_lhs(l_a * tl.cast(inv_keep, tl.float32), e, lora, IEEE)
-            else:
-                acc = _mma_f32_lhs(l_a, e, acc, IEEE)
+                scale = scale * tl.cast(inv_keep, tl.float32)
+            term = rank_dots(term, l_ptr, e_ptr + a * stride_ea, l_rows, rn, mask_m & (ids == a), mask_n, R,
+                             stride_lm, stride_lr, stride_er, stride_en, scale,
+                             IEEE, p_ptr.dtype.element_ty, BLOCK_R, R_CHUNK)  # fmt: skip
         if HAS_DROPOUT:
-            keep = _keep_mask(seed, rows, pid_n * BLOCK_N, N, keep_levels, BLOCK_M, BLOCK_N)
-            acc += tl.where(keep, lora, 0.0)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + rn, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+            keep = keep_mask(seed, rows, pid_n * BLOCK_N, N, keep_levels, BLOCK_M, BLOCK_N)
+            acc += tl.where(keep, term, 0.0)
+        else:
+            acc = term
+    acc = add_bias(acc, bias_ptr, rn, mask_n, HAS_BIAS)
     out_ptrs = out_ptr + rows[:, None] * stride_om + rn[None, :] * stride_on
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
@@ -561,9 +393,9 @@ def _multi_dy_kernel(
             if NEED_DB:
                 s = tl.load(s_ptr + rows[:, None] * stride_sm + rr[None, :] * stride_sr,
                             mask=mask_m[:, None] & mask_r[None, :], other=0.0)  # fmt: skip
-                db_acc = _mma(tl.trans(dy), s, db_acc, IEEE)
+                db_acc = dot_acc(tl.trans(dy), s, db_acc, IEEE)
             if NEED_DS:
-                part = _mma(dy, b, tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32), IEEE)
+                part = dot_acc(dy, b, tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32), IEEE)
                 mask_mr = mask_m[:, None] & mask_r[None, :]
                 out_off = p.to(tl.int64)[:, None] * R + rr[None, :]
                 if n_blocks == 1:
@@ -571,16 +403,9 @@ def _multi_dy_kernel(
                 else:
                     ws_off = p.to(tl.int64)[:, None] * BLOCK_R + rr[None, :]
                     block_stride = tl.cast(M, tl.int64) * BLOCK_R
-                    tl.store(ws_ds_ptr + pid_n * block_stride + ws_off, part, mask=mask_mr)
-                    # NOTE: barrier, then a gpu-scope acq_rel arrival; the last one
-                    # reads the others' partials past L1 (.cg). As kernels/lora.py.
-                    tl.debug_barrier()
-                    arrived = tl.atomic_add(cnt_m_ptr + (st + mb * BLOCK_M) // BLOCK_M + j, 1, sem="acq_rel")
-                    if arrived == n_blocks - 1:
-                        total = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-                        for c in range(0, n_blocks):
-                            total += tl.load(ws_ds_ptr + c * block_stride + ws_off, mask=mask_mr, other=0.0,
-                                             cache_modifier=".cg")  # fmt: skip
+                    last, total = arrive_and_sum(ws_ds_ptr, block_stride, ws_off, mask_mr, part, pid_n, n_blocks,
+                                                 cnt_m_ptr + (st + mb * BLOCK_M) // BLOCK_M + j)  # fmt: skip
+                    if last:
                         tl.store(ds_ptr + out_off, total * scaling, mask=mask_mr)
 
     mask_nr = mask_n[:, None] & mask_r[None, :]
@@ -593,25 +418,16 @@ def _multi_dy_kernel(
                 split_stride = tl.cast(N, tl.int64) * BLOCK_R
                 ws_off = rn[:, None] * BLOCK_R + rr[None, :]
                 ws_base = ws_db_ptr + a_safe * SPLIT_M * split_stride
-                tl.store(ws_base + pid_s * split_stride + ws_off, db_acc, mask=mask_nr)
-                tl.debug_barrier()
-                arrived = tl.atomic_add(cnt_db_ptr + a_safe * n_blocks + pid_n, 1, sem="acq_rel")
-                if arrived == SPLIT_M - 1:
-                    db_tot = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
-                    for t in range(0, SPLIT_M):
-                        db_tot += tl.load(ws_base + t * split_stride + ws_off, mask=mask_nr, other=0.0,
-                                          cache_modifier=".cg")  # fmt: skip
+                last, db_tot = arrive_and_sum(ws_base, split_stride, ws_off, mask_nr, db_acc, pid_s, SPLIT_M,
+                                              cnt_db_ptr + a_safe * n_blocks + pid_n)  # fmt: skip
+                if last:
                     tl.store(db_ptr + db_off, (db_tot * scaling).to(db_ptr.dtype.element_ty), mask=mask_nr)
     if NEED_DBIAS:
         parts = (n_adapters + 1) * SPLIT_M
         ws_row = tl.cast(N, tl.int64)
-        tl.store(ws_dbias_ptr + (j * SPLIT_M + pid_s) * ws_row + rn, dbias_acc, mask=mask_n)
-        tl.debug_barrier()
-        arrived = tl.atomic_add(cnt_dbias_ptr + pid_n, 1, sem="acq_rel")
-        if arrived == parts - 1:
-            dbias_tot = tl.zeros((BLOCK_N,), dtype=tl.float32)
-            for t in range(0, parts):
-                dbias_tot += tl.load(ws_dbias_ptr + t * ws_row + rn, mask=mask_n, other=0.0, cache_modifier=".cg")
+        last, dbias_tot = arrive_and_sum(ws_dbias_ptr, ws_row, rn, mask_n, dbias_acc, j * SPLIT_M + pid_s, parts,
+                                         cnt_dbias_ptr + pid_n)  # fmt: skip
+        if last:
             tl.store(dbias_ptr + rn, dbias_tot.to(dbias_ptr.dtype.element_ty), mask=mask_n)
 
 
@@ -668,9 +484,9 @@ def _multi_down_grad_kernel(
                        mask=mask_r[:, None] & mask_m[None, :], other=0.0)  # fmt: skip
         x = tl.load(x_ptr + rows[:, None] * stride_xm + rk[None, :] * stride_xk, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         if HAS_DROPOUT:
-            keep = _keep_mask(seed, rows, pid_k * BLOCK_K, K, keep_levels, BLOCK_M, BLOCK_K)
+            keep = keep_mask(seed, rows, pid_k * BLOCK_K, K, keep_levels, BLOCK_M, BLOCK_K)
             x = tl.where(keep, x, tl.zeros_like(x))
-        acc = _mma_f32_lhs(ds_t.to(tl.float32), x, acc, IEEE)
+        acc = dot_f32_lhs(ds_t.to(tl.float32), x, acc, IEEE)
     mask_rk = mask_r[:, None] & mask_k[None, :]
     out_off = a.to(tl.int64) * R * K + rr[:, None] * K + rk[None, :]
     if SPLIT_M == 1:
@@ -681,13 +497,8 @@ def _multi_down_grad_kernel(
         split_stride = tl.cast(K, tl.int64) * BLOCK_R
         ws_off = rr[:, None] * K + rk[None, :]
         ws_base = ws_ptr + a.to(tl.int64) * SPLIT_M * split_stride
-        tl.store(ws_base + pid_s * split_stride + ws_off, acc, mask=mask_rk)
-        tl.debug_barrier()
-        arrived = tl.atomic_add(cnt_ptr + a * k_blocks + pid_k, 1, sem="acq_rel")
-        if arrived == SPLIT_M - 1:
-            total = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
-            for t in range(0, SPLIT_M):
-                total += tl.load(ws_base + t * split_stride + ws_off, mask=mask_rk, other=0.0, cache_modifier=".cg")
+        last, total = arrive_and_sum(ws_base, split_stride, ws_off, mask_rk, acc, pid_s, SPLIT_M, cnt_ptr + a * k_blocks + pid_k)
+        if last:
             if HAS_DROPOUT:
                 total = total * tl.cast(inv_keep, tl.float32)
             tl.store(da_ptr + out_off, total.to(da_ptr.dtype.element_ty), mask=mask_rk)
@@ -696,29 +507,6 @@ def _multi_down_grad_kernel(
 # ----------------------------------------------------------------------------
 # launch plumbing
 # ----------------------------------------------------------------------------
-
-_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_SM_COUNT: dict[int, int] = {}
-
-
-def _check_dtype(t: Tensor, name: str) -> None:
-    if t.dtype not in _KERNEL_DTYPES:
-        raise TypeError(f"{name}: the Triton kernels take float32, float16 or bfloat16, got {t.dtype}")
-
-
-def _m_bucket(m: int) -> int:
-    return min(triton.next_power_of_2(max(m, 1)), 1 << 16)
-
-
-def target_programs(device: torch.device) -> int:
-    """Programs that fill the device: 2 per SM (4 under the interpreter)."""
-    if device.type != "cuda":
-        return 4
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _SM_COUNT:
-        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return 2 * _SM_COUNT[idx]
-
 
 def split_rows(device: torch.device, row_blocks: int, other_programs: int) -> int:
     """SPLIT_M of the per-segment reductions: enough programs per segment to fill
@@ -769,11 +557,6 @@ def _check_ids_decode(ids: Tensor, n_adapters: int) -> None:
             )
 
 
-def _expect(t: Tensor, shape: tuple[int, ...], name: str, what: str) -> None:
-    if tuple(t.shape) != tuple(shape):
-        raise ValueError(f"{name} must have shape {what} = {list(shape)}, got {list(t.shape)}")
-
-
 # ----------------------------------------------------------------------------
 # launchers: the building blocks
 # ----------------------------------------------------------------------------
@@ -784,27 +567,27 @@ def multi_shrink(x: Tensor, lora_A: Tensor, rows: SortedRows | None, ids: Tensor
     """S[m] = dropout(x)[m] A[ids[m]]^T (zero on base rows): x [M, K], lora_A [n, r, K]
     -> S [M, r] in x's dtype, rows in x's order. ``rows`` (sorted) or None (decode:
     one program per row, ``ids`` [M] int32 in x's order). 1 launch (0 if M == 0)."""
-    _check_dtype(x, "x")
+    check_dtype(x, "x")
     m, k = x.shape
     n, r = lora_A.shape[0], lora_A.shape[1]
-    _expect(lora_A, (n, r, k), "lora_A", "[n, r, K]")
+    expect(lora_A, (n, r, k), "lora_A", "[n, r, K]")
     s = torch.empty((m, r), dtype=x.dtype, device=x.device)
     if m == 0:
         return s
-    has_dropout, keep_levels, inv_keep = _dropout_args(dropout_p)
-    block_r = _block_r(r)
-    arch = device_arch(x.device)
+    has_dropout, keep_levels, inv_keep = dropout_args(dropout_p)
+    block_r = padded_rank(r)
+    arch = configs.device_arch(x.device)
     common = (m, k, r, x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1), lora_A.stride(2),
               s.stride(0), s.stride(1), int(seed), keep_levels, inv_keep)  # fmt: skip
     if rows is None:
-        cfg = pick(decode_shrink_configs(arch, x.dtype, has_dropout=has_dropout, block_r=block_r), {"BLOCK_K": k})
-        _launch(_decode_shrink_kernel, (m,), x.device, x, lora_A, s, ids, *common,
+        cfg = configs.pick(configs.multi_decode_shrink_configs(arch, x.dtype, has_dropout=has_dropout, block_r=block_r), {"BLOCK_K": k})
+        launch(_decode_shrink_kernel, (m,), x.device, x, lora_A, s, ids, *common,
                 HAS_DROPOUT=has_dropout, BLOCK_R=block_r, BLOCK_K=cfg.kwargs["BLOCK_K"],
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages)  # fmt: skip
         return s
-    cfg = pick(shrink_configs(arch, x.dtype, has_dropout=has_dropout, block_r=block_r), {"BLOCK_M": m, "BLOCK_K": k})
+    cfg = configs.pick(configs.multi_shrink_configs(arch, x.dtype, has_dropout=has_dropout, block_r=block_r), {"BLOCK_M": m, "BLOCK_K": k})
     bm, bk = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_K"]
-    _launch(_multi_shrink_kernel, (triton.cdiv(m, bm),), x.device, x, lora_A, s, rows.perm, rows.ids, *common,
+    launch(_multi_shrink_kernel, (triton.cdiv(m, bm),), x.device, x, lora_A, s, rows.perm, rows.ids, *common,
             HAS_DROPOUT=has_dropout, IEEE=x.dtype == torch.float32, BLOCK_R=block_r, BLOCK_M=bm, BLOCK_K=bk,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)  # fmt: skip
     return s
@@ -818,10 +601,10 @@ def _gemm(p, q, q_strides, l, l_sorted, e, e_strides, bias, out_n, rows, ids, sc
     out = torch.empty((m, out_n), dtype=p.dtype, device=p.device)
     if m == 0 or out_n == 0:
         return out
-    has_dropout, keep_levels, inv_keep = _dropout_args(dropout_p)
+    has_dropout, keep_levels, inv_keep = dropout_args(dropout_p)
     perm = rows.perm if rows is not None else ids
     row_ids = rows.ids if rows is not None else ids
-    _launch(
+    launch(
         _multi_gemm_kernel,
         lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(out_n, meta["BLOCK_N"]),),
         p.device,
@@ -830,9 +613,10 @@ def _gemm(p, q, q_strides, l, l_sorted, e, e_strides, bias, out_n, rows, ids, sc
         m, out_n, k, r,
         p.stride(0), p.stride(1), q_strides[0], q_strides[1], l.stride(0), l.stride(1),
         e_strides[0], e_strides[1], e_strides[2], out.stride(0), out.stride(1),
-        int(seed), keep_levels, inv_keep, _m_bucket(m),
+        int(seed), keep_levels, inv_keep, m_bucket(m),
         HAS_BIAS=bias is not None, HAS_DROPOUT=has_dropout, ROW_SCALE=scaling is not None, L_SORTED=l_sorted,
-        DECODE=decode, IEEE=p.dtype == torch.float32, BLOCK_R=_block_r(r),
+        DECODE=decode, IEEE=p.dtype == torch.float32, BLOCK_R=padded_rank(r),
+        R_CHUNK=configs.multi_rank_chunk(configs.device_arch(p.device), padded_rank(r), p.dtype),
     )  # fmt: skip
     return out
 
@@ -843,10 +627,10 @@ def multi_expand_gemm(x: Tensor, weight: Tensor, s: Tensor, lora_B: Tensor, scal
     GEMM: x [M, K], weight [N, K], s [M, r] (x's row order), lora_B [n, N, r],
     scaling [n] fp32 -> Y [M, N] in x's dtype. ``rows`` sorted, or None (decode:
     ``ids`` [M] int32 in x's order, one BLOCK_M = 16 tile of rows). 1 launch."""
-    _check_dtype(x, "x")
+    check_dtype(x, "x")
     n, n_out, r = lora_B.shape
-    _expect(weight, (n_out, x.shape[1]), "weight", "[N, K]")
-    _expect(s, (x.shape[0], r), "s", "[M, r]")
+    expect(weight, (n_out, x.shape[1]), "weight", "[N, K]")
+    expect(s, (x.shape[0], r), "s", "[M, r]")
     return _gemm(
         x, weight, (weight.stride(1), weight.stride(0)), s, False, lora_B,
         (lora_B.stride(0), lora_B.stride(2), lora_B.stride(1)), bias, n_out, rows, ids,
@@ -859,9 +643,9 @@ def multi_dx_gemm(dy: Tensor, weight: Tensor, ds_sorted: Tensor, lora_A: Tensor,
     """dX[m] = dY[m] W + D(dS[m] A[a]) in one GEMM: dy [M, N], weight [N, K],
     ds_sorted [M, r] fp32 (already scaled, at sorted positions), lora_A [n, r, K] ->
     dX [M, K] in dy's dtype, D = the forward's mask / keep. 1 launch."""
-    _check_dtype(dy, "dy")
+    check_dtype(dy, "dy")
     n, r, k = lora_A.shape
-    _expect(weight, (dy.shape[1], k), "weight", "[N, K]")
+    expect(weight, (dy.shape[1], k), "weight", "[N, K]")
     return _gemm(
         dy, weight, (weight.stride(0), weight.stride(1)), ds_sorted, True, lora_A,
         (lora_A.stride(0), lora_A.stride(1), lora_A.stride(2)), None, k, rows, None, None, dropout_p, seed, False,
@@ -877,11 +661,11 @@ def multi_dy_pass(dy: Tensor, lora_B: Tensor, s: Tensor, scaling: Tensor, rows: 
       which nothing reads), dB [n, N, r] in lora_B's dtype (zeros for adapters without
       rows), dbias [N] in dy's dtype. 1 launch (plus a zero-fill of its counters).
     """
-    _check_dtype(dy, "dy")
+    check_dtype(dy, "dy")
     m, n_out = dy.shape
     n, _, r = lora_B.shape
-    _expect(lora_B, (n, n_out, r), "lora_B", "[n, N, r]")
-    _expect(s, (m, r), "s", "[M, r]")
+    expect(lora_B, (n, n_out, r), "lora_B", "[n, N, r]")
+    expect(s, (m, r), "s", "[M, r]")
     dev = dy.device
     ds = torch.empty((m, r), dtype=torch.float32, device=dev) if need_ds else None
     db = torch.empty((n, n_out, r), dtype=lora_B.dtype, device=dev) if need_db else None
@@ -890,8 +674,8 @@ def multi_dy_pass(dy: Tensor, lora_B: Tensor, s: Tensor, scaling: Tensor, rows: 
         return ds, db, dbias
     if m == 0 or n_out == 0:
         return ds, (db.zero_() if db is not None else None), (dbias.zero_() if dbias is not None else None)
-    block_r = _block_r(r)
-    cfg = pick(dy_pass_configs(device_arch(dev), dy.dtype, block_r=block_r), {"BLOCK_M": m, "BLOCK_N": n_out})
+    block_r = padded_rank(r)
+    cfg = configs.pick(configs.multi_dy_pass_configs(configs.device_arch(dev), dy.dtype, block_r=block_r), {"BLOCK_M": m, "BLOCK_N": n_out})
     bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
     n_blocks = triton.cdiv(n_out, bn)
     split = split_rows(dev, triton.cdiv(m, bm), n_blocks * (n + 1))
@@ -902,7 +686,7 @@ def multi_dy_pass(dy: Tensor, lora_B: Tensor, s: Tensor, scaling: Tensor, rows: 
     ws_db = torch.empty((n * split, n_out, block_r) if need_db and split > 1 else (1,), dtype=f32, device=dev)
     ws_dbias = torch.empty(((n + 1) * split, n_out) if need_dbias else (1,), dtype=f32, device=dev)
     dummy = counters
-    _launch(
+    launch(
         _multi_dy_kernel,
         (n_blocks, n + 1, split),
         dev,
@@ -924,24 +708,24 @@ def multi_down_grad(ds_sorted: Tensor, x: Tensor, n_adapters: int, rows: SortedR
     """dA[a] = sum over adapter a's rows of dS^T dropout(x): ds_sorted [M, r] (sorted
     positions), x [M, K] -> dA [n, r, K] in x's dtype (zeros for adapters without
     rows). 1 launch; deterministic."""
-    _check_dtype(x, "x")
+    check_dtype(x, "x")
     m, k = x.shape
     r = ds_sorted.shape[1]
-    _expect(ds_sorted, (m, r), "ds", "[M, r]")
+    expect(ds_sorted, (m, r), "ds", "[M, r]")
     dev = x.device
     da = torch.empty((n_adapters, r, k), dtype=x.dtype, device=dev)
     if m == 0 or k == 0:
         return da.zero_()
-    has_dropout, keep_levels, inv_keep = _dropout_args(dropout_p)
-    block_r = _block_r(r)
-    cfg = pick(down_grad_configs(device_arch(dev), x.dtype, has_dropout=has_dropout, block_r=block_r),
+    has_dropout, keep_levels, inv_keep = dropout_args(dropout_p)
+    block_r = padded_rank(r)
+    cfg = configs.pick(configs.multi_down_grad_configs(configs.device_arch(dev), x.dtype, has_dropout=has_dropout, block_r=block_r),
                {"BLOCK_M": m, "BLOCK_K": k})  # fmt: skip
     bm, bk = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_K"]
     k_blocks = triton.cdiv(k, bk)
     split = split_rows(dev, triton.cdiv(m, bm), k_blocks * n_adapters)
     counters = torch.zeros((n_adapters * k_blocks,), dtype=torch.int32, device=dev)
     ws = torch.empty((n_adapters * split, block_r, k) if split > 1 else (1,), dtype=torch.float32, device=dev)
-    _launch(
+    launch(
         _multi_down_grad_kernel,
         (k_blocks, n_adapters, split),
         dev,
@@ -1025,6 +809,50 @@ def lora_multi_backward(
     da = multi_down_grad(ds, x, n, rows, dropout_p, seed) if need_a else None
     dw = torch.mm(dy.t(), x) if need_w else None
     return dx, dw, da, db, dbias
+
+
+def qlora_multi_forward(
+    x: Tensor,
+    qweight: QuantizedWeight,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    scaling: Tensor,
+    adapter_ids: Tensor,
+    bias: Tensor | None = None,
+    dropout_p: float = 0.0,
+    seed: int = 0,
+) -> tuple[Tensor, Tensor]:
+    """:func:`lora_multi_forward` on a 4-bit base (QLoRA's ``dequant_once``): one
+    dequant launch (``nf4.dequantize_4bit``) into a transient [N, K] weight in x's
+    dtype, freed on return, then the dense multi-adapter path. 3 launches."""
+    weight = nf4.dequantize_4bit(qweight, x.dtype)
+    return lora_multi_forward(x, weight, lora_A, lora_B, scaling, adapter_ids, bias, dropout_p, seed)
+
+
+def qlora_multi_backward(
+    dy: Tensor,
+    x: Tensor,
+    qweight: QuantizedWeight,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    scaling: Tensor,
+    adapter_ids: Tensor,
+    s: Tensor,
+    dropout_p: float = 0.0,
+    seed: int = 0,
+    needs: tuple[bool, bool, bool, bool, bool] = (True, False, True, True, False),
+) -> tuple[Tensor | None, None, Tensor | None, Tensor | None, Tensor | None]:
+    """Gradients ``(dx, None, dA, dB, dbias)`` of :func:`qlora_multi_forward` (the
+    4-bit weight is frozen: its slot is always None). deq(W) is dequantized again
+    (1 launch) only when dx is needed, then :func:`lora_multi_backward`."""
+    need_x, need_w, need_a, need_b, need_bias = needs
+    if need_w:
+        raise ValueError("qlora_multi_backward: the 4-bit base weight is frozen; it has no gradient")
+    weight = nf4.dequantize_4bit(qweight, dy.dtype) if need_x else None
+    dx, _, da, db, dbias = lora_multi_backward(
+        dy, x, weight, lora_A, lora_B, scaling, adapter_ids, s, dropout_p, seed, (need_x, False, need_a, need_b, need_bias)
+    )
+    return dx, None, da, db, dbias
 
 
 def dropout_keep_mask(seed: int, shape: tuple[int, int], p: float, device: torch.device) -> tuple[Tensor, float]:

@@ -68,22 +68,17 @@ from . import lora, nf4
 
 # NOTE: the dropout mask must be bit-identical to the LoRA kernels' (the stored
 # bits are packed from it, and the fused dX GEMM regenerates it), so the jit
-# helpers come from the LoRA kernels: their public aliases in lora.py today,
-# kernels/_common.py once the kernels' refactor (in flight) lands.
-try:
-    _keep_mask = lora.keep_mask_tile
-    _dot = lora.dot_acc
-    _dot_f32_lhs = lora.dot_f32_lhs
-    _launch = lora.launch_kernel
-    _padded_rank = lora.padded_rank
-    _dropout_args = lora.dropout_args
-except AttributeError:  # pragma: no cover - the refactored layout
-    from ._common import dot_acc as _dot
-    from ._common import dot_f32_lhs as _dot_f32_lhs
-    from ._common import dropout_args as _dropout_args
-    from ._common import keep_mask as _keep_mask
-    from ._common import launch as _launch
-    from ._common import padded_rank as _padded_rank
+# helpers are theirs (kernels/_common.py).
+from ._common import arrive_and_sum, target_programs
+from ._common import check_dtype as _check_float
+from ._common import dot_acc as _dot
+from ._common import dot_f32_lhs as _dot_f32_lhs
+from ._common import dropout_args as _dropout_args
+from ._common import expect as _expect
+from ._common import keep_mask as _keep_mask
+from ._common import launch as _launch
+from ._common import padded_rank as _padded_rank
+from .nf4 import _state_args
 
 MASK_NONE, MASK_PHILOX, MASK_BITS = 0, 1, 2
 
@@ -133,10 +128,12 @@ def _w4_values(
     ``nested_map[q] * nested_absmax[blk // NESTED_BLOCKSIZE] + offset`` when
     double-quantized.
 
-    NOTE: the same arithmetic as nf4.py's private gather helper, written here
-    because only that module's launchers are its interface; the launch turns
-    fp fusion off so the de-nesting rounds twice, as bitsandbytes does, and
-    the interpreter tests check bit-equality with ``fastlora.quant``."""
+    NOTE: the same arithmetic as nf4.py's ``_dequant_gather``, with the loads in
+    another order: this kernel calling nf4's helper spills on sm_90 (dX with
+    double quantization, 16x64 w8: STACK 8, REG 128, triton 3.9; AOT tier of
+    tests/test_strategies.py). The launch turns fp fusion off so the
+    de-nesting rounds twice, as bitsandbytes does, and the interpreter tests
+    check bit-equality with ``fastlora.quant``."""
     byte = tl.load(packed_ptr + flat // 2, mask=mask, other=0).to(tl.int32)
     code = (byte >> ((1 - (flat % 2).to(tl.int32)) * 4)) & 0xF
     value = tl.load(quant_map_ptr + code, mask=mask, other=0.0)
@@ -477,13 +474,9 @@ def _qgemv_kernel(
         mask_mo = mask_m[:, None] & mask_o[None, :]
         plane = tl.cast(M, tl.int64) * OUT
         ws_off = rm[:, None] * OUT + ro[None, :]
-        tl.store(ws_ptr + pid_s * plane + ws_off, acc, mask=mask_mo)
-        tl.debug_barrier()
-        arrived = tl.atomic_add(cnt_ptr + pid_m * tl.num_programs(0) + pid_o, 1, sem="acq_rel")
-        if arrived == SPLIT - 1:
-            total = tl.zeros((BLOCK_M, BLOCK_OUT), dtype=tl.float32)
-            for j in range(0, SPLIT):
-                total += tl.load(ws_ptr + j * plane + ws_off, mask=mask_mo, other=0.0, cache_modifier=".cg")
+        last, total = arrive_and_sum(ws_ptr, plane, ws_off, mask_mo, acc, pid_s, SPLIT,
+                                     cnt_ptr + pid_m * tl.num_programs(0) + pid_o)  # fmt: skip
+        if last:
             _rank_epilogue(
                 total, rm, ro, mask_m, mask_o, l_ptr, e_ptr, bias_ptr, out_ptr, bits_ptr, R, OUT,
                 stride_lm, stride_lr, stride_er, stride_en, stride_om, stride_on, stride_bm,
@@ -551,20 +544,6 @@ def qgemv_config(dtype: torch.dtype, block_r: int) -> dict:
     return dict(BLOCK_M=16, BLOCK_OUT=64, BLOCK_RED=64, num_warps=8, num_stages=1)
 
 
-_SM_COUNT: dict[int, int] = {}
-
-
-def _target_programs(device: torch.device) -> int:
-    """Programs that fill the device: 2 per SM (4 under the interpreter, so tests
-    run the split reductions on tiny shapes)."""
-    if device.type != "cuda":
-        return 4
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _SM_COUNT:
-        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return 2 * _SM_COUNT[idx]
-
-
 # ----------------------------------------------------------------------------
 # launchers
 # ----------------------------------------------------------------------------
@@ -595,16 +574,6 @@ def mm(a: Tensor, b: Tensor) -> Tensor:
     global _torch_gemms
     _torch_gemms += 1
     return torch.mm(a, b)
-
-
-def _check_float(t: Tensor, name: str) -> None:
-    if t.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise TypeError(f"{name}: the Triton kernels take float32, float16 or bfloat16, got {t.dtype}")
-
-
-def _expect(t: Tensor, shape: tuple[int, ...], name: str, what: str) -> None:
-    if tuple(t.shape) != tuple(shape):
-        raise ValueError(f"{name} must have shape {what} = {list(shape)}, got {list(t.shape)}")
 
 
 def lora_shrink_store_bits(x: Tensor, lora_A: Tensor, dropout_p: float, seed: int) -> Tensor:
@@ -697,7 +666,7 @@ def lora_down_grad_bits(ds: Tensor, x: Tensor, bits: Tensor, dropout_p: float) -
     cfg = dict(down_grad_bits_config(x.dtype, block_r))
     bm, bk = cfg["BLOCK_M"], cfg["BLOCK_K"]
     m_blocks, k_blocks = triton.cdiv(m, bm), triton.cdiv(k, bk)
-    split = max(1, min(m_blocks, triton.cdiv(_target_programs(dev), k_blocks)))
+    split = max(1, min(m_blocks, triton.cdiv(target_programs(dev), k_blocks)))
     counters = torch.zeros((k_blocks,), dtype=torch.int32, device=dev)
     ws = torch.empty((split, block_r, k) if split > 1 else (1,), dtype=torch.float32, device=dev)
     _launch(
@@ -709,14 +678,6 @@ def lora_down_grad_bits(ds: Tensor, x: Tensor, bits: Tensor, dropout_p: float) -
         IEEE=x.dtype == torch.float32, BLOCK_R=block_r, **cfg,
     )  # fmt: skip
     return da
-
-
-def _state_args(qw: QuantizedWeight) -> tuple:
-    """(packed, quant_map, absmax, nested_absmax, nested_map, offset); the nested
-    ones are dummies (never read) without double quantization."""
-    if qw.double_quant:
-        return (qw.packed, qw.quant_map, qw.absmax, qw.nested_absmax, qw.nested_quant_map, qw.offset.reshape(()))
-    return (qw.packed, qw.quant_map, qw.absmax, qw.absmax, qw.absmax, qw.absmax)
 
 
 def qlora_gemv(
@@ -765,7 +726,7 @@ def qlora_gemv(
     cfg = dict(qgemv_config(p.dtype, block_r))
     bm, bo, br = cfg["BLOCK_M"], cfg["BLOCK_OUT"], cfg["BLOCK_RED"]
     m_blocks, o_blocks, red_blocks = triton.cdiv(m, bm), triton.cdiv(out_n, bo), triton.cdiv(red, br)
-    split = max(1, min(red_blocks, triton.cdiv(_target_programs(dev), o_blocks * m_blocks)))
+    split = max(1, min(red_blocks, triton.cdiv(target_programs(dev), o_blocks * m_blocks)))
     counters = torch.zeros((m_blocks * o_blocks,), dtype=torch.int32, device=dev)
     ws = torch.empty((split, m, out_n) if split > 1 else (1,), dtype=torch.float32, device=dev)
     _launch(

@@ -1,7 +1,8 @@
 """Shared part of the ahead-of-time compile tier (tests/test_aot.py,
-tests/test_kernels_nf4.py): run a compile script in a subprocess without
-TRITON_INTERPRET (the interpreter replaces @triton.jit functions, which
-triton.compile cannot take), then check its JSON lines."""
+tests/test_kernels_nf4.py, tests/test_strategies.py): run a compile script in a
+subprocess without TRITON_INTERPRET (the interpreter replaces @triton.jit
+functions, which triton.compile cannot take), compile one variant and read its
+resource usage there (:func:`compile_variant`), then check the JSON lines."""
 
 from __future__ import annotations
 
@@ -15,6 +16,41 @@ from typing import Callable
 REPO = Path(__file__).resolve().parents[1]
 ARCHS = (80, 90)
 SMEM_LIMIT = {80: 166912, 90: 232448}  # largest dynamic shared memory per block (A100, H100/H200)
+
+
+def compile_variant(v: dict, fn, signature: dict, constexprs: dict, attrs: dict, options: dict) -> dict:
+    """Compile the @triton.jit ``fn`` (autotune wrappers unwrapped) for ``v["arch"]``;
+    returns ``v`` with REG / STACK (``cuobjdump`` of the triton wheel) and the
+    dynamic SHARED memory, or with ``error`` (reported, then failed by the test)."""
+    import tempfile
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    while not isinstance(fn, triton.runtime.JITFunction):  # unwrap @triton.autotune
+        fn = fn.fn
+    try:
+        src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+        kernel = triton.compile(src, target=GPUTarget("cuda", v["arch"], 32), options=options)
+    except Exception as exc:  # noqa: BLE001 - reported, then failed by the test
+        return dict(v, error=f"{type(exc).__name__}: {str(exc)[-2000:]}")
+    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        usage = subprocess.run([str(cuobjdump), "--dump-resource-usage", f.name], capture_output=True, text=True, check=True).stdout
+    line = next(ln for ln in usage.splitlines() if "REG:" in ln)
+    fields = dict(tok.split(":", 1) for tok in line.split() if ":" in tok)
+    return dict(v, reg=int(fields["REG"]), stack=int(fields["STACK"]), shared=int(kernel.metadata.shared))
+
+
+def jit_function(fn):
+    """The @triton.jit function under any @triton.autotune wrappers (its arg_names)."""
+    import triton
+
+    while not isinstance(fn, triton.runtime.JITFunction):
+        fn = fn.fn
+    return fn
 
 
 def compile_in_subprocess(script: str) -> list[dict]:

@@ -25,13 +25,11 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-from _aot import ARCHS, REPO, check_compiled, compile_in_subprocess
+from _aot import ARCHS, REPO, check_compiled, compile_in_subprocess, compile_variant, jit_function
 
 pytestmark = pytest.mark.aot
 
@@ -60,6 +58,36 @@ FLAGS = {
     ],
     "down_grad": [dict(HAS_DROPOUT=True), dict(HAS_DROPOUT=False)],
 }
+
+
+# The multi-adapter kernels (kernels/lora_multi.py; their adapters are always in
+# the activations' dtype), same convention: the first combination is the superset.
+MULTI_FLAGS = {
+    "multi_gemm_fwd": [dict(HAS_BIAS=True, HAS_DROPOUT=False, ROW_SCALE=True, L_SORTED=False, DECODE=False)],
+    "multi_gemm_decode": [dict(HAS_BIAS=True, HAS_DROPOUT=False, ROW_SCALE=True, L_SORTED=False, DECODE=True)],
+    "multi_gemm_dx": [
+        dict(HAS_BIAS=False, HAS_DROPOUT=True, ROW_SCALE=False, L_SORTED=True, DECODE=False),
+        dict(HAS_BIAS=False, HAS_DROPOUT=False, ROW_SCALE=False, L_SORTED=True, DECODE=False),
+    ],
+    "multi_shrink": [dict(HAS_DROPOUT=True), dict(HAS_DROPOUT=False)],
+    "multi_decode_shrink": [dict(HAS_DROPOUT=True)],
+    "multi_dy_pass": [dict(NEED_DS=True, NEED_DB=True, NEED_DBIAS=True), dict(NEED_DS=True, NEED_DB=False, NEED_DBIAS=False)],
+    "multi_down_grad": [dict(HAS_DROPOUT=True), dict(HAS_DROPOUT=False)],
+}
+
+
+def _multi_configs_for(kernel, arch, dtype, flags, block_r):
+    from fastlora.kernels import configs as C
+
+    if kernel.startswith("multi_gemm"):
+        return C.multi_gemm_configs(arch, dtype, has_dropout=flags["HAS_DROPOUT"], block_r=block_r, decode=flags["DECODE"])
+    if kernel == "multi_shrink":
+        return C.multi_shrink_configs(arch, dtype, has_dropout=flags["HAS_DROPOUT"], block_r=block_r)
+    if kernel == "multi_decode_shrink":
+        return C.multi_decode_shrink_configs(arch, dtype, has_dropout=flags["HAS_DROPOUT"], block_r=block_r)
+    if kernel == "multi_dy_pass":
+        return C.multi_dy_pass_configs(arch, dtype, block_r=block_r)
+    return C.multi_down_grad_configs(arch, dtype, has_dropout=flags["HAS_DROPOUT"], block_r=block_r)
 
 
 def _configs_for(kernel, arch, dtype, flags, block_r, lora_f32=False):
@@ -156,6 +184,18 @@ def _variants(full: bool):
                             add(kernel, arch, dtype, block_r, flags, cfg, adapters="fp32")
         mask_cfg = triton.Config({"BLOCK_M": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1)
         add("mask", arch, torch.float32, 16, {}, mask_cfg)
+        # The multi-adapter kernels: every config at the superset flags for bf16 and fp32
+        # at ranks 16 and 64; the other flag combinations and fp16 on the first config
+        # (every one, and rank 128, with FASTLORA_AOT_FULL=1).
+        for kernel, combos in MULTI_FLAGS.items():
+            for dtype in names:
+                for block_r in BLOCK_RS + ((128,) if full else ()):
+                    for i, flags in enumerate(combos):
+                        cfgs = _multi_configs_for(kernel, arch, dtype, flags, block_r)
+                        if (dtype == torch.float16 or i > 0) and not full:
+                            cfgs = cfgs[:1]
+                        for cfg in cfgs:
+                            add(kernel, arch, dtype, block_r, flags, cfg)
     # Inductor passes Python floats as fp64: the kernels must cast them (sm_90, first config).
     for kernel, combos in FLAGS.items():
         cfg = _configs_for(kernel, 90, torch.bfloat16, combos[0], 16)[0]
@@ -211,22 +251,44 @@ _SPECS = {
     ),
     "mask": ("_dropout_mask_kernel", dict(out_ptr="i8"), (), ("K",)),
 }
+_MULTI_GEMM_PTRS = dict(p_ptr="x", q_ptr="x", l_ptr="x", e_ptr="x", bias_ptr="x", out_ptr="x", perm_ptr="i32", ids_ptr="i32",
+                        scale_ptr="fp32")  # fmt: skip
+_MULTI_FWD = (
+    "_multi_gemm_kernel",
+    _MULTI_GEMM_PTRS,
+    ("stride_pk", "stride_qk", "stride_lr", "stride_er", "stride_on"),
+    ("stride_pm", "stride_qn", "stride_om", "N", "K"),
+)
+_SPECS.update({
+    "multi_gemm_fwd": _MULTI_FWD,
+    "multi_gemm_decode": _MULTI_FWD,
+    "multi_gemm_dx": ("_multi_gemm_kernel", dict(_MULTI_GEMM_PTRS, l_ptr="fp32"),
+                      ("stride_pk", "stride_qn", "stride_lr", "stride_en", "stride_on"),
+                      ("stride_pm", "stride_qk", "stride_er", "stride_om", "N", "K")),
+    "multi_shrink": ("_multi_shrink_kernel", dict(x_ptr="x", a_ptr="x", s_ptr="x", perm_ptr="i32", sids_ptr="i32"),
+                     ("stride_xk", "stride_ak", "stride_sr"), ("stride_xm", "K")),
+    "multi_decode_shrink": ("_decode_shrink_kernel", dict(x_ptr="x", a_ptr="x", s_ptr="x", ids_ptr="i32"),
+                            ("stride_xk", "stride_ak", "stride_sr"), ("stride_xm", "K")),
+    "multi_dy_pass": ("_multi_dy_kernel",
+                      dict(dy_ptr="x", b_ptr="x", s_ptr="x", scale_ptr="fp32", perm_ptr="i32", seg_ptr="i32",
+                           ds_ptr="fp32", db_ptr="x", dbias_ptr="x", ws_ds_ptr="fp32", ws_db_ptr="fp32",
+                           ws_dbias_ptr="fp32", cnt_m_ptr="i32", cnt_db_ptr="i32", cnt_dbias_ptr="i32"),
+                      ("stride_dyn", "stride_br", "stride_sr"), ("stride_dym", "N")),
+    "multi_down_grad": ("_multi_down_grad_kernel",
+                        dict(ds_ptr="fp32", x_ptr="x", da_ptr="x", perm_ptr="i32", seg_ptr="i32", ws_ptr="fp32",
+                             cnt_ptr="i32"),
+                        ("stride_dsr", "stride_xk"), ("stride_xm", "K")),
+})  # fmt: skip
 
 
 def _compile_one(v):
     """Compile one variant; returns v with REG/STACK/SHARED or an error."""
-    import tempfile
-
     import torch
-    import triton
-    from triton.backends.compiler import GPUTarget
 
-    from fastlora.kernels import lora
+    from fastlora.kernels import lora, lora_multi
 
     attr, ptrs, unit, div16 = _SPECS[v["kernel"]]
-    fn = getattr(lora, attr)
-    while not isinstance(fn, triton.runtime.JITFunction):  # unwrap @triton.autotune
-        fn = fn.fn
+    fn = jit_function(getattr(lora_multi if v["kernel"].startswith("multi_") else lora, attr))
     from fastlora.kernels import configs as C
 
     adapters = v.get("adapters", v["dtype"])  # fp32 adapters on 16-bit activations: the LoRA branch in fp32
@@ -236,6 +298,10 @@ def _compile_one(v):
         main_ieee = v["dtype"] == "fp32"
         constexprs.update(IEEE=main_ieee or (attr != "_lora_gemm_kernel" and adapters == "fp32"))
         constexprs.setdefault("BLOCK_R", v["block_r"])  # dY pass / dA: the rank block of the config
+    if attr == "_multi_gemm_kernel":
+        constexprs.update(R_CHUNK=C.multi_rank_chunk(v["arch"], v["block_r"], getattr(torch, _DTYPES[v["dtype"]])))
+    if attr == "_decode_shrink_kernel":
+        constexprs.pop("IEEE")
     if attr == "_lora_gemm_kernel":  # the DoRA flags default to off (plain LoRA GEMMs)
         constexprs.setdefault("HAS_COL_SCALE", False)
         constexprs.setdefault("STORE_PRE", False)
@@ -256,23 +322,8 @@ def _compile_one(v):
             signature[name] = "i32"
     hinted = [n for n in fn.arg_names if n in ptrs or n in div16]
     attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in hinted}
-    try:
-        src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
-        kernel = triton.compile(
-            src,
-            target=GPUTarget("cuda", v["arch"], 32),
-            options=dict(num_warps=v["num_warps"], num_stages=v["num_stages"]),
-        )
-    except Exception as exc:  # noqa: BLE001 - reported, then failed by the test
-        return dict(v, error=f"{type(exc).__name__}: {str(exc)[-2000:]}")
-    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(kernel.asm["cubin"])
-        f.flush()
-        usage = subprocess.run([str(cuobjdump), "--dump-resource-usage", f.name], capture_output=True, text=True, check=True).stdout
-    line = next(ln for ln in usage.splitlines() if "REG:" in ln)
-    fields = dict(tok.split(":", 1) for tok in line.split() if ":" in tok)
-    return dict(v, reg=int(fields["REG"]), stack=int(fields["STACK"]), shared=int(kernel.metadata.shared))
+    options = dict(num_warps=v["num_warps"], num_stages=v["num_stages"])
+    return compile_variant(v, fn, signature, constexprs, attrs, options)
 
 
 def main() -> None:
@@ -291,11 +342,11 @@ def main() -> None:
 
 def _describe(r) -> str:
     tiles = " ".join(f"{k}={v}" for k, v in r["tiles"].items())
-    flags = ",".join(f"{k}={int(v)}" for k, v in r["flags"].items())
+    flags = ",".join(f"{k}={int(v)}" for k, v in r["flags"].items() if v)
     f64 = " fp64-scalars" if r.get("fp64_scalars") else ""
     f64 += " fp32-adapters" if r.get("adapters") == "fp32" else ""
     launch = f"w{r['num_warps']} s{r['num_stages']}{f64}"
-    return f"{r['kernel']:9s} sm_{r['arch']} {r['dtype']} R={r['block_r']:<3d} {flags:34s} {tiles} {launch}"
+    return f"{r['kernel']:19s} sm_{r['arch']} {r['dtype']} R={r['block_r']:<3d} {flags:34s} {tiles} {launch}"
 
 
 def test_every_kernel_variant_compiles_without_spills():

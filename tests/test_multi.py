@@ -12,15 +12,11 @@ ops, :func:`_by_hand`) against float64, plus 4 ulps of the output's magnitude.
 
 Tiers: unmarked tests run the reference path; ``interpreter`` tests the Triton
 kernels under TRITON_INTERPRET=1 (small shapes: ~40 ms per program
-instance); the ``aot`` test compiles every kernel variant for sm_80 / sm_90
-and fails on register spills (``python tests/test_multi.py`` prints the table).
+instance); ``tests/test_aot.py`` compiles every kernel variant (the multi_*
+ones) for sm_80 / sm_90 and fails on register spills.
 """
 
 from __future__ import annotations
-
-import json
-import os
-import sys
 
 import pytest
 import torch
@@ -173,25 +169,27 @@ def test_all_rows_on_the_base():
     assert torch.equal(xg.grad, torch.ones(9, 12) @ w)
 
 
-def _alone(x, w, a, b, sc, ids, bias, dy):
-    """Each adapter trained alone on its rows (fastlora.lora_linear): {a: (dx rows, dA, dB)}."""
+def _alone(x, w, a, b, sc, ids, bias, dy, single=None):
+    """Each adapter trained alone on its rows (``single(x, w, A, B, scaling, bias)``, by
+    default fastlora.lora_linear): {a: (dx rows, dA, dB)}."""
+    single = single or fastlora.lora_linear
     out = {}
     for i in range(a.shape[0]):
         rows = (ids.reshape(-1) == i).nonzero().flatten()
         if rows.numel() == 0:
             continue
         xr, ai, bi = (t.clone().requires_grad_(True) for t in (x[rows], a[i], b[i]))
-        y = fastlora.lora_linear(xr, w, ai, bi, float(sc[i]), bias)
+        y = single(xr, w, ai, bi, float(sc[i]), bias)
         y.backward(dy[rows])
         out[i] = (rows, xr.grad, ai.grad, bi.grad)
     return out
 
 
-def _check_alone(grads, x, w, a, b, sc, ids, bias, dy):
+def _check_alone(grads, x, w, a, b, sc, ids, bias, dy, single=None):
     """Per adapter: multi's dA[a], dB[a] and dx rows are as close to float64 as training
     the adapter alone is (2x its error + 4 ulps); adapters without rows get exact zeros."""
     _, g64 = float64_all(x, w, a, b, sc, ids, bias, dy)
-    alone = _alone(x, w, a, b, sc, ids, bias, dy)
+    alone = _alone(x, w, a, b, sc, ids, bias, dy, single)
     for i in range(a.shape[0]):
         if i not in alone:
             assert torch.equal(grads[1][i], torch.zeros_like(a[i])) and torch.equal(grads[2][i], torch.zeros_like(b[i]))
@@ -586,175 +584,23 @@ def test_kernels_fp32_adapters_on_an_fp16_base(km):
 def test_config_functions(monkeypatch):
     """The GPU config lists (outside the interpreter's one config): never empty, powers
     of two >= 16 (tl.dot), decode tiles of 16 rows."""
-    km = pytest.importorskip("fastlora.kernels.lora_multi")
+    km = pytest.importorskip("fastlora.kernels.configs")
     monkeypatch.setattr(km, "interpreting", lambda: False)
     pow2 = lambda v: v >= 16 and v & (v - 1) == 0  # noqa: E731
     for arch in (80, 86, 90, 100):
         for dtype in (torch.float32, torch.float16, torch.bfloat16):
             for block_r in (16, 64, 128):
-                lists = [km.dy_pass_configs(arch, dtype, block_r=block_r)]
+                lists = [km.multi_dy_pass_configs(arch, dtype, block_r=block_r)]
                 for dropout in (False, True):
                     lists += [
-                        km.gemm_configs(arch, dtype, has_dropout=dropout, block_r=block_r),
-                        km.shrink_configs(arch, dtype, has_dropout=dropout, block_r=block_r),
-                        km.decode_shrink_configs(arch, dtype, has_dropout=dropout, block_r=block_r),
-                        km.down_grad_configs(arch, dtype, has_dropout=dropout, block_r=block_r),
+                        km.multi_gemm_configs(arch, dtype, has_dropout=dropout, block_r=block_r),
+                        km.multi_shrink_configs(arch, dtype, has_dropout=dropout, block_r=block_r),
+                        km.multi_decode_shrink_configs(arch, dtype, has_dropout=dropout, block_r=block_r),
+                        km.multi_down_grad_configs(arch, dtype, has_dropout=dropout, block_r=block_r),
                     ]
-                decode = km.gemm_configs(arch, dtype, block_r=block_r, decode=True)
+                decode = km.multi_gemm_configs(arch, dtype, block_r=block_r, decode=True)
                 assert all(c.kwargs["BLOCK_M"] == 16 for c in decode)
                 for cands in lists + [decode]:
                     assert cands
                     for c in cands:
                         assert all(pow2(v) for name, v in c.kwargs.items() if name.startswith("BLOCK")), c
-
-
-# ---------------------------------------------------------------------------
-# ahead-of-time compilation for sm_80 / sm_90 (no spills)
-# ---------------------------------------------------------------------------
-
-# kernel -> (jit attr, pointer dtypes ("x" = the variant's), flag combinations (first = superset), config fn)
-_AOT = {
-    "gemm_fwd": ("_multi_gemm_kernel",
-                 dict(p_ptr="x", q_ptr="x", l_ptr="x", e_ptr="x", bias_ptr="x", out_ptr="x", perm_ptr="i32",
-                      ids_ptr="i32", scale_ptr="fp32"),
-                 [dict(HAS_BIAS=True, HAS_DROPOUT=False, ROW_SCALE=True, L_SORTED=False, DECODE=False)]),
-    "gemm_decode": ("_multi_gemm_kernel",
-                    dict(p_ptr="x", q_ptr="x", l_ptr="x", e_ptr="x", bias_ptr="x", out_ptr="x", perm_ptr="i32",
-                         ids_ptr="i32", scale_ptr="fp32"),
-                    [dict(HAS_BIAS=True, HAS_DROPOUT=False, ROW_SCALE=True, L_SORTED=False, DECODE=True)]),
-    "gemm_dx": ("_multi_gemm_kernel",
-                dict(p_ptr="x", q_ptr="x", l_ptr="fp32", e_ptr="x", bias_ptr="x", out_ptr="x", perm_ptr="i32",
-                     ids_ptr="i32", scale_ptr="fp32"),
-                [dict(HAS_BIAS=False, HAS_DROPOUT=True, ROW_SCALE=False, L_SORTED=True, DECODE=False),
-                 dict(HAS_BIAS=False, HAS_DROPOUT=False, ROW_SCALE=False, L_SORTED=True, DECODE=False)]),
-    "shrink": ("_multi_shrink_kernel", dict(x_ptr="x", a_ptr="x", s_ptr="x", perm_ptr="i32", sids_ptr="i32"),
-               [dict(HAS_DROPOUT=True), dict(HAS_DROPOUT=False)]),
-    "decode_shrink": ("_decode_shrink_kernel", dict(x_ptr="x", a_ptr="x", s_ptr="x", ids_ptr="i32"),
-                      [dict(HAS_DROPOUT=True)]),
-    "dy_pass": ("_multi_dy_kernel",
-                dict(dy_ptr="x", b_ptr="x", s_ptr="x", scale_ptr="fp32", perm_ptr="i32", seg_ptr="i32", ds_ptr="fp32",
-                     db_ptr="x", dbias_ptr="x", ws_ds_ptr="fp32", ws_db_ptr="fp32", ws_dbias_ptr="fp32",
-                     cnt_m_ptr="i32", cnt_db_ptr="i32", cnt_dbias_ptr="i32"),
-                [dict(NEED_DS=True, NEED_DB=True, NEED_DBIAS=True), dict(NEED_DS=True, NEED_DB=False, NEED_DBIAS=False)]),
-    "down_grad": ("_multi_down_grad_kernel",
-                  dict(ds_ptr="fp32", x_ptr="x", da_ptr="x", perm_ptr="i32", seg_ptr="i32", ws_ptr="fp32", cnt_ptr="i32"),
-                  [dict(HAS_DROPOUT=True), dict(HAS_DROPOUT=False)]),
-}  # fmt: skip
-_AOT_FLOATS = {"inv_keep"}
-_AOT_I64 = {"seed"}
-_AOT_UNIT = {"stride_xk", "stride_ak", "stride_sr", "stride_pk", "stride_lr", "stride_on", "stride_dyn", "stride_br",
-             "stride_dsr", "stride_en", "stride_er"}  # fmt: skip
-_AOT_DIV16 = {"stride_xm", "stride_pm", "stride_om", "stride_dym", "K", "N"}
-
-
-def _aot_configs(kernel, arch, dtype, flags, block_r):
-    km = __import__("fastlora.kernels.lora_multi", fromlist=["x"])
-    if kernel.startswith("gemm"):
-        return km.gemm_configs(arch, dtype, has_dropout=flags["HAS_DROPOUT"], block_r=block_r, decode=flags["DECODE"])
-    if kernel == "shrink":
-        return km.shrink_configs(arch, dtype, has_dropout=flags["HAS_DROPOUT"], block_r=block_r)
-    if kernel == "decode_shrink":
-        return km.decode_shrink_configs(arch, dtype, has_dropout=flags["HAS_DROPOUT"], block_r=block_r)
-    if kernel == "dy_pass":
-        return km.dy_pass_configs(arch, dtype, block_r=block_r)
-    return km.down_grad_configs(arch, dtype, has_dropout=flags["HAS_DROPOUT"], block_r=block_r)
-
-
-def _aot_variants():
-    """Every config of every kernel for bf16 and fp32 at ranks 16 and 64 with the superset
-    flags; the other flag combinations and fp16 on the first config."""
-    names = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-    out = []
-    for arch in (80, 90):
-        for kernel, (_, _, combos) in _AOT.items():
-            for dtype in names:
-                for block_r in (16, 64):
-                    for i, flags in enumerate(combos):
-                        cfgs = _aot_configs(kernel, arch, dtype, flags, block_r)
-                        if dtype == torch.float16 or i > 0:
-                            cfgs = cfgs[:1]
-                        for cfg in cfgs:
-                            out.append(dict(kernel=kernel, arch=arch, dtype=names[dtype], block_r=block_r, flags=flags,
-                                            tiles=dict(cfg.kwargs), num_warps=cfg.num_warps,
-                                            num_stages=cfg.num_stages))  # fmt: skip
-    return out
-
-
-def _aot_compile_one(v):
-    import subprocess
-    import tempfile
-    from pathlib import Path
-
-    import triton
-    from triton.backends.compiler import GPUTarget
-
-    from fastlora.kernels import lora_multi
-
-    attr, ptrs, _ = _AOT[v["kernel"]]
-    fn = getattr(lora_multi, attr)
-    while not isinstance(fn, triton.runtime.JITFunction):  # unwrap @triton.autotune
-        fn = fn.fn
-    constexprs = dict(v["flags"], **v["tiles"])
-    if "IEEE" in fn.arg_names:
-        constexprs["IEEE"] = v["dtype"] == "fp32"
-    constexprs["BLOCK_R"] = v["block_r"]
-    constexprs = {k: val for k, val in constexprs.items() if k in fn.arg_names}
-    unit = [n for n in fn.arg_names if n in _AOT_UNIT]
-    constexprs.update({n: 1 for n in unit})
-    signature = {}
-    for name in fn.arg_names:
-        if name in constexprs:
-            signature[name] = "constexpr"
-        elif name in ptrs:
-            signature[name] = "*" + (v["dtype"] if ptrs[name] == "x" else ptrs[name])
-        elif name in _AOT_FLOATS:
-            signature[name] = "fp32"
-        elif name in _AOT_I64:
-            signature[name] = "i64"
-        else:
-            signature[name] = "i32"
-    hinted = [n for n in fn.arg_names if n in ptrs or n in _AOT_DIV16]
-    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in hinted}
-    try:
-        src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
-        kernel = triton.compile(src, target=GPUTarget("cuda", v["arch"], 32),
-                                options=dict(num_warps=v["num_warps"], num_stages=v["num_stages"]))  # fmt: skip
-    except Exception as exc:  # noqa: BLE001 - reported, then failed by the test
-        return dict(v, error=f"{type(exc).__name__}: {str(exc)[-2000:]}")
-    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(kernel.asm["cubin"])
-        f.flush()
-        usage = subprocess.run([str(cuobjdump), "--dump-resource-usage", f.name], capture_output=True, text=True,
-                               check=True).stdout  # fmt: skip
-    line = next(ln for ln in usage.splitlines() if "REG:" in ln)
-    fields = dict(tok.split(":", 1) for tok in line.split() if ":" in tok)
-    return dict(v, reg=int(fields["REG"]), stack=int(fields["STACK"]), shared=int(kernel.metadata.shared))
-
-
-def main() -> None:
-    from concurrent.futures import ProcessPoolExecutor
-
-    with ProcessPoolExecutor(max_workers=2) as pool:
-        for result in pool.map(_aot_compile_one, _aot_variants(), chunksize=1):
-            print(json.dumps(result), flush=True)
-
-
-def _aot_describe(r) -> str:
-    flags = ",".join(f"{k}={int(v)}" for k, v in r["flags"].items())
-    tiles = " ".join(f"{k}={v}" for k, v in r["tiles"].items())
-    return f"{r['kernel']:13s} sm_{r['arch']} {r['dtype']} R={r['block_r']:<3d} {flags:50s} {tiles} w{r['num_warps']} s{r['num_stages']}"
-
-
-@pytest.mark.aot
-def test_every_multi_kernel_variant_compiles_without_spills():
-    pytest.importorskip("triton")
-    from _aot import check_compiled, compile_in_subprocess
-
-    results = compile_in_subprocess(__file__)
-    check_compiled(results, set(_AOT), _aot_describe, "fix the config in kernels/lora_multi.py")
-
-
-if __name__ == "__main__":
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    main()

@@ -42,7 +42,7 @@ from fastlora.strategies import (
 )
 from fastlora.strategy_ops import new_s_with_bits, pack_bits, stored_bits, stored_mask_bytes, unpack_bits
 
-from _aot import ARCHS, REPO, check_compiled, compile_in_subprocess
+from _aot import ARCHS, REPO, check_compiled, compile_in_subprocess, compile_variant, jit_function
 from _oracles import assert_close_to, tolerance_2x
 
 sys.path.insert(0, str(REPO / "bench"))
@@ -838,13 +838,6 @@ def _variants() -> list[dict]:
 
 
 def _compile_one(v: dict) -> dict:
-    import subprocess
-    import tempfile
-    from pathlib import Path
-
-    import triton
-    from triton.backends.compiler import GPUTarget
-
     from fastlora.kernels import strategies as ks
 
     x = v["dtype"]
@@ -873,8 +866,7 @@ def _compile_one(v: dict) -> dict:
         constexprs.update(BLOCKSIZE=64, NESTED_BLOCKSIZE=256)
         unit = ("stride_pk", "stride_lr", "stride_on") + (("stride_er",) if fwd else ("stride_en",))
         options["enable_fp_fusion"] = False
-    while not isinstance(fn, triton.runtime.JITFunction):
-        fn = fn.fn
+    fn = jit_function(fn)
     constexprs.update({name: 1 for name in unit})
     signature = {}
     for name in fn.arg_names:
@@ -889,20 +881,7 @@ def _compile_one(v: dict) -> dict:
         else:
             signature[name] = "i32"
     attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in fn.arg_names if n in ptrs}
-    try:
-        src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
-        kernel = triton.compile(src, target=GPUTarget("cuda", v["arch"], 32), options=options)
-    except Exception as exc:  # noqa: BLE001 - reported, then failed by the test
-        return dict(v, error=f"{type(exc).__name__}: {str(exc)[-2000:]}")
-    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(kernel.asm["cubin"])
-        f.flush()
-        args = [str(cuobjdump), "--dump-resource-usage", f.name]
-        usage = subprocess.run(args, capture_output=True, text=True, check=True).stdout
-    line = next(ln for ln in usage.splitlines() if "REG:" in ln)
-    fields = dict(tok.split(":", 1) for tok in line.split() if ":" in tok)
-    return dict(v, reg=int(fields["REG"]), stack=int(fields["STACK"]), shared=int(kernel.metadata.shared))
+    return compile_variant(v, fn, signature, constexprs, attrs, options)
 
 
 def main() -> None:
