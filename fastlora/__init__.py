@@ -18,7 +18,7 @@ from .layers import LoRAConv1D, LoRAConv1d, LoRAConv2d, LoRAConv3d, LoRAEmbeddin
 from .loraplus import create_loraplus_optimizer, loraplus_param_groups
 from .model import LoRAConfig, apply_lora, count_parameters, merge_lora, unmerge_lora
 from .modules import LoRAAdapter, LoRALinear
-from .multi import lora_linear_multi
+from .multi import lora_linear_multi, qlora_linear_multi
 from .peft_io import load_adapter, save_adapter
 from .peft_model import PeftFallbackWarning, fallback_counts, from_peft, reset_fallback_counts
 from .qlora import QLoRALinear, qlora_linear
@@ -73,6 +73,7 @@ __all__ = [
     "merge_vera",
     "mixed_batch",
     "qlora_linear",
+    "qlora_linear_multi",
     "quant",
     "registry",
     "save_adapter",

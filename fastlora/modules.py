@@ -352,20 +352,21 @@ class NamedAdapters:
         base layer alone), whatever the active set. Works in training too (each
         adapter's gradient is the sum over its own rows; frozen adapters stay frozen).
 
-        A layer class that defines ``_fused_multi`` (LoRALinear) runs the batch in
-        one call of ``fastlora.lora_linear_multi``: the adapters the batch uses are
-        stacked, each zero-padded to the largest rank (exact: the padded rows of A
-        and columns of B add 0), with ``torch.stack`` / ``F.pad`` of the parameters
-        so that gradients reach each adapter's own ``lora_A`` / ``lora_B``; the scales
-        are a float32 tensor (each adapter's own, rsLoRA included). A batch of one
-        adapter without base rows is the layer's single-adapter call. The batch
-        runs as one call per adapter (:func:`rows_forward`, as PEFT loops) instead
-        where the op cannot express it: a layer without ``_fused_multi``
-        (QLoRALinear, for now); adapters of different dtypes (each keeps the dtype
-        rule of the single-adapter call); float64 adapters whose scale is not exact
-        in float32 (the op's scales are float32; the single-adapter call keeps the
-        exact scale, e.g. rsLoRA's ``alpha / sqrt(r)``); and in training, adapters of
-        different dropout probabilities (the op draws one probability for every row;
+        A layer class that defines ``_fused_multi`` (LoRALinear, QLoRALinear) runs the
+        batch in one call of the multi-adapter op (``fastlora.lora_linear_multi``,
+        ``fastlora.qlora_linear_multi``): the adapters the batch uses are stacked, each
+        zero-padded to the largest rank (exact: the padded rows of A and columns of B
+        add 0), with ``torch.stack`` / ``F.pad`` of the parameters so that gradients
+        reach each adapter's own ``lora_A`` / ``lora_B``; the scales are a float32
+        tensor (each adapter's own, rsLoRA included). A batch of one adapter without
+        base rows is the layer's single-adapter call. The batch runs as one call per
+        adapter (:func:`rows_forward`, as PEFT loops) instead where the op cannot
+        express it: a layer without ``_fused_multi``; adapters of different dtypes
+        (each keeps the dtype rule of the single-adapter call); float64 adapters whose
+        scale is not exact in float32 (the op's scales are float32; the single-adapter
+        call keeps the exact scale, e.g. rsLoRA's ``alpha / sqrt(r)``); and in
+        training, adapters of different dropout probabilities (the op draws one
+        probability for every row;
         the loop gives each row exactly its own adapter's dropout)."""
         if x.dim() < 2:
             raise ValueError(

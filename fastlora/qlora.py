@@ -22,6 +22,7 @@ from collections.abc import Sequence
 
 from ._fused import FusedOp, autocast_dtype, backend_module
 from .modules import NamedAdapters
+from .multi import qlora_linear_multi
 from .quant import QuantizedWeight, dequantize_4bit, quantize_4bit
 from .reference import qlora_backward, qlora_forward
 from .validation import check_init, check_lora_hyperparameters, check_lora_operands, check_same_device, lora_scaling
@@ -371,6 +372,22 @@ class QLoRALinear(NamedAdapters, nn.Module):
         y = qlora_linear(
             cast(x), self.qweight, cast(lora_A), cast(lora_B), scaling, cast(bias),
             dropout=dropout, training=self.training,
+        )  # fmt: skip
+        return y if y.dtype == x.dtype else y.to(x.dtype)
+
+    def _fused_multi(
+        self, x: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: Tensor, adapter_ids: Tensor, dropout: float
+    ) -> Tensor:
+        # The mixed batch in one call of the multi-adapter op on the 4-bit base, with the
+        # dtype rule of _fused (the compute dtype, or autocast's).
+        bias, training = self.bias, self.training
+        if autocast_dtype(x) is not None:
+            return qlora_linear_multi(x, self.qweight, lora_A, lora_B, scaling, adapter_ids, bias, dropout=dropout, training=training)
+        dtype = self.compute_dtype or x.dtype
+        cast = lambda t: t if t is None or t.dtype == dtype else t.to(dtype)  # noqa: E731
+        y = qlora_linear_multi(
+            cast(x), self.qweight, cast(lora_A), cast(lora_B), scaling, adapter_ids, cast(bias),
+            dropout=dropout, training=training,
         )  # fmt: skip
         return y if y.dtype == x.dtype else y.to(x.dtype)
 

@@ -565,7 +565,7 @@ def lora_multi_backward(
     dx = torch.mm(dy, weight) if need_x else None
     da = db = None
     if need_x or need_a or need_b:
-        plan = _multi_plan(adapter_ids, n_adapters, k, weight.shape[0], r, path)
+        plan = _multi_plan(adapter_ids, n_adapters, k, dy.shape[1], r, path)
         if plan.counts[0] == m:  # no LoRA row: zero adapter gradients
             da = torch.zeros_like(lora_A) if need_a else None
             db = torch.zeros_like(lora_B) if need_b else None

@@ -197,13 +197,49 @@ def test_float64_adapters_with_a_scale_inexact_in_float32_keep_the_loop(monkeypa
     assert len(multi) == 1
 
 
-def test_qlora_layers_keep_the_per_adapter_loop(monkeypatch):
+def test_qlora_mixed_batch_is_one_multi_op_call_on_the_4bit_base(monkeypatch):
+    """QLoRALinear's mixed batch: one ``qlora_linear_multi`` call, output and each
+    adapter's gradients equal to the float64 per-row formula on the dequantized weight
+    (the dequantization itself is checked against bitsandbytes in tests/test_quant.py)."""
+    import fastlora.qlora as fl_qlora
+
+    torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 32))
     apply_lora(model, r=4, alpha=8.0, quantize="nf4")
     add_adapter(model, "b", LoRAConfig(r=2, alpha=2.0, target_modules=["0"]))
-    multi = count_calls(monkeypatch, "lora_linear_multi")
-    model[0](torch.randn(3, 64), adapter_names=["b", "default", "__base__"])
-    assert len(multi) == 0
+    layer = model[0]
+    with torch.no_grad():
+        for name in layer.adapter_names():
+            layer.adapter(name).lora_B.normal_(0, 0.5)
+    layer.set_adapter(layer.adapter_names())
+    calls = []
+    original = fl_qlora.qlora_linear_multi
+    monkeypatch.setattr(fl_qlora, "qlora_linear_multi", lambda *a, **k: calls.append(1) or original(*a, **k))
+    names = ["b", "default", "__base__", "b", "default"]
+    x = torch.randn(len(names), 64)
+    dy = torch.randn(len(names), 32)
+    y = layer(x, adapter_names=names)
+    y.backward(dy)
+    assert len(calls) == 1
+    w = fastlora.quant.dequantize_4bit(layer.qweight, torch.float64)
+    x64 = x.double()
+    params = {n: (layer.adapter(n).lora_A.detach().double().requires_grad_(True),
+                  layer.adapter(n).lora_B.detach().double().requires_grad_(True)) for n in layer.adapter_names()}  # fmt: skip
+    rows = []
+    for m, name in enumerate(names):
+        row = x64[m] @ w.t() + layer.bias.double()
+        if name in params:
+            A, B = params[name]
+            row = row + layer.adapter(name).scaling * (x64[m] @ A.t()) @ B.t()
+        rows.append(row)
+    y64 = torch.stack(rows)
+    y64.backward(dy.double())
+    # fp32 sums of 64 products, |y| = O(10): 64 ulps of the largest value bounds the reassociation
+    eps = torch.finfo(torch.float32).eps
+    assert_close_to(y, y64, 64 * eps * y64.abs().max().item(), "y")
+    for n, (A, B) in params.items():
+        for what, got, want in (("dA", layer.adapter(n).lora_A.grad, A.grad), ("dB", layer.adapter(n).lora_B.grad, B.grad)):
+            assert_close_to(got, want, 64 * eps * want.abs().max().item(), f"{n} {what}")
 
 
 # -- per-row training: MultiAdapterModel, trainable_adapters, mixed_batch in training ---------

@@ -104,6 +104,22 @@ def test_gradients_equal_training_each_adapter_alone(quant):
     _check_alone(grads, x, w_deq, a, b, sc, ids, bias, dy, _qlora_alone(qw))
 
 
+def test_adapter_gradients_without_dx():
+    """x frozen (the first layer of a model; backward needs no dequantized weight):
+    dA and dB alone, equal to the float64 formula's."""
+    x, qw, w_deq, a, b, sc, ids, bias = make_qmulti(23, 64, 24, 4, 3, empty=(1,), seed=4)
+    a64, b64 = a.double().requires_grad_(True), b.double().requires_grad_(True)
+    y64 = fastlora.reference.lora_multi_float64(x, w_deq, a64, b64, sc, ids, bias)
+    dy = torch.randn(y64.shape, generator=torch.Generator().manual_seed(2))
+    y64.backward(dy.double())
+    a, b = a.clone().requires_grad_(True), b.clone().requires_grad_(True)
+    qlora_linear_multi(x, qw, a, b, sc, ids, bias).backward(dy)
+    # fp32 sums over <= 23 rows of O(1) products: 64 ulps of the gradient's scale bounds the reassociation
+    eps = torch.finfo(torch.float32).eps
+    for what, got, want in (("dA", a.grad, a64.grad), ("dB", b.grad, b64.grad)):
+        assert_close_to(got, want, 64 * eps * want.abs().max().item(), what)
+
+
 def test_lora_linear_multi_takes_a_quantized_weight():
     """The same op either way; the leading dims come back; no gradient slot for the 4-bit weight."""
     x, qw, _, a, b, sc, ids, bias = make_qmulti(6, 64, 24, 4, 3, lead=(2,))
