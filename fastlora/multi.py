@@ -53,6 +53,34 @@ def _backward(backend, seed, needs, dy, saved, new, consts):
     return [dx, dw, da, db, None, None, dbias]
 
 
+def _multi_differentiable(seed, x, weight, lora_A, lora_B, adapter_scaling, adapter_ids, bias, dropout_p):
+    """The op's forward in differentiable torch ops (``backward(create_graph=True)``):
+    the base GEMM, then each adapter's rows (the same dropout mask, from the same
+    seed, as the forward drew) added with ``index_add``; the LoRA branch in the
+    adapters' dtype, as the op's. One small graph per adapter with rows: this runs
+    only for second-order gradients."""
+    from .reference import dropout_keep_mask
+
+    branch = lora_A.dtype
+    h = x.to(branch)
+    if dropout_p > 0.0:
+        mask, keep = dropout_keep_mask(seed, tuple(x.shape), dropout_p, x.device)
+        h = h * mask.to(branch) / keep
+    ids = adapter_ids.reshape(-1).to(torch.int64)
+    lora = h.new_zeros(x.shape[0], lora_B.shape[1])
+    scales = adapter_scaling.tolist()
+    for a in sorted(set(ids.tolist()) - {-1}):
+        rows = (ids == a).nonzero().squeeze(1)
+        term = torch.mm(torch.mm(h.index_select(0, rows), lora_A[a].t()), lora_B[a].t()) * scales[a]
+        lora = lora.index_add(0, rows, term)
+    y = torch.nn.functional.linear(x, weight, bias)
+    return y + lora.to(y.dtype)
+
+
+def _differentiable_forward(seed, x, weight, lora_A, lora_B, adapter_scaling, adapter_ids, bias, scaling, dropout_p):
+    return _multi_differentiable(seed, x, weight, lora_A, lora_B, adapter_scaling, adapter_ids, bias, dropout_p)
+
+
 def _fake_forward(x, weight, lora_A, lora_B, adapter_scaling, adapter_ids, bias, scaling, dropout_p):
     return x.new_empty(x.shape[0], weight.shape[0]), lora_A.new_empty(x.shape[0], lora_A.shape[1])
 
@@ -155,6 +183,7 @@ MULTI = FusedOp(
     fake_forward=_fake_forward,
     fake_backward=_fake_backward,
     validate=_validate,
+    differentiable_forward=_differentiable_forward,
     autocast=("x", "weight", "lora_A", "lora_B", "bias"),
     cast_adapters_for_kernels=True,  # kernels/lora_multi.py reads the adapters in x's dtype
     doc="""``y[m] = x[m] W^T + bias + scaling[a] * dropout(x)[m] A[a]^T B[a]^T``, a = ids[m], on 2-D x.
@@ -248,6 +277,15 @@ def _q_backward(backend, seed, needs, dy, saved, new, consts):
     return [dx, da, db, None, None, dbias] + [None] * _N_QW
 
 
+def _q_differentiable_forward(seed, x, lora_A, lora_B, adapter_scaling, adapter_ids, bias, *rest):
+    from .qlora import _qw_from
+    from .quant import dequantize_4bit
+
+    tensors, (_, dropout_p, *meta) = rest[:_N_QW], rest[_N_QW:]
+    weight = dequantize_4bit(_qw_from(tensors, meta), x.dtype)  # frozen: a constant of the graph
+    return _multi_differentiable(seed, x, weight, lora_A, lora_B, adapter_scaling, adapter_ids, bias, dropout_p)
+
+
 def _q_fake_forward(x, lora_A, lora_B, adapter_scaling, adapter_ids, bias, *rest):
     shape = rest[_N_QW + 4]
     return x.new_empty(x.shape[0], shape[0]), lora_A.new_empty(x.shape[0], lora_A.shape[1])
@@ -284,6 +322,7 @@ QLORA_MULTI = FusedOp(
     fake_forward=_q_fake_forward,
     fake_backward=_q_fake_backward,
     validate=_q_validate,
+    differentiable_forward=_q_differentiable_forward,
     autocast=("x", "lora_A", "lora_B", "bias"),
     cast_adapters_for_kernels=True,  # kernels/lora_multi.py reads the adapters in x's dtype
     doc="""``y[m] = x[m] deq(W)^T + bias + scaling[a] * dropout(x)[m] A[a]^T B[a]^T``, a = ids[m], on 2-D x.
