@@ -479,6 +479,21 @@ def _linear(layer: NamedAdapters, present) -> tuple[torch.Tensor, torch.Tensor]:
 # -- mixed batches -------------------------------------------------------------------
 
 
+def _refuse_gradient_checkpointing(model: nn.Module) -> None:
+    # NOTE: gradient checkpointing re-runs each block's forward during backward, after
+    # this block has exited: the layers would recompute with the active adapters
+    # instead of each row's, and the gradients would be silently wrong.
+    for name, module in model.named_modules():
+        if getattr(module, "gradient_checkpointing", False) is True:
+            where = f"module {name!r}" if name else "the model"
+            raise ValueError(
+                f"mixed_batch: {where} has gradient checkpointing enabled; training on a mixed batch needs each "
+                "layer's forward to see the row's adapter names, which a recompute during backward would not. "
+                "Disable it for mixed-batch training (model.gradient_checkpointing_disable() on a transformers "
+                "model) or train one adapter per batch"
+            )
+
+
 @contextmanager
 def mixed_batch(model: nn.Module, adapter_names: Sequence[str]) -> Iterator[None]:
     """Within the block, every LoRA layer's forward gets ``adapter_names`` (PEFT's
@@ -498,6 +513,8 @@ def mixed_batch(model: nn.Module, adapter_names: Sequence[str]) -> Iterator[None
     names = _names_arg(adapter_names, "mixed_batch: adapter_names")
     layers = named_adapter_layers(model, "mixed_batch")
     _check_exists(_all_names(layers), [n for n in dict.fromkeys(names) if n != BASE_ONLY], "mixed_batch")
+    if model.training and torch.is_grad_enabled():
+        _refuse_gradient_checkpointing(model)
     owner = threading.get_ident()
 
     def inject(module, args, kwargs):

@@ -432,3 +432,17 @@ def test_threads_run_their_own_mixed_batches_on_one_model():
     for th in threads:
         th.join()
     assert errors == []
+
+
+def test_training_mixed_batch_refuses_gradient_checkpointing():
+    """A recompute during backward runs after the block has exited (the rows' names
+    gone): refused in training, as transformers' models flag it; eval is fine."""
+    model = multi_adapter_net(torch.float32)
+    model.fc2.gradient_checkpointing = True  # what transformers' gradient_checkpointing_enable() sets
+    model.train()
+    with pytest.raises(ValueError, match="'fc2' has gradient checkpointing enabled"):
+        with mixed_batch(model, ROWS):
+            pass
+    model.eval()
+    with mixed_batch(model, ROWS):
+        model(torch.randn(len(ROWS), 24))
