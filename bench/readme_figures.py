@@ -3,9 +3,11 @@
     python bench/readme_figures.py [--results bench/results] [--device cpu] [--write-readme README.md]
 
 Reads lora_<device>.csv (bench/report.py), qlora_<device>.csv
-(bench/report_qlora.py), dora_<device>.csv (bench/report_dora.py) and
-compile_<device>.csv (bench/compile_gain.py), so
-the README quotes exactly what those commands measured.
+(bench/report_qlora.py), dora_<device>.csv (bench/report_dora.py),
+compile_<device>.csv (bench/compile_gain.py), multi_<device>.csv
+(bench/report_multi.py), dropout_<device>.csv (bench/report_dropout.py) and
+host_overhead_<device>.csv (bench/host_overhead.py), so the README quotes
+exactly what those commands measured.
 """
 
 from __future__ import annotations
@@ -44,11 +46,15 @@ def qlora_lines(path: str) -> list[str]:
     out = []
     deq = [r for r in data if r["section"] == "dequant"]
     if deq:
-        out += ["| weight | fastlora dequant ms | bitsandbytes ms | fastlora GB/s | same bytes and values as bitsandbytes |",
-                "|---|---|---|---|---|"]
+        out += ["| weight | fastlora dequant ms | bitsandbytes ms | fastlora / bnb (thread CPU) | one gather pass / bnb "
+                "(thread CPU) | same bytes and values as bitsandbytes |",
+                "|---|---|---|---|---|---|"]
         for r in deq:
-            out.append(f"| {r['case']} | {ms(r, 'fastlora_ms')} | {ms(r, 'bnb_ms') if r.get('bnb_ms') else 'n/a'} | "
-                       f"{float(r['fastlora_gbps']):.2f} | {r['packed_equals_bnb']}, {r['output_equals_bnb']} |")
+            bnb = bool(r.get("bnb_ms"))
+            out.append(f"| {r['case']} | {ms(r, 'fastlora_ms')} | {ms(r, 'bnb_ms') if bnb else 'n/a'} | "
+                       f"{float(r['ratio_fastlora_bnb_cpu']):.2f} | {float(r['ratio_gather_bnb_cpu']):.2f} | "
+                       f"{r['packed_equals_bnb']}, {r['output_equals_bnb']} |" if bnb else
+                       f"| {r['case']} | {ms(r, 'fastlora_ms')} | n/a | n/a | n/a | n/a |")
         out.append("")
     layer = [r for r in data if r["section"] == "layer"]
     for r in layer:
@@ -85,6 +91,58 @@ def compile_table(path: str) -> list[str]:
     return out
 
 
+def multi_table(path: str) -> list[str]:
+    data = rows(path)
+    if not data:
+        return []
+    out = ["| case | phase | multi ms | one adapter ms | multi / one (thread CPU) | bytes floor | one after the other ms | "
+           "PEFT `adapter_names` ms |", "|---|---|---|---|---|---|---|---|"]
+    by = {(r["case"], r["phase"], r["impl"]): r for r in data}
+    for r in data:
+        if r["impl"] != "multi":
+            continue
+        key = (r["case"], r["phase"])
+        single, seq, peft = (by.get((*key, impl)) for impl in ("single", "sequential", "peft"))
+        phase = "forward" if r["phase"] == "fwd" else "forward+backward"
+        out.append(f"| {r['case']} | {phase} | {ms(r, 'median_ms')} | {ms(single, 'median_ms')} | "
+                   f"{float(r['thread_ratio_vs_single']):.2f} | {float(r['bytes_floor']) if r.get('bytes_floor') else float('nan'):.2f} | "
+                   f"{ms(seq, 'median_ms') if seq else 'n/a'} | {ms(peft, 'median_ms') if peft else 'inference only'} |")
+    return out
+
+
+def dropout_table(path: str) -> list[str]:
+    data = rows(path)
+    if not data:
+        return []
+    out = ["| shape | implementation | forward+backward ms (thread CPU) | / frozen nn.Linear | saved bytes |",
+           "|---|---|---|---|---|"]
+    names = [("linear", "frozen nn.Linear"), ("no_dropout", "fastlora, dropout 0"),
+             ("regenerate", "fastlora, dropout 0.1, regenerate"), ("stored_bits", "fastlora, dropout 0.1, stored_bits"),
+             ("peft", "PEFT, dropout 0.1")]  # fmt: skip
+    for r in data:
+        for key, label in names:
+            saved = r.get(f"{key}_saved_bytes")
+            out.append(f"| {r['shape']} | {label} | {ms(r, f'{key}_cpu_ms')} | {float(r[f'{key}_over_linear_cpu']):.3f} | "
+                       f"{int(saved):,} |" if saved else
+                       f"| {r['shape']} | {label} | {ms(r, f'{key}_cpu_ms')} | {float(r[f'{key}_over_linear_cpu']):.3f} | |")
+    return out
+
+
+def host_table(path: str) -> list[str]:
+    data = rows(path)
+    if not data:
+        return []
+    med = {(r["mode"], r["impl"]): float(r["median_us"]) for r in data}
+    modes = list(dict.fromkeys(r["mode"] for r in data))
+    targets = {"eval": 0.5, "train": 0.7}
+    out = ["| mode | fastlora us | PEFT us | nn.Linear us | fastlora / PEFT | target |", "|---|---|---|---|---|---|"]
+    for mode in modes:
+        f, p, lin = (med.get((mode, impl)) for impl in ("fastlora", "peft", "nn.Linear"))
+        target = next((f"<= {v}" for k, v in targets.items() if mode.startswith(k)), "")
+        out.append(f"| {mode} | {f:.1f} | {p:.1f} | {lin:.1f} | {f / p:.2f} | {target} |")
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--results", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
@@ -96,6 +154,9 @@ def main() -> None:
         "QLoRA": qlora_lines(os.path.join(args.results, f"qlora_{args.device}.csv")),
         "DoRA": dora_table(os.path.join(args.results, f"dora_{args.device}.csv")),
         "compile": compile_table(os.path.join(args.results, f"compile_{args.device}.csv")),
+        "multi": multi_table(os.path.join(args.results, f"multi_{args.device}.csv")),
+        "dropout": dropout_table(os.path.join(args.results, f"dropout_{args.device}.csv")),
+        "host": host_table(os.path.join(args.results, f"host_overhead_{args.device}.csv")),
     }
     if not args.write_readme:
         for title, lines in blocks.items():
