@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .functional import lora_linear
+from .functional import LORA, lora_linear
 from .validation import INITS, check_init, check_lora_hyperparameters, lora_scaling, pissa_niter
 
 DEFAULT_ADAPTER = "default"  # the adapter in the layer's own attributes (PEFT's first adapter name)
@@ -37,6 +37,21 @@ def check_adapter_name(name, what: str = "adapter_name") -> str:
             f"layer), got {name!r}"
         )
     return name
+
+
+_MISSING = object()
+
+
+def _parameter(module: nn.Module, name: str):
+    """``module.<name>`` for a parameter slot (a Parameter or None).
+
+    NOTE: ``module.weight`` reaches ``nn.Module.__getattr__`` only after the normal
+    lookup has failed and formatted an AttributeError: ~0.55 us against ~0.05 us for
+    the dict read (timeit, this project's CPUs), four times per LoRA call. A name not
+    in ``_parameters`` (moved out by ``torch.nn.utils.parametrize``, say) is read the
+    normal way."""
+    value = module._parameters.get(name, _MISSING)
+    return getattr(module, name) if value is _MISSING else value
 
 
 def _warn_merged_training(layer: nn.Module) -> None:
@@ -650,15 +665,17 @@ class LoRALinear(NamedAdapters, MergeableLinear):
         dimension."""
         # NOTE: the common case (only "default" active) is checked inline, before any other work
         if adapter_names is None and self.active_adapters == _DEFAULT_ONLY and not self.disable_adapters:
-            lora_A = self.lora_A
+            lora_A = _parameter(self, "lora_A")
             if lora_A is not None:
+                weight, bias = _parameter(self, "weight"), _parameter(self, "bias")
                 if self.merged:
                     if self.training and lora_A.requires_grad and torch.is_grad_enabled():
                         _warn_merged_training(self)
-                    return F.linear(x, self.weight, self.bias)
-                return lora_linear(
-                    x, self.weight, lora_A, self.lora_B, self.scaling, self.bias, dropout=self.dropout, training=self.training
-                )
+                    return F.linear(x, weight, bias)
+                return LORA(
+                    x, weight, lora_A, _parameter(self, "lora_B"), bias,
+                    scaling=self.scaling, dropout=self.dropout, training=self.training,
+                )  # fmt: skip
         return self._named_forward(x, adapter_names)
 
     # -- what NamedAdapters needs --------------------------------------------------
