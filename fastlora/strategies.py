@@ -204,11 +204,13 @@ def strategy_backend(op: str, backend: str, inputs, dropout_p: float) -> str:
     Python on constants: no graph break). ``inputs`` are the op's inputs, x first.
     """
     axes = _OP_AXES.get(op)
-    if axes is None:
+    if axes is None or (backend == "reference" and dropout_p <= 0.0):
+        # NOTE: no strategy can apply (the reference's only one is a dropout's), so the
+        # environment is not read: ~0.8 us a call (os.environ.get of an unset name
+        # raises and catches a KeyError; callgrind, bench/host_floor.py's shapes). A
+        # malformed FASTLORA_STRATEGY is refused by the first call it could change.
         return backend
-    forced = _forced_now()  # (raises for a malformed FASTLORA_STRATEGY on every backend)
-    if backend == "reference" and dropout_p <= 0.0:
-        return backend  # the reference's only strategy of its own is a dropout's
+    forced = _forced_now()
     relevant = []
     for a in axes:
         if a == "dropout" and dropout_p <= 0.0:
