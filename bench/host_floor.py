@@ -5,7 +5,7 @@ fastlora's LoRALinear, PEFT's LoRA layer and a plain nn.Linear.
 Candidates (M=16, K=N=64, r=8, fp32, CPU, one thread; interleaved in rounds):
 
 * ``bare ops``: an nn.Module whose forward is the reference forward's aten ops
-  and nothing else (``addmm(b, x, W^T)``, ``mm(x, A^T)``, ``addmm_``): no
+  and nothing else (``linear(x, W, b)``, ``linear(x, A)``, ``addmm``): no
   validation, no dispatch. In training it is recorded by autograd op by op.
 * ``bare Function``: the same forward inside a minimal ``torch.autograd.Function``
   whose backward runs the reference backward's GEMMs (dS = s dY B, dB = s dY^T S,
@@ -27,6 +27,7 @@ import statistics
 import time
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import fastlora
@@ -40,15 +41,17 @@ class BareOps(nn.Module):
         )  # fmt: skip
 
     def forward(self, x):
-        y = torch.addmm(self.bias, x, self.weight.t())
-        return y.addmm(torch.mm(x, self.lora_A.t()), self.lora_B.t(), alpha=self.scaling)
+        y = F.linear(x, self.weight, self.bias)
+        return y.addmm(F.linear(x, self.lora_A), self.lora_B.t(), alpha=self.scaling)
 
 
 class _Bare(torch.autograd.Function):
+    """fastlora.reference's lora_forward / lora_backward (no dropout, fp32) op for op."""
+
     @staticmethod
     def forward(ctx, x, weight, lora_A, lora_B, bias, scaling):
-        s = torch.mm(x, lora_A.t())
-        y = torch.addmm(bias, x, weight.t())
+        s = F.linear(x, lora_A)
+        y = F.linear(x, weight, bias)
         y.addmm_(s, lora_B.t(), alpha=scaling)
         ctx.save_for_backward(x, weight, lora_A, lora_B, s)
         ctx.scaling = scaling
@@ -58,8 +61,8 @@ class _Bare(torch.autograd.Function):
     def backward(ctx, dy):
         x, weight, lora_A, lora_B, s = ctx.saved_tensors
         need_x, _, need_a, need_b, _, _ = ctx.needs_input_grad
-        ds = torch.mm(dy, lora_B).mul_(ctx.scaling)
-        db = torch.mm(dy.t(), s).mul_(ctx.scaling) if need_b else None
+        ds = torch.addmm(s, dy, lora_B, beta=0, alpha=ctx.scaling)
+        db = torch.addmm(lora_B, dy.t(), s, beta=0, alpha=ctx.scaling) if need_b else None
         da = torch.mm(ds.t(), x) if need_a else None
         dx = torch.mm(dy, weight).addmm_(ds, lora_A) if need_x else None
         return dx, None, da, db, None, None

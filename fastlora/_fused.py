@@ -103,7 +103,8 @@ def autocast_dtype(x) -> torch.dtype | None:
 
 
 # Whether autocast is on for any device type: one C call, where autocast_dtype needs
-# x's device type (~0.4 us to build the string) and a per-device query. Traced code
+# x's device type (0.43 us: `python -m timeit -s "import torch; x = torch.randn(2)"
+# "x.device.type"`) and a per-device query. Traced code
 # (torch.compile) takes autocast_dtype itself; torch < 2.4 lacks the C function.
 _any_autocast = getattr(torch._C, "_is_any_autocast_enabled", lambda: True)
 

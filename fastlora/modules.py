@@ -43,9 +43,10 @@ def _lora_parameters(layer: nn.Module) -> tuple:
     """``(weight, lora_A, lora_B, bias)`` of a LoRA layer (each a Parameter or None).
 
     NOTE: ``layer.weight`` reaches ``nn.Module.__getattr__`` only after the normal
-    lookup has failed and formatted an AttributeError: ~0.55 us against ~0.05 us for
-    a dict read (timeit, this project's CPUs), four times per LoRA call. A name moved
-    out of ``_parameters`` (``torch.nn.utils.parametrize`` does) is read the normal way."""
+    lookup has failed and formatted an AttributeError: 0.55 us against 0.04 us for the
+    dict read, four times per LoRA call (`python -m timeit -s "import fastlora; l =
+    fastlora.LoRALinear(64, 64)" "l.weight"`, then "l._parameters['weight']"). A name
+    moved out of ``_parameters`` (``torch.nn.utils.parametrize`` does) is read the normal way."""
     params = layer._parameters
     try:
         return params["weight"], params["lora_A"], params["lora_B"], params["bias"]

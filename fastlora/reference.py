@@ -90,9 +90,9 @@ def lora_forward(
         s = torch.addmm(xl.new_empty(x.shape[0], lora_A.shape[0]), xd, lora_A.t(), beta=0, alpha=1.0 / keep)
     else:
         s = F.linear(xl, lora_A)
-    # NOTE: F.linear is addmm(bias, x, W^T) (mm without a bias), the same GEMM; one call
-    # of it costs less host time than building the transposed view and calling addmm
-    # (bench/host_overhead.py's shapes: ~1.5 us less per GEMM on this project's CPUs).
+    # NOTE: F.linear is addmm(bias, x, W^T) (mm without a bias), the same GEMM with the
+    # same result; one call of it costs less host time than a Python-level W.t() (a view,
+    # ~0.9 us) and then addmm (bench/host_overhead.py measures the whole call).
     y = F.linear(x, weight, bias)
     if mixed:
         y = torch.addmm(y.to(lora_A.dtype), s, lora_B.t(), alpha=scaling).to(x.dtype)
@@ -157,7 +157,7 @@ def lora_backward(
     # NOTE: with beta=0 addmm ignores its first argument (its values are neither read
     # nor propagated, NaN included), so a tensor of the result's shape and dtype stands
     # in for it: s [M, r] for dS, lora_B for dB. Neither is written (out of place); this
-    # saves an allocation call each against new_empty (host time, bench/host_overhead.py).
+    # saves a new_empty call each (host time, bench/host_overhead.py).
     if need_x or need_a:
         ds = torch.addmm(s, dyl, lora_B, beta=0, alpha=scaling)
     if need_b:

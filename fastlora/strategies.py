@@ -206,9 +206,10 @@ def strategy_backend(op: str, backend: str, inputs, dropout_p: float) -> str:
     axes = _OP_AXES.get(op)
     if axes is None or (backend == "reference" and dropout_p <= 0.0):
         # NOTE: no strategy can apply (the reference's only one is a dropout's), so the
-        # environment is not read: ~0.8 us a call (os.environ.get of an unset name
-        # raises and catches a KeyError; callgrind, bench/host_floor.py's shapes). A
-        # malformed FASTLORA_STRATEGY is refused by the first call it could change.
+        # environment is not read: os.environ.get of an unset name raises and catches a
+        # KeyError, 1.4 us a call on this project's CPUs (`python -m timeit -s "import os"
+        # "os.environ.get('FASTLORA_STRATEGY', '')"`). A malformed FASTLORA_STRATEGY is
+        # refused by the first call it could change.
         return backend
     forced = _forced_now()
     relevant = []
