@@ -10,7 +10,10 @@ backward <= 0.7x.
 
 Each configuration is timed in interleaved rounds (fastlora, PEFT, nn.Linear,
 fastlora, ...) so that a noisy machine slows all three alike; the table gives
-the median over rounds and the p20-p80 range.
+the median wall time over rounds and the p20-p80 range, and the ratio of the
+medians of this thread's CPU time (``time.thread_time``), which other processes
+on a shared machine disturb much less than the wall clock.
+``bench/host_floor.py`` shows what the same aten ops cost with nothing around them.
 
     python bench/host_overhead.py --out bench/results --threads 1
 """
@@ -42,11 +45,12 @@ def _peft_layer(layer: fastlora.LoRALinear) -> nn.Module:
     return model.base_model.model[0]
 
 
-def _time(fn, calls: int) -> float:
-    start = time.perf_counter()
+def _time(fn, calls: int) -> tuple[float, float]:
+    """(wall, thread CPU) microseconds per call."""
+    start, cpu = time.perf_counter(), time.thread_time()
     for _ in range(calls):
         fn()
-    return (time.perf_counter() - start) / calls * 1e6
+    return (time.perf_counter() - start) / calls * 1e6, (time.thread_time() - cpu) / calls * 1e6
 
 
 def measure(rounds: int, calls: int, m: int = 16, k: int = 64, n: int = 64, r: int = 8) -> list[dict]:
@@ -77,25 +81,36 @@ def measure(rounds: int, calls: int, m: int = 16, k: int = 64, n: int = 64, r: i
         for fn in fns.values():  # warm-up
             _time(fn, calls)
         samples: dict[str, list[float]] = {name: [] for name in fns}
+        cpu: dict[str, list[float]] = {name: [] for name in fns}
         for _ in range(rounds):
             for name, fn in fns.items():
-                samples[name].append(_time(fn, calls))
+                wall_us, cpu_us = _time(fn, calls)
+                samples[name].append(wall_us)
+                cpu[name].append(cpu_us)
         for name, values in samples.items():
             qs = statistics.quantiles(values, n=10)
-            rows.append(dict(mode=mode, impl=name, median_us=statistics.median(values), p20_us=qs[1], p80_us=qs[7]))
+            rows.append(
+                dict(
+                    mode=mode, impl=name, median_us=statistics.median(values), p20_us=qs[1], p80_us=qs[7],
+                    cpu_median_us=statistics.median(cpu[name]),
+                )
+            )  # fmt: skip
     return rows
 
 
 def table(rows: list[dict]) -> str:
     lines = [
-        "| mode | fastlora us | PEFT us | nn.Linear us | fastlora / PEFT | target |",
-        "|---|---|---|---|---|---|",
+        "| mode | fastlora us | PEFT us | nn.Linear us | fastlora / PEFT | fastlora / PEFT (thread CPU) | target |",
+        "|---|---|---|---|---|---|---|",
     ]
     for mode, target in (("eval forward", "<= 0.5"), ("train forward+backward", "<= 0.7")):
         by = {r["impl"]: r for r in rows if r["mode"] == mode}
         cell = lambda i: f"{by[i]['median_us']:.1f} ({by[i]['p20_us']:.0f}-{by[i]['p80_us']:.0f})"  # noqa: E731
         ratio = by["fastlora"]["median_us"] / by["peft"]["median_us"]
-        lines.append(f"| {mode} | {cell('fastlora')} | {cell('peft')} | {cell('nn.Linear')} | {ratio:.2f} | {target} |")
+        cpu_ratio = by["fastlora"]["cpu_median_us"] / by["peft"]["cpu_median_us"]
+        lines.append(
+            f"| {mode} | {cell('fastlora')} | {cell('peft')} | {cell('nn.Linear')} | {ratio:.2f} | {cpu_ratio:.2f} | {target} |"
+        )
     return "\n".join(lines)
 
 

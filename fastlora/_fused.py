@@ -33,8 +33,8 @@ from __future__ import annotations
 
 import importlib
 import math
+import operator
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from types import ModuleType
 
 import torch
@@ -46,6 +46,9 @@ from .strategies import ops_for, strategy_backend
 # Family of kernels -> the Triton module that implements it (the reference module
 # implements every family).
 _KERNEL_MODULES = {"lora": "fastlora.kernels.lora", "nf4": "fastlora.kernels.nf4"}
+# (backend, family) -> module, filled on first use: a dict lookup per call rather than
+# importlib's (the modules never change once imported).
+_modules: dict[tuple[str, str], ModuleType] = {}
 
 
 def backend_module(backend: str, family: str = "lora") -> ModuleType:
@@ -54,11 +57,17 @@ def backend_module(backend: str, family: str = "lora") -> ModuleType:
     first use only, so importing fastlora never imports Triton). A strategy spec
     (``"triton:lora=cublas,..."``, see ``fastlora.strategies``) gives the object
     implementing those strategies, with the same functions."""
+    module = _modules.get((backend, family))
+    if module is not None:
+        return module
     if ":" in backend:
-        return ops_for(backend)
+        return ops_for(backend)  # ops_for keeps its own cache (a spec may hold measured choices)
     if backend == "triton":
-        return importlib.import_module(_KERNEL_MODULES[family])
-    return importlib.import_module("fastlora.reference")
+        module = importlib.import_module(_KERNEL_MODULES[family])
+    else:
+        module = importlib.import_module("fastlora.reference")
+    _modules[(backend, family)] = module
+    return module
 
 
 def new_dropout_seed() -> int:
@@ -93,22 +102,29 @@ def autocast_dtype(x) -> torch.dtype | None:
     return None
 
 
+# Whether autocast is on for any device type: one C call, where autocast_dtype needs
+# x's device type (0.43 us: `python -m timeit -s "import torch; x = torch.randn(2)"
+# "x.device.type"`) and a per-device query. Traced code
+# (torch.compile) takes autocast_dtype itself; torch < 2.4 lacks the C function.
+_any_autocast = getattr(torch._C, "_is_any_autocast_enabled", lambda: True)
+
+
 def _seed_of(seed_t: Tensor | None) -> int:
     return int(seed_t.item()) if seed_t is not None else 0
 
 
+def _picker(index: tuple[int, ...]) -> Callable[[tuple], tuple]:
+    """``f(seq) -> tuple(seq[i] for i in index)``, as one C-level call."""
+    if not index:
+        return lambda seq: ()
+    if len(index) == 1:
+        i = index[0]
+        return lambda seq: (seq[i],)
+    return operator.itemgetter(*index)
+
+
 def _schema(args: Sequence[tuple[str, str]], returns: str) -> str:
     return "(" + ", ".join(f"{kind} {name}" for name, kind in args) + ") -> " + returns
-
-
-@dataclass(frozen=True)
-class Call:
-    """What :meth:`FusedOp.prepare` decided for one call."""
-
-    x2d: Tensor
-    dropout_p: float
-    seed: object
-    backend: str
 
 
 class FusedOp:
@@ -137,6 +153,9 @@ class FusedOp:
         unneeded gradient may be None.
       validate: ``(x, inputs: dict, consts: dict) -> None``: raises on bad operands
         (called after the autocast casts, before anything runs).
+      accept: optional ``(*inputs, *consts) -> bool``, True only for operands
+        ``validate`` would accept, in the common case, cheaply; ``validate`` then
+        does not run. False is not an error: ``validate`` runs and decides.
       autocast: names of the inputs cast to the autocast dtype with x.
       differentiable_forward: ``(seed, *inputs, *consts) -> y`` in differentiable
         torch ops (the bias input None), for ``create_graph=True`` backward; by
@@ -160,6 +179,7 @@ class FusedOp:
         fake_forward: Callable,
         fake_backward: Callable,
         validate: Callable,
+        accept: Callable | None = None,
         autocast: Sequence[str],
         differentiable_forward: Callable | None = None,
         cast_adapters_for_kernels: bool = False,
@@ -176,6 +196,7 @@ class FusedOp:
         self.forward = forward
         self.backward = backward
         self.validate = validate
+        self.accept = accept
         self.differentiable_forward = differentiable_forward or (lambda seed, *args: forward("reference", seed, *args)[0])
         self.autocast_index = tuple(self.input_names.index(n) for n in autocast)
         self.adapter_index = tuple(self.input_names.index(n) for n in ("lora_A", "lora_B"))
@@ -232,18 +253,24 @@ class FusedOp:
         op = self
         n_in, n_c = len(self.inputs), len(self.consts)
 
+        n_saved, n_new = len(self.saved_index), self.n_new
+        saved_of = _picker(self.saved_index)
+        held_of = _picker(self.held_index)
+        no_grads = (None,) * (n_c + 2)  # the constants, the seed and the backend
+
         def forward(ctx, *args):
             inputs, consts, (seed, backend) = args[:n_in], args[n_in : n_in + n_c], args[n_in + n_c :]
-            ctx.compiled = isinstance(seed, Tensor) or torch.compiler.is_compiling()
-            if ctx.compiled:
+            ctx.compiled = compiled = isinstance(seed, Tensor) or torch.compiler.is_compiling()
+            if compiled:
+                # (generator expressions: dynamo cannot trace an operator.itemgetter)
                 seed_t = seed if isinstance(seed, Tensor) else None
                 outs = op.fwd_op(*inputs, *consts, seed_t, backend)
-                extra = (seed_t,)
+                ctx.save_for_backward(*(inputs[i] for i in op.saved_index), *outs[1:], seed_t)
+                ctx.held = tuple(inputs[i] for i in op.held_index)
             else:
                 outs = op.forward(backend, seed, *inputs, *consts)
-                extra = ()
-            ctx.save_for_backward(*(inputs[i] for i in op.saved_index), *outs[1:], *extra)
-            ctx.held = tuple(inputs[i] for i in op.held_index)
+                ctx.save_for_backward(*saved_of(inputs), *outs[1:])
+                ctx.held = held_of(inputs)
             ctx.consts = consts
             ctx.seed = seed
             ctx.backend = backend
@@ -251,18 +278,17 @@ class FusedOp:
 
         def backward(ctx, dy):
             tensors = ctx.saved_tensors
-            n_saved = len(op.saved_index)
-            saved, new = tensors[:n_saved] + ctx.held, tensors[n_saved : n_saved + op.n_new]
-            needs = tuple(ctx.needs_input_grad[:n_in])
+            saved, new = tensors[:n_saved] + ctx.held, tensors[n_saved : n_saved + n_new]
+            needs = ctx.needs_input_grad[:n_in]
             if torch.is_grad_enabled():  # backward(create_graph=True): gradients that are differentiable
                 grads = op.differentiable_backward(ctx, dy, saved, needs)
             elif ctx.compiled:
-                seed_t = tensors[n_saved + op.n_new]
+                seed_t = tensors[n_saved + n_new]
                 grads = op.bwd_op(dy, *saved, *new, *ctx.consts, seed_t, ctx.backend, list(needs))
                 grads = [g if n else None for g, n in zip(grads, needs)]
             else:
                 grads = op.backward(ctx.backend, ctx.seed, needs, dy, saved, new, ctx.consts)
-            return (*grads, *([None] * (n_c + 2)))
+            return (*grads, *no_grads)
 
         return type(
             function_name,
@@ -295,30 +321,29 @@ class FusedOp:
         return grads
 
     # -- the call path -----------------------------------------------------------------
-    def prepare(self, x: Tensor, dropout: float, training: bool) -> Call:
-        """x flattened to [M, K], the dropout probability in effect and its seed, the backend."""
-        p = float(dropout) if training else 0.0
-        # NOTE: not reshape(-1, K): with K = 0 (in_features=0, as nn.Linear allows) -1 is ambiguous
-        x2d = x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
-        return Call(x2d, p, dropout_seed(p), resolve_backend(x.device))
-
     def __call__(self, *inputs, scaling, dropout: float = 0.0, training: bool = True, consts: tuple = ()) -> Tensor:
         """Run the op on ``inputs`` (x [..., K] first, in declared order): autocast,
-        validate, flatten, dispatch, and back to x's leading dims."""
+        validate, flatten, dispatch, and back to x's leading dims.
+
+        NOTE: this runs on every call of every LoRA layer, so it is one straight line
+        of cheap steps (``bench/host_overhead.py`` measures it against PEFT); every
+        step is still taken on every call: no operand check, backend choice or
+        strategy choice is cached across calls."""
         x = inputs[0]
-        dtype = autocast_dtype(x)
-        if dtype is not None:
-            inputs = list(inputs)
-            for i in self.autocast_index:
-                if inputs[i] is not None:
-                    inputs[i] = inputs[i].to(dtype)
-            with torch.autocast(x.device.type, enabled=False):
-                return self(*inputs, scaling=scaling, dropout=dropout, training=training, consts=consts)
-        self.validate(x, dict(zip(self.input_names, inputs)), dict(zip(self.const_names, (scaling, dropout, *consts))))
-        call = self.prepare(x, dropout, training)
+        compiling = torch.compiler.is_compiling()
+        if (compiling or _any_autocast()) and autocast_dtype(x) is not None:
+            return self._autocast_call(inputs, scaling, dropout, training, consts)
+        accept = self.accept
+        if accept is None or not accept(*inputs, scaling, dropout, *consts):
+            self.validate(x, dict(zip(self.input_names, inputs)), dict(zip(self.const_names, (scaling, dropout, *consts))))
+        p = float(dropout) if training else 0.0
+        seed = dropout_seed(p) if p > 0.0 or compiling else 0
+        backend = resolve_backend(x.device)
         args = list(inputs)
-        args[0] = call.x2d
-        if call.backend == "triton" and self.cast_adapters_for_kernels:
+        if x.dim() != 2:
+            # NOTE: not reshape(-1, K): with K = 0 (in_features=0, as nn.Linear allows) -1 is ambiguous
+            args[0] = x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
+        if backend == "triton" and self.cast_adapters_for_kernels:
             i_a, i_b = self.adapter_index
             if args[i_a].dtype != x.dtype:
                 # NOTE: this op's kernels read the adapters in the activation dtype (fp32
@@ -326,15 +351,27 @@ class FusedOp:
                 # DoRA kernels take fp32 adapters as they are (the LoRA branch in fp32).
                 args[i_a], args[i_b] = args[i_a].to(x.dtype), args[i_b].to(x.dtype)
         # The strategies of this call (forced, or "auto": measured inside the op), as a constant string.
-        backend = strategy_backend(self.name, call.backend, args, call.dropout_p)
-        if not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        backend = strategy_backend(self.name, backend, args, p)
+        if not compiling and not torch.is_grad_enabled():
             # NOTE: inference (no_grad / inference_mode): no graph to record, so the backend runs
             # directly; autograd.Function.apply would cost more host time than the op itself
             # at small sizes, and saves nothing here anyway.
-            y = self.forward(backend, call.seed, *args, float(scaling), call.dropout_p, *consts)[0]
+            y = self.forward(backend, seed, *args, float(scaling), p, *consts)[0]
         else:
-            y = self.function.apply(*args, float(scaling), call.dropout_p, *consts, call.seed, backend)
+            y = self.function.apply(*args, float(scaling), p, *consts, seed, backend)
         return with_leading_dims(y, x)
 
+    def _autocast_call(self, inputs: tuple, scaling, dropout, training: bool, consts: tuple) -> Tensor:
+        """Under ``torch.autocast``: every operand named in ``autocast`` cast to the
+        autocast dtype (as ``nn.Linear``'s are), then the op with autocast off."""
+        x = inputs[0]
+        dtype = autocast_dtype(x)
+        inputs = list(inputs)
+        for i in self.autocast_index:
+            if inputs[i] is not None:
+                inputs[i] = inputs[i].to(dtype)
+        with torch.autocast(x.device.type, enabled=False):
+            return self(*inputs, scaling=scaling, dropout=dropout, training=training, consts=consts)
 
-__all__ = ["Call", "FusedOp", "autocast_dtype", "backend_module", "dropout_seed", "new_dropout_seed", "with_leading_dims"]
+
+__all__ = ["FusedOp", "autocast_dtype", "backend_module", "dropout_seed", "new_dropout_seed", "with_leading_dims"]

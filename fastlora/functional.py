@@ -11,7 +11,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from ._fused import FusedOp, backend_module, new_dropout_seed, with_leading_dims
-from .validation import check_dense_operands
+from .validation import check_dense_operands, dense_operands_ok
 
 
 def _forward(backend, seed, x, weight, lora_A, lora_B, bias, scaling, dropout_p):
@@ -53,6 +53,7 @@ LORA = FusedOp(
     fake_forward=_fake_forward,
     fake_backward=_fake_backward,
     validate=_validate,
+    accept=dense_operands_ok,
     autocast=("x", "weight", "lora_A", "lora_B", "bias"),
     doc="""``y = x W^T + scaling * dropout(x) A^T B^T + bias`` on 2-D x [M, K].
 

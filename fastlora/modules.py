@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .functional import lora_linear
+from .functional import LORA, lora_linear
 from .multi import lora_linear_multi
 from .validation import INITS, check_init, check_lora_hyperparameters, lora_scaling, pissa_niter
 
@@ -38,6 +38,21 @@ def check_adapter_name(name, what: str = "adapter_name") -> str:
             f"layer), got {name!r}"
         )
     return name
+
+
+def _lora_parameters(layer: nn.Module) -> tuple:
+    """``(weight, lora_A, lora_B, bias)`` of a LoRA layer (each a Parameter or None).
+
+    NOTE: ``layer.weight`` reaches ``nn.Module.__getattr__`` only after the normal
+    lookup has failed and formatted an AttributeError: 0.55 us against 0.04 us for the
+    dict read, four times per LoRA call (`python -m timeit -s "import fastlora; l =
+    fastlora.LoRALinear(64, 64)" "l.weight"`, then "l._parameters['weight']"). A name
+    moved out of ``_parameters`` (``torch.nn.utils.parametrize`` does) is read the normal way."""
+    params = layer._parameters
+    try:
+        return params["weight"], params["lora_A"], params["lora_B"], params["bias"]
+    except KeyError:
+        return layer.weight, layer.lora_A, layer.lora_B, layer.bias
 
 
 def _warn_merged_training(layer: nn.Module) -> None:
@@ -716,15 +731,13 @@ class LoRALinear(NamedAdapters, MergeableLinear):
         dimension."""
         # NOTE: the common case (only "default" active) is checked inline, before any other work
         if adapter_names is None and self.active_adapters == _DEFAULT_ONLY and not self.disable_adapters:
-            lora_A = self.lora_A
+            weight, lora_A, lora_B, bias = _lora_parameters(self)
             if lora_A is not None:
                 if self.merged:
                     if self.training and lora_A.requires_grad and torch.is_grad_enabled():
                         _warn_merged_training(self)
-                    return F.linear(x, self.weight, self.bias)
-                return lora_linear(
-                    x, self.weight, lora_A, self.lora_B, self.scaling, self.bias, dropout=self.dropout, training=self.training
-                )
+                    return F.linear(x, weight, bias)
+                return LORA(x, weight, lora_A, lora_B, bias, scaling=self.scaling, dropout=self.dropout, training=self.training)
         return self._named_forward(x, adapter_names)
 
     # -- what NamedAdapters needs --------------------------------------------------

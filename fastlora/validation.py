@@ -14,6 +14,7 @@ import re
 import torch
 from torch import Tensor
 
+_INF = math.inf
 _PISSA_NITER = re.compile(r"pissa_niter_(\d+)")
 # "pissa", "pissa_niter_<N>" (any integer N >= 0) and "olora" initialise A and B
 # from the base weight and replace it by the residual (see
@@ -160,6 +161,41 @@ def check_lora_operands(
         )
 
 
+def dense_operands_ok(x, weight, lora_A, lora_B, bias, scaling, dropout) -> bool:
+    """True when :func:`check_dense_operands` would certainly accept these operands,
+    in the common case only: one dtype for every tensor, ``scaling`` and ``dropout``
+    Python floats. False means "not shown valid here", never "invalid": the caller
+    then runs :func:`check_dense_operands`, which raises with a clear message or
+    accepts the less common valid cases (fp32 adapters on a bf16 base, an int
+    scaling, a symbolic scaling under torch.compile).
+
+    NOTE: the fused ops' per-call host time (``bench/host_overhead.py``): this is
+    one function of attribute reads and comparisons, where the full check builds
+    messages' ingredients and calls a helper per argument. Every condition here
+    implies the full check's (tests/test_validation.py checks that each operand
+    the full check refuses is refused here too)."""
+    if type(scaling) is not float or type(dropout) is not float or not (0.0 <= dropout < 1.0 and -_INF < scaling < _INF):
+        return False
+    if not (isinstance(x, Tensor) and isinstance(weight, Tensor) and isinstance(lora_A, Tensor) and isinstance(lora_B, Tensor)):
+        return False
+    dtype = x.dtype
+    if not (dtype.is_floating_point and weight.dtype == dtype and lora_A.dtype == dtype and lora_B.dtype == dtype):
+        return False
+    shape = weight.shape
+    a_shape = lora_A.shape
+    if len(shape) != 2 or x.dim() < 1 or len(a_shape) != 2 or a_shape[0] < 1:
+        return False
+    n, k = shape
+    if x.shape[-1] != k or a_shape[1] != k or lora_B.shape != (n, a_shape[0]):
+        return False
+    device = x.device
+    if weight.device != device or lora_A.device != device or lora_B.device != device:
+        return False
+    return bias is None or (
+        isinstance(bias, Tensor) and bias.shape == (n,) and bias.dtype == dtype and bias.device == device
+    )
+
+
 def check_dense_operands(x, weight, lora_A, lora_B, bias, scaling, dropout) -> None:
     """The operands of a LoRA op on a dense base weight [N, K] (see :func:`check_lora_operands`)."""
     shape = check_dense_weight(None, weight)
@@ -188,6 +224,7 @@ __all__ = [
     "check_rank",
     "check_same_device",
     "check_vector",
+    "dense_operands_ok",
     "is_int",
     "is_number",
     "lora_scaling",

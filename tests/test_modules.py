@@ -163,3 +163,37 @@ def test_constructor_with_use_dora_builds_a_dora_layer():
     # Fresh: B = 0 and m = ||W||_row, so g = 1 up to the norm's fp32 rounding.
     assert_close_to(layer(x), F.linear(x, layer.weight, layer.bias), 1e-5, "fresh DoRA layer")
     assert type(LoRALinear(24, 12, r=4)) is LoRALinear
+
+
+def test_a_parametrized_weight_is_read_through_its_parametrization():
+    """LoRALinear.forward reads its parameters from ``_parameters`` (host time); a weight
+    that ``torch.nn.utils.parametrize`` moved out of it must still be the one used."""
+    from torch.nn.utils import parametrize
+
+    from fastlora.reference import lora_linear_float64
+
+    class Doubled(nn.Module):
+        def forward(self, w):
+            return 2 * w
+
+    torch.manual_seed(0)
+    layer = LoRALinear(8, 6, r=2, alpha=4.0)
+    nn.init.normal_(layer.lora_B)
+    parametrize.register_parametrization(layer, "weight", Doubled())
+    x = torch.randn(3, 8)
+    want = lora_linear_float64(x, layer.weight, layer.lora_A, layer.lora_B, layer.scaling, layer.bias)
+    # the float64 oracle: rounding of three fp32 GEMMs at K=8, far below 1e-5 of values ~1
+    assert not torch.allclose(layer.parametrizations.weight.original, layer.weight)  # 2 W, not W
+    assert_close_to(layer(x), want, 1e-5, "parametrized weight")
+
+
+def test_a_2d_input_adds_one_autograd_node():
+    """x [M, K] goes to the op as it is (no view of it recorded): the op's node
+    leads straight to x's AccumulateGrad. With leading dims the output is a view of the op's."""
+    layer = LoRALinear(8, 6, r=2)
+    x = torch.randn(3, 8, requires_grad=True)
+    node = layer(x).grad_fn
+    assert type(node).__name__ == "LoRALinearFunctionBackward"
+    assert type(node.next_functions[0][0]).__name__ == "AccumulateGrad"
+    node3 = layer(x.detach().reshape(1, 3, 8).requires_grad_(True)).grad_fn
+    assert type(node3.next_functions[0][0]).__name__ == "LoRALinearFunctionBackward"

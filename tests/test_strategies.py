@@ -174,6 +174,26 @@ def test_env_var_forces_a_strategy_end_to_end(monkeypatch):
     assert record_saved_tensors(lambda: layer(x), exclude=frozen).nbytes == 37 * K_REF * 4 + 37 * 8 * 4
 
 
+def test_env_var_changes_and_malformed_values_reach_the_next_call(monkeypatch):
+    """forced strategies are memoised per (FASTLORA_STRATEGY text, set_strategy state):
+    a change of either is seen by the very next call; a malformed value is refused by
+    every call a strategy applies to (on the reference backend: calls with dropout)."""
+    from fastlora.strategies import strategy_backend
+
+    x = torch.randn(4, 8)
+    assert strategy_backend("lora", "reference", [x], 0.1) == "reference"
+    monkeypatch.setenv("FASTLORA_STRATEGY", "dropout:stored_bits")
+    assert strategy_backend("lora", "reference", [x], 0.1) == "reference:dropout=stored_bits"
+    fastlora.set_strategy("dropout", "regenerate")
+    assert strategy_backend("lora", "reference", [x], 0.1) == "reference"
+    fastlora.set_strategy("dropout", None)
+    monkeypatch.setenv("FASTLORA_STRATEGY", "dropout:turbo")
+    layer = _layer(torch.float32, 0.1)
+    with pytest.raises(ValueError, match="FASTLORA_STRATEGY"):
+        layer(x.new_empty(4, K_REF).normal_())
+    assert strategy_backend("lora", "reference", [x], 0.0) == "reference"  # no strategy applies: not read
+
+
 def test_the_cuda_timer_measures_nothing_off_cuda():
     from fastlora.strategies import cuda_event_timer
 

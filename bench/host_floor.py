@@ -1,0 +1,160 @@
+"""The floor under a LoRA layer call's host time at tiny shapes: what the same
+aten ops cost with nothing of fastlora around them, side by side with
+fastlora's LoRALinear, PEFT's LoRA layer and a plain nn.Linear.
+
+Candidates (M=16, K=N=64, r=8, fp32, CPU, one thread; interleaved in rounds):
+
+* ``bare ops``: an nn.Module whose forward is the reference forward's aten ops
+  and nothing else (``linear(x, W, b)``, ``linear(x, A)``, ``addmm``): no
+  validation, no dispatch. In training it is recorded by autograd op by op.
+* ``bare Function``: the same forward inside a minimal ``torch.autograd.Function``
+  whose backward runs the reference backward's GEMMs (dS = s dY B, dB = s dY^T S,
+  dA = dS^T x, dx = dY W + dS A), with no checks: the cheapest a custom
+  Function with fastlora's saved tensors (x and S) can be here.
+* ``fastlora``, ``peft``, ``nn.Linear``: as in ``bench/host_overhead.py``.
+
+Each candidate is timed by wall clock (``time.perf_counter``) and by this
+thread's CPU time (``time.thread_time``), which other processes on a shared
+machine disturb much less. The table gives medians over rounds.
+
+    python bench/host_floor.py --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fastlora
+
+
+class BareOps(nn.Module):
+    def __init__(self, layer: fastlora.LoRALinear) -> None:
+        super().__init__()
+        self.weight, self.bias, self.lora_A, self.lora_B, self.scaling = (
+            layer.weight, layer.bias, layer.lora_A, layer.lora_B, layer.scaling,
+        )  # fmt: skip
+
+    def forward(self, x):
+        y = F.linear(x, self.weight, self.bias)
+        return y.addmm(F.linear(x, self.lora_A), self.lora_B.t(), alpha=self.scaling)
+
+
+class _Bare(torch.autograd.Function):
+    """fastlora.reference's lora_forward / lora_backward (no dropout, fp32) op for op."""
+
+    @staticmethod
+    def forward(ctx, x, weight, lora_A, lora_B, bias, scaling):
+        s = F.linear(x, lora_A)
+        y = F.linear(x, weight, bias)
+        y.addmm_(s, lora_B.t(), alpha=scaling)
+        ctx.save_for_backward(x, weight, lora_A, lora_B, s)
+        ctx.scaling = scaling
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, lora_A, lora_B, s = ctx.saved_tensors
+        need_x, _, need_a, need_b, _, _ = ctx.needs_input_grad
+        ds = torch.addmm(s, dy, lora_B, beta=0, alpha=ctx.scaling)
+        db = torch.addmm(lora_B, dy.t(), s, beta=0, alpha=ctx.scaling) if need_b else None
+        da = torch.mm(ds.t(), x) if need_a else None
+        dx = torch.mm(dy, weight).addmm_(ds, lora_A) if need_x else None
+        return dx, None, da, db, None, None
+
+
+class BareFunction(BareOps):
+    def forward(self, x):
+        return _Bare.apply(x, self.weight, self.lora_A, self.lora_B, self.bias, self.scaling)
+
+
+def _peft_layer(layer: fastlora.LoRALinear) -> nn.Module:
+    import peft
+
+    base = nn.Linear(layer.in_features, layer.out_features)
+    with torch.no_grad():
+        base.weight.copy_(layer.weight)
+        base.bias.copy_(layer.bias)
+    model = peft.get_peft_model(nn.Sequential(base), peft.LoraConfig(r=layer.r, lora_alpha=layer.alpha, target_modules=["0"]))
+    theirs = model.base_model.model[0]
+    with torch.no_grad():
+        theirs.lora_A["default"].weight.copy_(layer.lora_A)
+        theirs.lora_B["default"].weight.copy_(layer.lora_B)
+    return theirs
+
+
+def _time(fn, calls: int) -> tuple[float, float]:
+    wall, cpu = time.perf_counter(), time.thread_time()
+    for _ in range(calls):
+        fn()
+    return (time.perf_counter() - wall) / calls * 1e6, (time.thread_time() - cpu) / calls * 1e6
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--calls", type=int, default=300)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    fastlora.set_backend("reference")
+    torch.manual_seed(0)
+    ours = fastlora.LoRALinear(64, 64, r=8, alpha=16.0)
+    with torch.no_grad():
+        ours.lora_B.normal_()
+    impls = {
+        "bare ops": BareOps(ours),
+        "bare Function": BareFunction(ours),
+        "fastlora": ours,
+        "peft": _peft_layer(ours),
+        "nn.Linear": nn.Linear(64, 64),
+    }
+    x = torch.randn(16, 64)
+    xg = x.clone().requires_grad_(True)
+    with torch.no_grad():
+        want = ours(x)
+        for name in ("bare ops", "bare Function", "peft"):
+            torch.testing.assert_close(impls[name](x), want)  # the same layer, computed four ways
+
+    def eval_call(layer):
+        def f():
+            with torch.no_grad():
+                layer(x)
+        return f
+
+    def train_call(layer):
+        def f():
+            layer(xg).sum().backward()
+        return f
+
+    print("| mode | impl | wall us | thread CPU us | / PEFT (CPU) |\n|---|---|---|---|---|")
+    for mode, make in (("eval forward", eval_call), ("train forward+backward", train_call)):
+        for layer in impls.values():
+            layer.train(mode.startswith("train"))
+        fns = {name: make(layer) for name, layer in impls.items()}
+        for fn in fns.values():  # warm-up
+            _time(fn, args.calls)
+        wall: dict[str, list[float]] = {name: [] for name in fns}
+        cpu: dict[str, list[float]] = {name: [] for name in fns}
+        for _ in range(args.rounds):
+            for name, fn in fns.items():
+                w, c = _time(fn, args.calls)
+                wall[name].append(w)
+                cpu[name].append(c)
+        peft_cpu = statistics.median(cpu["peft"])
+        for name in fns:
+            c = statistics.median(cpu[name])
+            print(f"| {mode} | {name} | {statistics.median(wall[name]):.1f} | {c:.1f} | {c / peft_cpu:.2f} |")
+    print(
+        f"torch {torch.__version__}, {args.threads} thread(s); M=16, K=N=64, r=8, fp32, reference backend; "
+        f"median over {args.rounds} interleaved rounds of {args.calls} calls"
+    )
+
+
+if __name__ == "__main__":
+    main()
