@@ -143,7 +143,7 @@ class ReferenceStoredBits:
         pack_bits(mask, bits)
         # NOTE: from here on reference.lora_forward's dropout branch, step for step
         # (same ops, same order: bit-identical results).
-        xd = mask.to(xl.dtype).mul_(xl)
+        xd = reference.mask_float(mask, xl.dtype).mul_(xl)
         s.addmm_(xd, lora_A.t(), beta=0, alpha=1.0 / keep)
         y = torch.addmm(bias, x, weight.t()) if bias is not None else torch.mm(x, weight.t())
         if mixed:
