@@ -60,9 +60,11 @@ def dropout_keep_mask(seed: int, shape: tuple[int, int], p: float, device: torch
     gen = torch.Generator(device=device)
     gen.manual_seed(seed)
     words = (numel + 3) // 4  # four 16-bit draws per int64 word
-    bits = torch.randint(
-        -(2**63), 2**63 - 1, (words,), dtype=torch.int64, device=device, generator=gen
-    ).view(torch.int16)[:numel]
+    # NOTE: random_(min, None) on int64 draws raw 64-bit words (every value equally
+    # likely; randint over [-2^63, 2^63 - 1) reduces each draw modulo its range):
+    # 1.7 vs 2.0-2.5 ms for 2M elements on CPU, 1 thread.
+    bits = torch.empty(words, dtype=torch.int64, device=device).random_(-(2**63), None, generator=gen)
+    bits = bits.view(torch.int16)[:numel]
     # NOTE: the comparison writes uint8 0 / 1, read back as bool (the same bytes):
     # on CPU ~2x cheaper than a bool output (0.45 vs 1.0 ms for 2M elements, 1
     # thread; bench/report_dropout_cpu.py, "the mask's pieces").
