@@ -196,6 +196,8 @@ if [ $MODE = cuda ]; then
     env TRITON_INTERPRET=0 "$PY" bench/report_qlora.py --device cuda --out "$OUT"
   run_step "bench/report_dora.py --device cuda" 60 "$OUT/report_dora.log" \
     env TRITON_INTERPRET=0 "$PY" bench/report_dora.py --device cuda --out "$OUT"
+  run_step "bench/report_multi.py --device cuda" 90 "$OUT/report_multi.log" \
+    env TRITON_INTERPRET=0 "$PY" bench/report_multi.py --device cuda --out "$OUT"
 else
   run_step "bench/report.py --device cpu --quick" 120 "$OUT/report.log" \
     env TRITON_INTERPRET=0 "$PY" bench/report.py --device cpu --quick --no-launches --out "$OUT"
@@ -250,6 +252,7 @@ log "done in $(($(date +%s) - START))s; files: $(cd "$OUT" && ls | tr '\n' ' ')"
 [ -f "$OUT/lora_$MODE.md" ] && cat "$OUT/lora_$MODE.md"
 [ -f "$OUT/qlora_$MODE.md" ] && cat "$OUT/qlora_$MODE.md"
 [ -f "$OUT/dora_$MODE.md" ] && cat "$OUT/dora_$MODE.md"
+[ -f "$OUT/multi_$MODE.md" ] && cat "$OUT/multi_$MODE.md"
 [ -f "$OUT/strategies_$MODE.md" ] && cat "$OUT/strategies_$MODE.md"
 [ -f "$OUT/strategy_choice.log" ] && cat "$OUT/strategy_choice.log"
 exit 0

@@ -2,6 +2,7 @@
 """Benchmark report: many adapters in one batch (``fastlora.lora_linear_multi``).
 
     python bench/report_multi.py --threads 1 --out bench/results [--quick] [--reps N]
+    python bench/report_multi.py --device cuda --out OUT      # bf16, the Triton kernels, Llama-sized layers
 
 A mixed batch: B samples of T tokens, each sample on one of ``--adapters``
 LoRA adapters (drawn at random: ragged, unsorted rows), one linear layer
@@ -20,7 +21,10 @@ Phases: ``fwd`` = inference (``torch.no_grad``, eval: no dropout), ``fwd+bwd``
 = one training step's forward and backward (x, lora_A, lora_B require grad).
 Median with 20th/80th percentiles over ``--reps`` rounds after ``--warmup``;
 the implementations are interleaved round by round so background load hits
-them alike. On CPU fastlora runs its reference path. Writes
+them alike. On CPU fastlora runs its reference path in fp32; on CUDA its
+default backend (the Triton kernels) in bf16, each timed call bracketed by
+``torch.cuda.synchronize()``, and the table adds tokens per second (rows / the
+median time). Writes
 ``multi_<device>.csv`` and ``multi_<device>.md`` into ``--out``, stamped with
 device, versions, date, load average and the command.
 """
@@ -73,14 +77,20 @@ class Case:
         return f"M={self.M} ({self.B}x{self.T}) K={self.K} N={self.N} r={self.r} n={self.n}"
 
 
-def default_cases(quick: bool, adapters: int) -> list[Case]:
+def default_cases(quick: bool, adapters: int, device: str = "cpu") -> list[Case]:
+    if device == "cuda":  # a Llama-8B q_proj-sized layer: decode, prefill and a training batch
+        cases = [Case(64, 32, 4096, 4096, 16, adapters), Case(16, 1, 4096, 4096, 16, adapters),
+                 Case(64, 1, 4096, 4096, 16, adapters), Case(8, 512, 4096, 4096, 16, adapters)]  # fmt: skip
+        return cases[:2] if quick else cases
     cases = [Case(64, 32, 1024, 1024, 16, adapters), Case(16, 32, 512, 512, 16, adapters),
              Case(2, 32, 1024, 1024, 16, adapters), Case(16, 1, 1024, 1024, 16, adapters),
              Case(8, 1, 1024, 1024, 16, adapters)]  # fmt: skip
     return cases[1:2] if quick else cases
 
 
-def default_reps(case: Case, quick: bool) -> int:
+def default_reps(case: Case, quick: bool, device: str = "cpu") -> int:
+    if device == "cuda":
+        return 10 if quick else 50
     if quick:
         return 5
     work = case.M * case.K * case.N
@@ -90,8 +100,9 @@ def default_reps(case: Case, quick: bool) -> int:
 class Setup:
     """Weights, the mixed batch and every implementation as ``fn(phase) -> y``."""
 
-    def __init__(self, case: Case, seed: int = 0) -> None:
+    def __init__(self, case: Case, seed: int = 0, device: str = "cpu", dtype: torch.dtype = torch.float32) -> None:
         g = torch.Generator().manual_seed(seed)
+        self.device = torch.device(device)
         K, N, r, n = case.K, case.N, case.r, case.n
         self.case = case
         self.weight = torch.randn(N, K, generator=g) / math.sqrt(K)
@@ -117,6 +128,21 @@ class Setup:
             self.linear.weight.copy_(self.weight)
             self.linear.bias.copy_(self.bias)
         self.peft = self._peft() if have_peft() else None
+        if self.device.type != "cpu" or dtype != torch.float32:  # made on CPU (the same values), then moved
+            self._move(self.device, dtype)
+
+    def _move(self, device: torch.device, dtype: torch.dtype) -> None:
+        def leaf(t):
+            return t.detach().to(device, dtype).requires_grad_(t.requires_grad)
+
+        self.weight, self.bias, self.x, self.dy = (t.to(device, dtype) for t in (self.weight, self.bias, self.x, self.dy))
+        self.x.requires_grad_(True)
+        self.lora_A, self.lora_B, self.A0, self.B0 = (leaf(t) for t in (self.lora_A, self.lora_B, self.A0, self.B0))
+        self.scaling, self.ids, self.inverse = (t.to(device) for t in (self.scaling, self.ids, self.inverse))
+        self.rows = [(a, rows.to(device)) for a, rows in self.rows]
+        self.linear = self.linear.to(device, dtype)
+        if self.peft is not None:
+            self.peft = self.peft.to(device, dtype)
 
     def _peft(self):
         from peft import LoraConfig, get_peft_model
@@ -168,18 +194,22 @@ class Setup:
 
 def run_phase(setup: Setup, impl: str, phase: str) -> tuple[float, float]:
     """(wall seconds, this thread's CPU seconds): the thread time is what other
-    processes on a shared machine disturb least (with --threads 1)."""
+    processes on a shared machine disturb least (with --threads 1). On CUDA the
+    call is bracketed by synchronizations, so the wall time is the GPU's."""
     fn = setup.fn(impl)
     for p in setup.params():
         p.grad = None
+    cuda = setup.device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+    t0, c0 = time.perf_counter(), time.thread_time()
     if phase == "fwd":
-        t0, c0 = time.perf_counter(), time.thread_time()
         with torch.no_grad():
             fn(setup.x, False)
-        return time.perf_counter() - t0, time.thread_time() - c0
-    t0, c0 = time.perf_counter(), time.thread_time()
-    y = fn(setup.x, True)
-    y.backward(setup.dy)
+    else:
+        fn(setup.x, True).backward(setup.dy)
+    if cuda:
+        torch.cuda.synchronize()
     return time.perf_counter() - t0, time.thread_time() - c0
 
 
@@ -205,8 +235,8 @@ def bytes_floor(case: Case, used: int) -> float:
     return (common + used * adapter) / (common + adapter)
 
 
-def run_case(case: Case, reps: int, warmup: int) -> list[dict]:
-    setup = Setup(case)
+def run_case(case: Case, reps: int, warmup: int, device: str = "cpu", dtype: torch.dtype = torch.float32) -> list[dict]:
+    setup = Setup(case, device=device, dtype=dtype)
     floor = bytes_floor(case, int(setup.ids.unique().numel()))
     pairs = impl_phases(setup)
     # Correctness beside the timings: every implementation's output vs multi's (fp32).
@@ -233,7 +263,8 @@ def run_case(case: Case, reps: int, warmup: int) -> list[dict]:
         p20, m, p80 = quantiles(vals)
         c = cpu_med[(impl, phase)]
         row = dict(case=case.label, M=case.M, B=case.B, T=case.T, K=case.K, N=case.N, r=case.r, n_adapters=case.n,
-                   impl=impl, phase=phase, median_ms=m * 1e3, p20_ms=p20 * 1e3, p80_ms=p80 * 1e3, reps=reps,
+                   impl=impl, phase=phase, dtype=str(dtype).replace("torch.", ""), median_ms=m * 1e3,
+                   tokens_per_s=case.M / m, p20_ms=p20 * 1e3, p80_ms=p80 * 1e3, reps=reps,
                    ratio_vs_single=m / med[("single", phase)], ratio_multi_vs_this=med[("multi", phase)] / m,
                    thread_ms=c * 1e3, thread_ratio_vs_single=c / cpu_med[("single", phase)],
                    saved_bytes=saved.get(impl, "") if phase == "both" else "", bytes_floor=floor,
@@ -257,14 +288,14 @@ def write_markdown(path: str, rows: list[dict], stamp: dict) -> None:
     lines += ["", "Times in ms: median (p20-p80) over the repeats. `vs single` = this / one adapter on the same rows;",
               "`multi speedup` = this / multi (> 1: multi is faster). `thread ms`: median of this thread's CPU",
               "time (time.thread_time), which other processes disturb much less than wall time.", ""]  # fmt: skip
-    lines += ["| case | phase | impl | ms | vs single | multi speedup | thread ms | thread vs single | "
+    lines += ["| case | phase | impl | ms | tokens/s | vs single | multi speedup | thread ms | thread vs single | "
               "saved for bwd (MiB) | max abs diff vs multi |",
-              "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+              "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for row in rows:
         saved = f"{row['saved_bytes'] / 2**20:.2f}" if row["saved_bytes"] != "" else ""
         diff = f"{row['max_abs_diff_vs_multi']:.1e}" if row["max_abs_diff_vs_multi"] != "" else ""
         lines.append(f"| {row['case']} | {PHASE_NAMES[row['phase']]} | {row['impl']} | {row['median_ms']:.3g} "
-                     f"({row['p20_ms']:.3g}-{row['p80_ms']:.3g}) | {row['ratio_vs_single']:.3f} | "
+                     f"({row['p20_ms']:.3g}-{row['p80_ms']:.3g}) | {row['tokens_per_s']:.3g} | {row['ratio_vs_single']:.3f} | "
                      f"{row['ratio_multi_vs_this']:.2f} | {row['thread_ms']:.3g} | {row['thread_ratio_vs_single']:.3f} | "
                      f"{saved} | {diff} |")  # fmt: skip
     lines += ["", "## Target (issue: many adapters in one batch; reported, not asserted)", "",
@@ -303,31 +334,37 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reps", type=int, default=None)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     args = ap.parse_args(argv)
 
     torch.set_num_threads(args.threads)
-    fastlora.set_backend("reference")
+    dev = args.device
+    if dev == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("report_multi.py: --device cuda, but torch sees no CUDA device")
+    dtype = torch.bfloat16 if dev == "cuda" else torch.float32
+    backend = "reference" if dev == "cpu" else fastlora.get_backend()
+    fastlora.set_backend(backend)
     if args.cases:
         cases = [Case(*(int(v) for v in c.split("x")), args.adapters) for c in args.cases.split(",")]
     else:
-        cases = default_cases(args.quick, args.adapters)
+        cases = default_cases(args.quick, args.adapters, dev)
     os.makedirs(args.out, exist_ok=True)
-    stamp = {"device": device_name("cpu"), **{f"{k}_version": v for k, v in versions().items()},
+    stamp = {"device": device_name(dev), **{f"{k}_version": v for k, v in versions().items()},
              "date_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S"),
              "command": "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(__file__)] + sys.argv[1:]),
-             "threads": torch.get_num_threads(), "backend": "reference", "warmup": args.warmup,
+             "threads": torch.get_num_threads(), "backend": backend, "warmup": args.warmup,
              "load_avg_1m_start": loadavg()}  # fmt: skip
     rows: list[dict] = []
     t0 = time.perf_counter()
     for case in cases:
-        reps = args.reps or default_reps(case, args.quick)
+        reps = args.reps or default_reps(case, args.quick, dev)
         print(f"{case.label}: {reps} reps", flush=True)
-        rows += run_case(case, reps, args.warmup)
+        rows += run_case(case, reps, args.warmup, dev, dtype)
         stamp["elapsed_s"] = f"{time.perf_counter() - t0:.1f}"
         stamp["load_avg_1m_end"] = loadavg()
-        write_csv(os.path.join(args.out, "multi_cpu.csv"), rows, stamp)
-        write_markdown(os.path.join(args.out, "multi_cpu.md"), rows, stamp)
-    print(f"wrote {args.out}/multi_cpu.csv and {args.out}/multi_cpu.md")
+        write_csv(os.path.join(args.out, f"multi_{dev}.csv"), rows, stamp)
+        write_markdown(os.path.join(args.out, f"multi_{dev}.md"), rows, stamp)
+    print(f"wrote {args.out}/multi_{dev}.csv and {args.out}/multi_{dev}.md")
     return 0
 
 
