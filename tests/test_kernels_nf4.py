@@ -9,14 +9,12 @@ Run alone for the AOT table: ``python tests/test_kernels_nf4.py`` (JSON lines).
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-from _aot import ARCHS, REPO, check_compiled, compile_in_subprocess
+from _aot import ARCHS, REPO, check_compiled, compile_in_subprocess, compile_variant
 
 
 
@@ -323,11 +321,6 @@ def _variants():
 
 
 def _compile_one(v):
-    import tempfile
-
-    import triton
-    from triton.backends.compiler import GPUTarget
-
     from fastlora.kernels import nf4
 
     x = v["dtype"]
@@ -364,19 +357,7 @@ def _compile_one(v):
         else:
             signature[name] = "i32"
     attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in fn.arg_names if n in div16}
-    try:
-        src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
-        kernel = triton.compile(src, target=GPUTarget("cuda", v["arch"], 32), options=options)
-    except Exception as exc:  # noqa: BLE001 - reported, then failed by the test
-        return dict(v, error=f"{type(exc).__name__}: {str(exc)[-2000:]}")
-    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(kernel.asm["cubin"])
-        f.flush()
-        usage = subprocess.run([str(cuobjdump), "--dump-resource-usage", f.name], capture_output=True, text=True, check=True).stdout
-    line = next(ln for ln in usage.splitlines() if "REG:" in ln)
-    fields = dict(tok.split(":", 1) for tok in line.split() if ":" in tok)
-    return dict(v, reg=int(fields["REG"]), stack=int(fields["STACK"]), shared=int(kernel.metadata.shared))
+    return compile_variant(v, fn, signature, constexprs, attrs, options)
 
 
 def main() -> None:
