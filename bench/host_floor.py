@@ -23,14 +23,17 @@ machine disturb much less. The table gives medians over rounds.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
+import os
+import sys
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import fastlora
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from host_overhead import interleaved, peft_layer  # noqa: E402
 
 
 class BareOps(nn.Module):
@@ -73,28 +76,6 @@ class BareFunction(BareOps):
         return _Bare.apply(x, self.weight, self.lora_A, self.lora_B, self.bias, self.scaling)
 
 
-def _peft_layer(layer: fastlora.LoRALinear) -> nn.Module:
-    import peft
-
-    base = nn.Linear(layer.in_features, layer.out_features)
-    with torch.no_grad():
-        base.weight.copy_(layer.weight)
-        base.bias.copy_(layer.bias)
-    model = peft.get_peft_model(nn.Sequential(base), peft.LoraConfig(r=layer.r, lora_alpha=layer.alpha, target_modules=["0"]))
-    theirs = model.base_model.model[0]
-    with torch.no_grad():
-        theirs.lora_A["default"].weight.copy_(layer.lora_A)
-        theirs.lora_B["default"].weight.copy_(layer.lora_B)
-    return theirs
-
-
-def _time(fn, calls: int) -> tuple[float, float]:
-    wall, cpu = time.perf_counter(), time.thread_time()
-    for _ in range(calls):
-        fn()
-    return (time.perf_counter() - wall) / calls * 1e6, (time.thread_time() - cpu) / calls * 1e6
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=1)
@@ -111,45 +92,20 @@ def main() -> None:
         "bare ops": BareOps(ours),
         "bare Function": BareFunction(ours),
         "fastlora": ours,
-        "peft": _peft_layer(ours),
+        "peft": peft_layer(ours),
         "nn.Linear": nn.Linear(64, 64),
     }
     x = torch.randn(16, 64)
-    xg = x.clone().requires_grad_(True)
     with torch.no_grad():
         want = ours(x)
         for name in ("bare ops", "bare Function", "peft"):
             torch.testing.assert_close(impls[name](x), want)  # the same layer, computed four ways
-
-    def eval_call(layer):
-        def f():
-            with torch.no_grad():
-                layer(x)
-        return f
-
-    def train_call(layer):
-        def f():
-            layer(xg).sum().backward()
-        return f
-
+    rows = interleaved(impls, x, args.rounds, args.calls)
     print("| mode | impl | wall us | thread CPU us | / PEFT (CPU) |\n|---|---|---|---|---|")
-    for mode, make in (("eval forward", eval_call), ("train forward+backward", train_call)):
-        for layer in impls.values():
-            layer.train(mode.startswith("train"))
-        fns = {name: make(layer) for name, layer in impls.items()}
-        for fn in fns.values():  # warm-up
-            _time(fn, args.calls)
-        wall: dict[str, list[float]] = {name: [] for name in fns}
-        cpu: dict[str, list[float]] = {name: [] for name in fns}
-        for _ in range(args.rounds):
-            for name, fn in fns.items():
-                w, c = _time(fn, args.calls)
-                wall[name].append(w)
-                cpu[name].append(c)
-        peft_cpu = statistics.median(cpu["peft"])
-        for name in fns:
-            c = statistics.median(cpu[name])
-            print(f"| {mode} | {name} | {statistics.median(wall[name]):.1f} | {c:.1f} | {c / peft_cpu:.2f} |")
+    for row in rows:
+        peft_cpu = next(r["cpu_median_us"] for r in rows if r["mode"] == row["mode"] and r["impl"] == "peft")
+        c = row["cpu_median_us"]
+        print(f"| {row['mode']} | {row['impl']} | {row['median_us']:.1f} | {c:.1f} | {c / peft_cpu:.2f} |")
     print(
         f"torch {torch.__version__}, {args.threads} thread(s); M=16, K=N=64, r=8, fp32, reference backend; "
         f"median over {args.rounds} interleaved rounds of {args.calls} calls"

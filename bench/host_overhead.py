@@ -34,7 +34,8 @@ from torch import nn
 import fastlora
 
 
-def _peft_layer(layer: fastlora.LoRALinear) -> nn.Module:
+def peft_layer(layer: fastlora.LoRALinear) -> nn.Module:
+    """PEFT's LoRA layer holding the same base weight, bias and adapters as ``layer``."""
     import peft
 
     base = nn.Linear(layer.in_features, layer.out_features)
@@ -42,7 +43,11 @@ def _peft_layer(layer: fastlora.LoRALinear) -> nn.Module:
         base.weight.copy_(layer.weight)
         base.bias.copy_(layer.bias)
     model = peft.get_peft_model(nn.Sequential(base), peft.LoraConfig(r=layer.r, lora_alpha=layer.alpha, target_modules=["0"]))
-    return model.base_model.model[0]
+    theirs = model.base_model.model[0]
+    with torch.no_grad():
+        theirs.lora_A["default"].weight.copy_(layer.lora_A)
+        theirs.lora_B["default"].weight.copy_(layer.lora_B)
+    return theirs
 
 
 def _time(fn, calls: int) -> tuple[float, float]:
@@ -53,14 +58,12 @@ def _time(fn, calls: int) -> tuple[float, float]:
     return (time.perf_counter() - start) / calls * 1e6, (time.thread_time() - cpu) / calls * 1e6
 
 
-def measure(rounds: int, calls: int, m: int = 16, k: int = 64, n: int = 64, r: int = 8) -> list[dict]:
-    torch.manual_seed(0)
-    ours = fastlora.LoRALinear(k, n, r=r, alpha=16.0)
-    theirs = _peft_layer(ours)
-    plain = nn.Linear(k, n)
-    x = torch.randn(m, k)
+def interleaved(impls: dict[str, nn.Module], x: torch.Tensor, rounds: int, calls: int) -> list[dict]:
+    """Each layer of ``impls`` called on x in eval (no_grad forward) and in training
+    (forward + backward, x requiring grad), ``calls`` calls per sample, the layers
+    interleaved over ``rounds`` rounds; one row per (mode, impl) with the wall-time
+    median, p20, p80 and the thread-CPU median, in microseconds per call."""
     xg = x.clone().requires_grad_(True)
-    impls = {"fastlora": ours, "peft": theirs, "nn.Linear": plain}
 
     def eval_call(layer):
         def f():
@@ -96,6 +99,13 @@ def measure(rounds: int, calls: int, m: int = 16, k: int = 64, n: int = 64, r: i
                 )
             )  # fmt: skip
     return rows
+
+
+def measure(rounds: int, calls: int, m: int = 16, k: int = 64, n: int = 64, r: int = 8) -> list[dict]:
+    torch.manual_seed(0)
+    ours = fastlora.LoRALinear(k, n, r=r, alpha=16.0)
+    impls = {"fastlora": ours, "peft": peft_layer(ours), "nn.Linear": nn.Linear(k, n)}
+    return interleaved(impls, torch.randn(m, k), rounds, calls)
 
 
 def table(rows: list[dict]) -> str:

@@ -133,13 +133,17 @@ def host_table(path: str) -> list[str]:
     if not data:
         return []
     med = {(r["mode"], r["impl"]): float(r["median_us"]) for r in data}
+    cpu = {(r["mode"], r["impl"]): float(r["cpu_median_us"]) for r in data if r.get("cpu_median_us")}
     modes = list(dict.fromkeys(r["mode"] for r in data))
     targets = {"eval": 0.5, "train": 0.7}
-    out = ["| mode | fastlora us | PEFT us | nn.Linear us | fastlora / PEFT | target |", "|---|---|---|---|---|---|"]
+    out = ["| mode | fastlora us | PEFT us | nn.Linear us | fastlora / PEFT | fastlora / PEFT (thread CPU) | target |",
+           "|---|---|---|---|---|---|---|"]
     for mode in modes:
         f, p, lin = (med.get((mode, impl)) for impl in ("fastlora", "peft", "nn.Linear"))
+        fc, pc = cpu.get((mode, "fastlora")), cpu.get((mode, "peft"))
         target = next((f"<= {v}" for k, v in targets.items() if mode.startswith(k)), "")
-        out.append(f"| {mode} | {f:.1f} | {p:.1f} | {lin:.1f} | {f / p:.2f} | {target} |")
+        thread = f"{fc / pc:.2f}" if fc and pc else "n/a"
+        out.append(f"| {mode} | {f:.1f} | {p:.1f} | {lin:.1f} | {f / p:.2f} | {thread} | {target} |")
     return out
 
 
