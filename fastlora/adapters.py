@@ -560,10 +560,15 @@ class MultiAdapterModel(nn.Module):
 
     ``names`` (default: every adapter of the model, ``"default"`` first) fixes what
     the ids mean. The wrapped model is ``self.model`` (its state-dict keys gain the
-    prefix ``model.``; save adapters from ``self.model``). Training: each row trains
+    prefix ``model.``; :func:`fastlora.save_adapter` / :func:`fastlora.load_adapter`
+    given the wrapper use the wrapped model's names, so the files are the same). Training: each row trains
     its own adapter (see :func:`mixed_batch`); ``trainable_adapters(wrapper.model,
     wrapper.names)`` gives one optimizer every adapter.
     """
+
+    # fastlora.save_adapter / load_adapter given the wrapper read and write the wrapped
+    # model's module names (the files stay PEFT's, loadable without the wrapper).
+    fastlora_wrapper = True
 
     def __init__(self, model: nn.Module, names: Sequence[str] | None = None) -> None:
         super().__init__()

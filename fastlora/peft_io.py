@@ -47,6 +47,7 @@ from .registry import (
     selected,
     set_submodule,
     target_names,
+    unwrapped,
 )
 from .peft_fields import (
     ADALORA_HANDLED,
@@ -200,6 +201,7 @@ def save_adapter(
     files replace the previous ones atomically: on any error the folder keeps
     its previous adapter byte for byte.
     """
+    model = unwrapped(model)
     by_kind = {k: adapter_layers(model, k) for k in ("lora", "vera", "adalora")}
     by_kind["lora"] = {
         n: m for n, m in by_kind["lora"].items()
@@ -703,13 +705,15 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, *, adapter_name: str
         defaults, handled = {"VERA": (PEFT_VERA_DEFAULTS, VERA_HANDLED), "ADALORA": (PEFT_ADALORA_DEFAULTS, ADALORA_HANDLED)}[peft_type]
         config = _check_other_config(file, raw, defaults, handled)
     tensors = _read_tensors(path)
-    with restoring_requires_grad(model):
+    target = unwrapped(model)
+    with restoring_requires_grad(target):
         if peft_type == "LORA":
-            plan = plan_adapter_load(model, path, config, tensors, adapter_name)
+            plan = plan_adapter_load(target, path, config, tensors, adapter_name)
         elif adapter_name != DEFAULT_ADAPTER:
             raise _fail(path, f"adapter_name={adapter_name!r}: named adapters are LoRA adapters; this file is {peft_type}")
         else:
-            plan = _plan_other_load(model, path, peft_type, config, tensors)
-    return apply_load_plan(model, plan)
+            plan = _plan_other_load(target, path, peft_type, config, tensors)
+    apply_load_plan(target, plan)
+    return model
 
 __all__ = ["AdapterFormatError", "LoadPlan", "apply_load_plan", "load_adapter", "plan_adapter_load", "read_adapter_config", "save_adapter"]

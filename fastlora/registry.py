@@ -131,6 +131,13 @@ def kinds() -> list[AdapterKind]:
     return list(_KINDS.values())
 
 
+def unwrapped(model: nn.Module) -> nn.Module:
+    """The model a fastlora wrapper holds (a class with ``fastlora_wrapper = True``
+    keeps it as ``.model``: :class:`fastlora.adapters.MultiAdapterModel`), else
+    ``model``: adapter files name modules as the wrapped model does."""
+    return model.model if getattr(type(model), "fastlora_wrapper", False) else model
+
+
 def is_adapter_layer(module: nn.Module) -> bool:
     """True for fastlora's adapter layers (they set ``is_adapter_layer``)."""
     return bool(getattr(module, "is_adapter_layer", False))
@@ -413,6 +420,7 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 
 
 __all__ = [
+    "unwrapped",
     "AdapterKind",
     "adapter_layers",
     "apply_adapter",

@@ -446,3 +446,21 @@ def test_training_mixed_batch_refuses_gradient_checkpointing():
     model.eval()
     with mixed_batch(model, ROWS):
         model(torch.randn(len(ROWS), 24))
+
+
+def test_adapter_files_of_the_wrapper_are_the_wrapped_models(tmp_path):
+    """save_adapter / load_adapter given a MultiAdapterModel use the wrapped model's
+    module names: the same bytes as saving the model itself, loadable without it."""
+    model = multi_adapter_net()
+    wrapped = MultiAdapterModel(model)
+    fastlora.save_adapter(wrapped, tmp_path / "via_wrapper", adapter_name="b")
+    fastlora.save_adapter(model, tmp_path / "direct", adapter_name="b")
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        assert (tmp_path / "via_wrapper" / name).read_bytes() == (tmp_path / "direct" / name).read_bytes()
+    torch.manual_seed(0)
+    other = MultiAdapterModel(apply_lora(Net().double(), r=2, target_modules=["fc1"]))
+    assert fastlora.load_adapter(other, tmp_path / "direct", adapter_name="b") is other
+    for name, layer in named_adapter_layers(model).items():
+        if layer.has_adapter("b"):
+            got = named_adapter_layers(other.model)[name].adapter("b")
+            assert torch.equal(got.lora_A, layer.adapter("b").lora_A) and torch.equal(got.lora_B, layer.adapter("b").lora_B)
