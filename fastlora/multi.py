@@ -254,13 +254,49 @@ _QW_INPUTS = [
 _N_QW = len(_QW_INPUTS)
 
 
+def _q_strategy(backend, x, qw, lora_A, dropout_p, run_for=None) -> tuple[ModuleType, dict]:
+    """The module of ``backend`` (a backend name or a strategy spec, see
+    ``fastlora.strategies``) and the keyword arguments naming its ``qlora_multi``
+    strategy: the forced one, the measured choice (``auto``: timed on the first
+    forward of a shape key, through ``run_for``), or the default; the reference
+    has one formulation (no keyword)."""
+    from .strategies import DEFAULTS, candidate_names, choose, names_of, parse_spec, shape_key
+
+    base, forced, auto, train = parse_spec(backend) if ":" in backend else (backend, {}, False, True)
+    if base != "triton":
+        return _module(base), {}
+    name = forced.get("qlora_multi")
+    if name is None and auto and x.shape[0] > 0:
+        quant = f",{qw.quant_type}{qw.blocksize}{'dq' if qw.double_quant else ''}"
+        key = shape_key("qlora_multi", x, qw.shape[0], lora_A.shape[1], dropout_p, train, quant)
+        cands = candidate_names("qlora_multi", forced, dropout_p, train, x.shape[0])
+        name = names_of(choose("qlora_multi", key, x.device, cands, run_for))["qlora_multi"]
+    return _module(base), {"strategy": name or DEFAULTS["qlora_multi"]}
+
+
 def _q_forward(backend, seed, x, lora_A, lora_B, adapter_scaling, adapter_ids, bias, *rest):
     from .qlora import _qw_from
 
     tensors, (_, dropout_p, *meta) = rest[:_N_QW], rest[_N_QW:]
-    return _module(backend).qlora_multi_forward(
-        x, _qw_from(tensors, meta), lora_A, lora_B, adapter_scaling, adapter_ids, bias, dropout_p, seed
-    )
+    qw = _qw_from(tensors, meta)
+    args = (x, qw, lora_A, lora_B, adapter_scaling, adapter_ids, bias, dropout_p, seed)
+
+    def run_for(candidate):  # the measured choice times forward (+ backward with dY = y when training)
+        from .strategies import names_of, parse_spec
+
+        module, strategy = _module("triton"), names_of(candidate)["qlora_multi"]
+        train = parse_spec(backend)[3]
+
+        def run():
+            y, s = module.qlora_multi_forward(*args, strategy=strategy)
+            if train:
+                module.qlora_multi_backward(y, x, qw, lora_A, lora_B, adapter_scaling, adapter_ids, s, dropout_p, seed,
+                                            (True, False, True, True, bias is not None), strategy=strategy)  # fmt: skip
+
+        return run
+
+    module, kw = _q_strategy(backend, x, qw, lora_A, dropout_p, run_for)
+    return module.qlora_multi_forward(*args, **kw)
 
 
 def _q_backward(backend, seed, needs, dy, saved, new, consts):
@@ -270,9 +306,11 @@ def _q_backward(backend, seed, needs, dy, saved, new, consts):
     (s,) = new
     _, dropout_p, *meta = consts
     need_x, need_a, need_b, _, _, need_bias = needs[:6]
-    dx, _, da, db, dbias = _module(backend).qlora_multi_backward(
-        dy, x, _qw_from(tensors, meta), lora_A, lora_B, adapter_scaling, adapter_ids, s, dropout_p, seed,
-        (need_x, False, need_a, need_b, need_bias),
+    qw = _qw_from(tensors, meta)
+    module, kw = _q_strategy(backend, x, qw, lora_A, dropout_p)
+    dx, _, da, db, dbias = module.qlora_multi_backward(
+        dy, x, qw, lora_A, lora_B, adapter_scaling, adapter_ids, s, dropout_p, seed,
+        (need_x, False, need_a, need_b, need_bias), **kw,
     )  # fmt: skip
     return [dx, da, db, None, None, dbias] + [None] * _N_QW
 

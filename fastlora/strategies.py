@@ -16,6 +16,10 @@ qlora      ``dequant_in_gemm``: 4-bit W dequantized in the GEMM tiles;
            ``small_m``: a split-K GEMV reading each 4-bit weight once (M <= 16)
 dropout    ``regenerate``: the Philox mask re-drawn in backward;
            ``stored_bits``: the mask stored in forward, 1 bit per element
+qlora_     ``dequant_in_gemm``: the multi-adapter GEMMs read the 4-bit W in
+multi      their main loop; ``dequant_once``: one dequant launch per call into
+           a transient [N, K] weight, then the dense multi-adapter kernels
+           (``qlora_linear_multi``; timed like the others, keyed by its shape)
 =========  ===================================================================
 
 Choosing (what a call of ``lora_linear`` / ``qlora_linear`` uses, per op):
@@ -73,11 +77,12 @@ OPS: dict[str, tuple[str, ...]] = {
     "lora": ("fused", "cublas"),
     "qlora": ("dequant_in_gemm", "dequant_once", "small_m"),
     "dropout": ("regenerate", "stored_bits"),
+    "qlora_multi": ("dequant_in_gemm", "dequant_once"),
 }
 DEFAULTS = {op: names[0] for op, names in OPS.items()}
 SMALL_M = 16  # the largest M the chooser offers qlora=small_m for
 # The strategy axes each fused op has (the op's FusedOp name -> axes).
-_OP_AXES = {"lora": ("lora", "dropout"), "qlora": ("qlora", "lora", "dropout")}
+_OP_AXES = {"lora": ("lora", "dropout"), "qlora": ("qlora", "lora", "dropout"), "qlora_multi": ("qlora_multi",)}
 
 ENV_STRATEGY = "FASTLORA_STRATEGY"
 ENV_CACHE = "FASTLORA_STRATEGY_CACHE"
@@ -104,8 +109,8 @@ _lock = threading.RLock()
 
 
 def strategies() -> dict[str, list[str]]:
-    """The strategy names per op: ``{"lora": [...], "qlora": [...], "dropout": [...]}``
-    (the default first)."""
+    """The strategy names per op: ``{"lora": [...], "qlora": [...], "dropout": [...],
+    "qlora_multi": [...]}`` (the default first)."""
     return {op: list(names) for op, names in OPS.items()}
 
 
@@ -117,7 +122,7 @@ def _check(op: object, name: object, where: str) -> None:
 
 
 def set_strategy(op: str, name: str | None) -> None:
-    """Force strategy ``name`` for ``op`` ("lora", "qlora" or "dropout") in this
+    """Force strategy ``name`` for ``op`` ("lora", "qlora", "dropout" or "qlora_multi") in this
     process, or clear the choice with None (``FASTLORA_STRATEGY`` and measuring
     apply again). Raises ValueError for an unknown op or name."""
     global _forced
@@ -295,6 +300,9 @@ def candidate_names(op: str, forced: dict[str, str], dropout_p: float, train: bo
     """The combinations to choose among, each as ``"axis=name,..."`` (the
     default first): forced axes fixed, ``dropout`` only with dropout in
     training, ``qlora=small_m`` only for M <= 16 (unless forced)."""
+    if op == "qlora_multi":  # one axis: the base weight's dequantization
+        names = [forced[op]] if op in forced else list(OPS[op])
+        return [f"{op}={name}" for name in names]
     if dropout_p > 0.0 and train:
         drops = [forced.get("dropout")] if "dropout" in forced else list(OPS["dropout"])
     else:

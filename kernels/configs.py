@@ -307,6 +307,37 @@ def multi_gemm_configs(
     return [_cfg(4, 4, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8)]
 
 
+def multi_qgemm_configs(
+    arch: int, dtype: torch.dtype, *, has_dropout: bool = False, block_r: int = 16, decode: bool = False
+) -> list[triton.Config]:
+    """Configs of ``lora_multi._multi_qgemm_kernel`` (the multi GEMM on a 4-bit base,
+    W dequantized in its main loop), in order of preference (the launcher takes the
+    first that fits: not autotuned, as :func:`qlora_gemm_configs`).
+
+    The main loop is :func:`qlora_gemm_configs`' kernel's and the epilogue
+    :func:`multi_gemm_configs`'s, so the tiles are the smaller of the two lists'.
+    Decode: one BLOCK_M = 16 tile of rows, a [BLOCK_K, BLOCK_N] dequantized tile
+    per step.
+    """
+    if interpreting():
+        if decode:
+            return [_cfg(4, 1, BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=1)]
+        return [_cfg(4, 1, BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4)]
+    if decode:
+        if dtype == torch.float32:
+            return [_cfg(4, 2, BLOCK_M=16, BLOCK_N=64, BLOCK_K=32, GROUP_M=1)]
+        return [_cfg(4, 4, BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, GROUP_M=1), _cfg(4, 4, BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, GROUP_M=1)]
+    if dtype == torch.float32:
+        if block_r <= 16:
+            return [_cfg(8, 2, BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, GROUP_M=8)]
+        return [_cfg(4, 2, BLOCK_M=32, BLOCK_N=32, BLOCK_K=16, GROUP_M=8)]
+    if block_r > 64:
+        return [_cfg(4, 4, BLOCK_M=32, BLOCK_N=64, BLOCK_K=32, GROUP_M=8)]
+    if block_r <= 16 and not has_dropout:
+        return [_cfg(8, 3, BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, GROUP_M=8), _cfg(8, 3, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8)]
+    return [_cfg(8, 3, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8)]
+
+
 def multi_shrink_configs(arch: int, dtype: torch.dtype, *, has_dropout: bool = False, block_r: int = 16) -> list[triton.Config]:
     """Configs of ``lora_multi._multi_shrink_kernel`` (sorted rows): BLOCK_M rows,
     BLOCK_K columns per step. 4 warps spill at rank 64 in 16-bit (STACK 64-696)

@@ -77,6 +77,93 @@ def _adapter_range(ids, valid):
     return lo, hi
 
 
+@triton.jit
+def _multi_epilogue(
+    acc,  # [BLOCK_M, BLOCK_N] fp32: the main loop's P Q tile
+    p,  # [BLOCK_M] int32 positions of the tile: sorted positions, or rows with DECODE
+    rows,  # [BLOCK_M] int64 rows of x (the output's rows)
+    rn,  # [BLOCK_N] int64 output columns
+    mask_m,
+    mask_n,
+    pid_m,
+    pid_n,
+    l_ptr,  # [M, R] LoRA left (S, or dS sorted when L_SORTED)
+    e_ptr,  # [n, R, N] LoRA right per adapter, via strides
+    bias_ptr,  # [N] (HAS_BIAS)
+    out_ptr,  # [M, N] written once, rows in x's order
+    ids_ptr,  # [M] int32 adapter per sorted position (per row with DECODE)
+    scale_ptr,  # [n] fp32 (ROW_SCALE)
+    M,
+    N,
+    R,
+    stride_lm,
+    stride_lr,
+    stride_ea,
+    stride_er,
+    stride_en,
+    stride_om,
+    stride_on,
+    seed,
+    keep_levels,
+    inv_keep,
+    HAS_BIAS: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    ROW_SCALE: tl.constexpr,
+    L_SORTED: tl.constexpr,
+    DECODE: tl.constexpr,
+    IEEE: tl.constexpr,
+    DTYPE: tl.constexpr,  # the activations' dtype (the tensor-core dots')
+    BLOCK_R: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    R_CHUNK: tl.constexpr,
+):
+    """OUT[rows] = acc + D(c[a] * L[row] E[a]) + bias, the tile's only store (the
+    epilogue of the dense and the 4-bit multi GEMMs; see :func:`_multi_gemm_kernel`)."""
+    if DECODE:
+        # NOTE: rows in order; row i's LoRA term from its own E[a] (fp32 products),
+        # added to row i only: BLOCK_M small GEMVs instead of BLOCK_M masked dots.
+        rr = tl.arange(0, BLOCK_R)
+        mask_r = rr < R
+        for i in tl.static_range(BLOCK_M):
+            row = pid_m * BLOCK_M + i
+            a = tl.load(ids_ptr + row, mask=row < M, other=-1)
+            if a >= 0:
+                l_row = tl.load(l_ptr + row.to(tl.int64) * stride_lm + rr * stride_lr, mask=mask_r, other=0.0).to(tl.float32)
+                if ROW_SCALE:
+                    l_row = l_row * tl.load(scale_ptr + a)
+                e = tl.load(e_ptr + a.to(tl.int64) * stride_ea + rr[:, None] * stride_er + rn[None, :] * stride_en,
+                            mask=mask_r[:, None] & mask_n[None, :], other=0.0)  # fmt: skip
+                term = tl.sum(l_row[:, None] * e.to(tl.float32), axis=0)
+                acc += tl.where((p == row)[:, None], term[None, :], 0.0)
+    else:
+        ids = tl.load(ids_ptr + p, mask=mask_m, other=-1)
+        lo, hi = _adapter_range(ids, mask_m)
+        l_rows = p.to(tl.int64) if L_SORTED else rows
+        if HAS_DROPOUT:
+            # NOTE: the mask applies to the LoRA term only: its own [BM, BN] registers.
+            term = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        else:
+            term = acc
+        for a in range(lo, hi + 1):
+            # NOTE: L loaded with the adapter's rows as the mask (each row read once;
+            # no masked copy of an [BM, R] tile kept live beside the accumulator).
+            scale = tl.load(scale_ptr + a) if ROW_SCALE else 1.0
+            if HAS_DROPOUT:
+                scale = scale * tl.cast(inv_keep, tl.float32)
+            term = rank_dots(term, l_ptr, e_ptr + a * stride_ea, l_rows, rn, mask_m & (ids == a), mask_n, R,
+                             stride_lm, stride_lr, stride_er, stride_en, scale,
+                             IEEE, DTYPE, BLOCK_R, R_CHUNK)  # fmt: skip
+        if HAS_DROPOUT:
+            keep = keep_mask(seed, rows, pid_n * BLOCK_N, N, keep_levels, BLOCK_M, BLOCK_N)
+            acc += tl.where(keep, term, 0.0)
+        else:
+            acc = term
+    acc = add_bias(acc, bias_ptr, rn, mask_n, HAS_BIAS)
+    out_ptrs = out_ptr + rows[:, None] * stride_om + rn[None, :] * stride_on
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
 # ----------------------------------------------------------------------------
 # kernels
 # ----------------------------------------------------------------------------
@@ -263,49 +350,90 @@ def _multi_gemm_kernel(
     mask_n = rn < N
     acc = gemm_tile(p_ptr, q_ptr, rows, rn, mask_m, mask_n, K, stride_pm, stride_pk, stride_qk, stride_qn,
                     IEEE, BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
+    _multi_epilogue(acc, p, rows, rn, mask_m, mask_n, pid_m, pid_n, l_ptr, e_ptr, bias_ptr, out_ptr, ids_ptr, scale_ptr,
+                    M, N, R, stride_lm, stride_lr, stride_ea, stride_er, stride_en, stride_om, stride_on,
+                    seed, keep_levels, inv_keep, HAS_BIAS, HAS_DROPOUT, ROW_SCALE, L_SORTED, DECODE, IEEE,
+                    p_ptr.dtype.element_ty, BLOCK_R, BLOCK_M, BLOCK_N, R_CHUNK)  # fmt: skip
 
+
+@triton.jit(do_not_specialize=["seed"])
+def _multi_qgemm_kernel(
+    p_ptr,  # [M, RED] left operand: X (forward) or dY (dX), rows read through perm (sorted) or in order (DECODE)
+    packed_ptr,  # W [N_w, K_w] packed 4-bit codes (nf4.py's layout)
+    quant_map_ptr,  # [16] fp32
+    absmax_ptr,  # [nblocks] fp32 or uint8 codes (NESTED)
+    nested_absmax_ptr,  # fp32 (NESTED only)
+    nested_map_ptr,  # [256] fp32 (NESTED only)
+    offset_ptr,  # [] fp32 (NESTED only)
+    l_ptr,  # [M, R] LoRA left: S (forward; x's row order) or dS (dX; fp32, sorted positions when L_SORTED)
+    e_ptr,  # [n, R, N] LoRA right per adapter: B[a]^T (forward) or A[a] (dX), via strides
+    bias_ptr,  # [N] (HAS_BIAS)
+    out_ptr,  # [M, N] output Y or dX, rows in x's order, written once
+    perm_ptr,  # [M] int32 sorted position -> row (unused with DECODE)
+    ids_ptr,  # [M] int32: adapter per sorted position, or per row with DECODE (-1 = base)
+    scale_ptr,  # [n] fp32 per-adapter scale (ROW_SCALE)
+    M,
+    N,  # output columns (N forward, K for dX)
+    K,  # the reduction length (K forward, N for dX)
+    R,
+    K_w,  # in_features of W: the row length of its flattened layout
+    stride_pm,
+    stride_pk,
+    stride_lm,
+    stride_lr,
+    stride_ea,
+    stride_er,
+    stride_en,
+    stride_om,
+    stride_on,
+    seed,
+    keep_levels,
+    inv_keep,
+    W_ROWS_ARE_OUT: tl.constexpr,  # True: the output columns index W's rows (forward, Y = X deq(W)^T)
+    BLOCKSIZE: tl.constexpr,
+    NESTED: tl.constexpr,
+    NESTED_BLOCKSIZE: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    ROW_SCALE: tl.constexpr,
+    L_SORTED: tl.constexpr,
+    DECODE: tl.constexpr,
+    IEEE: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    R_CHUNK: tl.constexpr,
+):
+    """:func:`_multi_gemm_kernel` on a 4-bit base weight (QLoRA's ``dequant_in_gemm``):
+
+    Forward: Y = X deq(W)^T + scaling[a] * S B[a]^T + bias   (W_ROWS_ARE_OUT)
+    dX:      dX = dY deq(W) + D(dS A[a])
+    The main loop is ``nf4.qgemm_tile`` (``_qlora_gemm_kernel``'s: each
+    [BLOCK_K, BLOCK_N] tile of W dequantized in registers from its packed codes
+    and absmax, rounded to P's dtype) over the same rows as the dense kernel
+    (gathered through perm, or in order with DECODE); the per-adapter epilogue
+    is the dense kernel's (:func:`_multi_epilogue`). No [N, K] weight exists.
+    """
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    p = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = p < M
     if DECODE:
-        # NOTE: rows in order; row i's LoRA term from its own E[a] (fp32 products),
-        # added to row i only: BLOCK_M small GEMVs instead of BLOCK_M masked dots.
-        rr = tl.arange(0, BLOCK_R)
-        mask_r = rr < R
-        for i in tl.static_range(BLOCK_M):
-            row = pid_m * BLOCK_M + i
-            a = tl.load(ids_ptr + row, mask=row < M, other=-1)
-            if a >= 0:
-                l_row = tl.load(l_ptr + row.to(tl.int64) * stride_lm + rr * stride_lr, mask=mask_r, other=0.0).to(tl.float32)
-                if ROW_SCALE:
-                    l_row = l_row * tl.load(scale_ptr + a)
-                e = tl.load(e_ptr + a.to(tl.int64) * stride_ea + rr[:, None] * stride_er + rn[None, :] * stride_en,
-                            mask=mask_r[:, None] & mask_n[None, :], other=0.0)  # fmt: skip
-                term = tl.sum(l_row[:, None] * e.to(tl.float32), axis=0)
-                acc += tl.where((p == row)[:, None], term[None, :], 0.0)
+        rows = p.to(tl.int64)
     else:
-        ids = tl.load(ids_ptr + p, mask=mask_m, other=-1)
-        lo, hi = _adapter_range(ids, mask_m)
-        l_rows = p.to(tl.int64) if L_SORTED else rows
-        if HAS_DROPOUT:
-            # NOTE: the mask applies to the LoRA term only: its own [BM, BN] registers.
-            term = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        else:
-            term = acc
-        for a in range(lo, hi + 1):
-            # NOTE: L loaded with the adapter's rows as the mask (each row read once;
-            # no masked copy of an [BM, R] tile kept live beside the accumulator).
-            scale = tl.load(scale_ptr + a) if ROW_SCALE else 1.0
-            if HAS_DROPOUT:
-                scale = scale * tl.cast(inv_keep, tl.float32)
-            term = rank_dots(term, l_ptr, e_ptr + a * stride_ea, l_rows, rn, mask_m & (ids == a), mask_n, R,
-                             stride_lm, stride_lr, stride_er, stride_en, scale,
-                             IEEE, p_ptr.dtype.element_ty, BLOCK_R, R_CHUNK)  # fmt: skip
-        if HAS_DROPOUT:
-            keep = keep_mask(seed, rows, pid_n * BLOCK_N, N, keep_levels, BLOCK_M, BLOCK_N)
-            acc += tl.where(keep, term, 0.0)
-        else:
-            acc = term
-    acc = add_bias(acc, bias_ptr, rn, mask_n, HAS_BIAS)
-    out_ptrs = out_ptr + rows[:, None] * stride_om + rn[None, :] * stride_on
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+        rows = tl.load(perm_ptr + p, mask=mask_m, other=0).to(tl.int64)
+    rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    mask_n = rn < N
+    acc = nf4.qgemm_tile(
+        p_ptr, packed_ptr, quant_map_ptr, absmax_ptr, nested_absmax_ptr, nested_map_ptr, offset_ptr,
+        rows, rn, mask_m, mask_n, K, K_w, stride_pm, stride_pk,
+        W_ROWS_ARE_OUT, BLOCKSIZE, NESTED, NESTED_BLOCKSIZE, IEEE, BLOCK_M, BLOCK_N, BLOCK_K,
+    )  # fmt: skip
+    _multi_epilogue(acc, p, rows, rn, mask_m, mask_n, pid_m, pid_n, l_ptr, e_ptr, bias_ptr, out_ptr, ids_ptr, scale_ptr,
+                    M, N, R, stride_lm, stride_lr, stride_ea, stride_er, stride_en, stride_om, stride_on,
+                    seed, keep_levels, inv_keep, HAS_BIAS, HAS_DROPOUT, ROW_SCALE, L_SORTED, DECODE, IEEE,
+                    p_ptr.dtype.element_ty, BLOCK_R, BLOCK_M, BLOCK_N, R_CHUNK)  # fmt: skip
 
 
 @triton.jit
@@ -593,9 +721,11 @@ def multi_shrink(x: Tensor, lora_A: Tensor, rows: SortedRows | None, ids: Tensor
     return s
 
 
-def _gemm(p, q, q_strides, l, l_sorted, e, e_strides, bias, out_n, rows, ids, scaling, dropout_p, seed, decode):
-    """OUT [M, out_n] = P Q + D(c[a] * L E[a]) + bias (see ``_multi_gemm_kernel``); Q and E
-    given by their strides (k, n) and (adapter, r, n)."""
+def _gemm(p, base, l, l_sorted, e, e_strides, bias, out_n, rows, ids, scaling, dropout_p, seed, decode, forward):
+    """OUT [M, out_n] = P Q + D(c[a] * L E[a]) + bias (see ``_multi_gemm_kernel``): Q is
+    the dense weight's W^T (``forward``) or W, or the same of a 4-bit ``QuantizedWeight``
+    (then ``_multi_qgemm_kernel``, W dequantized in its tiles); E given by its strides
+    (adapter, r, n)."""
     m, k = p.shape
     r = l.shape[1]
     out = torch.empty((m, out_n), dtype=p.dtype, device=p.device)
@@ -604,52 +734,76 @@ def _gemm(p, q, q_strides, l, l_sorted, e, e_strides, bias, out_n, rows, ids, sc
     has_dropout, keep_levels, inv_keep = dropout_args(dropout_p)
     perm = rows.perm if rows is not None else ids
     row_ids = rows.ids if rows is not None else ids
+    arch = configs.device_arch(p.device)
+    block_r = padded_rank(r)
+    common = (l, e, bias if bias is not None else out, out, perm, row_ids, scaling if scaling is not None else out)
+    flags = dict(HAS_BIAS=bias is not None, HAS_DROPOUT=has_dropout, ROW_SCALE=scaling is not None, L_SORTED=l_sorted,
+                 DECODE=decode, IEEE=p.dtype == torch.float32, BLOCK_R=block_r,
+                 R_CHUNK=configs.multi_rank_chunk(arch, block_r, p.dtype))  # fmt: skip
+    strides = (l.stride(0), l.stride(1), e_strides[0], e_strides[1], e_strides[2], out.stride(0), out.stride(1),
+               int(seed), keep_levels, inv_keep)  # fmt: skip
+    if isinstance(base, QuantizedWeight):
+        cfg = configs.pick(configs.multi_qgemm_configs(arch, p.dtype, has_dropout=has_dropout, block_r=block_r, decode=decode),
+                           {"BLOCK_M": m, "BLOCK_N": out_n})  # fmt: skip
+        grid = (triton.cdiv(m, cfg.kwargs["BLOCK_M"]) * triton.cdiv(out_n, cfg.kwargs["BLOCK_N"]),)
+        launch(
+            _multi_qgemm_kernel, grid, p.device,
+            p, *nf4.state_args(base), *common, m, out_n, k, r, base.shape[1], p.stride(0), p.stride(1), *strides,
+            W_ROWS_ARE_OUT=forward, **nf4.state_meta(base), **flags, **cfg.kwargs,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )  # fmt: skip
+        return out
+    q_strides = (base.stride(1), base.stride(0)) if forward else (base.stride(0), base.stride(1))
     launch(
         _multi_gemm_kernel,
         lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(out_n, meta["BLOCK_N"]),),
         p.device,
-        p, q, l, e, bias if bias is not None else out, out,
-        perm, row_ids, scaling if scaling is not None else out,
-        m, out_n, k, r,
-        p.stride(0), p.stride(1), q_strides[0], q_strides[1], l.stride(0), l.stride(1),
-        e_strides[0], e_strides[1], e_strides[2], out.stride(0), out.stride(1),
-        int(seed), keep_levels, inv_keep, m_bucket(m),
-        HAS_BIAS=bias is not None, HAS_DROPOUT=has_dropout, ROW_SCALE=scaling is not None, L_SORTED=l_sorted,
-        DECODE=decode, IEEE=p.dtype == torch.float32, BLOCK_R=padded_rank(r),
-        R_CHUNK=configs.multi_rank_chunk(configs.device_arch(p.device), padded_rank(r), p.dtype),
+        p, base, *common, m, out_n, k, r, p.stride(0), p.stride(1), q_strides[0], q_strides[1], *strides, m_bucket(m),
+        **flags,
     )  # fmt: skip
     return out
 
 
-def multi_expand_gemm(x: Tensor, weight: Tensor, s: Tensor, lora_B: Tensor, scaling: Tensor,
+def multi_expand_gemm(x: Tensor, weight: Tensor | QuantizedWeight, s: Tensor, lora_B: Tensor, scaling: Tensor,
                       rows: SortedRows | None, ids: Tensor, bias: Tensor | None = None) -> Tensor:  # fmt: skip
     """Y[m] = x[m] W^T + scaling[a] * S[m] B[a]^T + bias (a = the row's adapter) in one
-    GEMM: x [M, K], weight [N, K], s [M, r] (x's row order), lora_B [n, N, r],
-    scaling [n] fp32 -> Y [M, N] in x's dtype. ``rows`` sorted, or None (decode:
-    ``ids`` [M] int32 in x's order, one BLOCK_M = 16 tile of rows). 1 launch."""
+    GEMM: x [M, K], weight [N, K] (dense, or a 4-bit ``QuantizedWeight`` dequantized in
+    the GEMM's tiles), s [M, r] (x's row order), lora_B [n, N, r], scaling [n] fp32 ->
+    Y [M, N] in x's dtype. ``rows`` sorted, or None (decode: ``ids`` [M] int32 in x's
+    order, one BLOCK_M = 16 tile of rows). 1 launch."""
     check_dtype(x, "x")
     n, n_out, r = lora_B.shape
-    expect(weight, (n_out, x.shape[1]), "weight", "[N, K]")
+    _expect_base(weight, (n_out, x.shape[1]), x.device)
     expect(s, (x.shape[0], r), "s", "[M, r]")
     return _gemm(
-        x, weight, (weight.stride(1), weight.stride(0)), s, False, lora_B,
-        (lora_B.stride(0), lora_B.stride(2), lora_B.stride(1)), bias, n_out, rows, ids,
-        scaling.to(torch.float32).contiguous(), 0.0, 0, rows is None,
+        x, weight, s, False, lora_B, (lora_B.stride(0), lora_B.stride(2), lora_B.stride(1)), bias, n_out, rows, ids,
+        scaling.to(torch.float32).contiguous(), 0.0, 0, rows is None, True,
     )  # fmt: skip
 
 
-def multi_dx_gemm(dy: Tensor, weight: Tensor, ds_sorted: Tensor, lora_A: Tensor, rows: SortedRows,
+def multi_dx_gemm(dy: Tensor, weight: Tensor | QuantizedWeight, ds_sorted: Tensor, lora_A: Tensor, rows: SortedRows,
                   dropout_p: float = 0.0, seed: int = 0) -> Tensor:  # fmt: skip
-    """dX[m] = dY[m] W + D(dS[m] A[a]) in one GEMM: dy [M, N], weight [N, K],
-    ds_sorted [M, r] fp32 (already scaled, at sorted positions), lora_A [n, r, K] ->
-    dX [M, K] in dy's dtype, D = the forward's mask / keep. 1 launch."""
+    """dX[m] = dY[m] W + D(dS[m] A[a]) in one GEMM: dy [M, N], weight [N, K] (dense or
+    4-bit, as :func:`multi_expand_gemm`), ds_sorted [M, r] fp32 (already scaled, at
+    sorted positions), lora_A [n, r, K] -> dX [M, K] in dy's dtype, D = the forward's
+    mask / keep. 1 launch."""
     check_dtype(dy, "dy")
     n, r, k = lora_A.shape
-    expect(weight, (dy.shape[1], k), "weight", "[N, K]")
+    _expect_base(weight, (dy.shape[1], k), dy.device)
     return _gemm(
-        dy, weight, (weight.stride(0), weight.stride(1)), ds_sorted, True, lora_A,
-        (lora_A.stride(0), lora_A.stride(1), lora_A.stride(2)), None, k, rows, None, None, dropout_p, seed, False,
+        dy, weight, ds_sorted, True, lora_A, (lora_A.stride(0), lora_A.stride(1), lora_A.stride(2)), None, k, rows,
+        None, None, dropout_p, seed, False, False,
     )  # fmt: skip
+
+
+def _expect_base(weight, shape: tuple[int, int], device: torch.device) -> None:
+    if isinstance(weight, QuantizedWeight):
+        if weight.device != device:
+            raise ValueError(f"qweight is on {weight.device} but the activations are on {device}")
+        if tuple(weight.shape) != tuple(shape):
+            raise ValueError(f"qweight must have shape [N, K] = {list(shape)}, got {list(weight.shape)}")
+    else:
+        expect(weight, shape, "weight", "[N, K]")
 
 
 def multi_dy_pass(dy: Tensor, lora_B: Tensor, s: Tensor, scaling: Tensor, rows: SortedRows, need_ds: bool = True,
@@ -763,6 +917,11 @@ def lora_multi_forward(
     M <= DECODE_MAX_M: the decode path (no sort). Ids outside [-1, n) raise a
     ValueError (one host read of the id range: a device sync on CUDA).
     """
+    return _forward_on(x, weight, lora_A, lora_B, scaling, adapter_ids, bias, dropout_p, seed)
+
+
+def _forward_on(x, base, lora_A, lora_B, scaling, adapter_ids, bias, dropout_p, seed):
+    """:func:`lora_multi_forward` on a dense or a 4-bit ``base`` (dequantized in the GEMM)."""
     m = x.shape[0]
     n = lora_A.shape[0]
     if m <= DECODE_MAX_M:
@@ -774,7 +933,7 @@ def lora_multi_forward(
         rows.check()
         ids = rows.ids
     s = multi_shrink(x, lora_A, rows, ids, dropout_p, seed)
-    y = multi_expand_gemm(x, weight, s, lora_B, scaling, rows, ids, bias)
+    y = multi_expand_gemm(x, base, s, lora_B, scaling, rows, ids, bias)
     return y, s
 
 
@@ -811,6 +970,21 @@ def lora_multi_backward(
     return dx, dw, da, db, dbias
 
 
+QLORA_STRATEGIES = ("dequant_in_gemm", "dequant_once")  # fastlora.strategies' "qlora_multi" names
+
+
+def _check_qweight(qweight, device: torch.device) -> None:
+    if not isinstance(qweight, QuantizedWeight):
+        raise TypeError(f"qweight must be a fastlora.quant.QuantizedWeight, got {type(qweight).__name__}")
+    if qweight.device != device:
+        raise ValueError(f"qweight is on {qweight.device} but the activations are on {device}")
+
+
+def _check_strategy(strategy: str) -> None:
+    if strategy not in QLORA_STRATEGIES:
+        raise ValueError(f"strategy must be one of {QLORA_STRATEGIES}, got {strategy!r}")
+
+
 def qlora_multi_forward(
     x: Tensor,
     qweight: QuantizedWeight,
@@ -821,12 +995,19 @@ def qlora_multi_forward(
     bias: Tensor | None = None,
     dropout_p: float = 0.0,
     seed: int = 0,
+    strategy: str = "dequant_in_gemm",
 ) -> tuple[Tensor, Tensor]:
-    """:func:`lora_multi_forward` on a 4-bit base (QLoRA's ``dequant_once``): one
-    dequant launch (``nf4.dequantize_4bit``) into a transient [N, K] weight in x's
-    dtype, freed on return, then the dense multi-adapter path. 3 launches."""
-    weight = nf4.dequantize_4bit(qweight, x.dtype)
-    return lora_multi_forward(x, weight, lora_A, lora_B, scaling, adapter_ids, bias, dropout_p, seed)
+    """:func:`lora_multi_forward` on a 4-bit base; ``strategy``:
+
+    * ``dequant_in_gemm``: the shrink, then ``_multi_qgemm_kernel`` reading the packed
+      4-bit weight in its main loop (no [N, K] tensor). 2 launches.
+    * ``dequant_once``: one dequant launch (``nf4.dequantize_4bit``) into a transient
+      [N, K] weight in x's dtype, freed on return, then the dense path. 3 launches.
+    """
+    _check_strategy(strategy)
+    _check_qweight(qweight, x.device)
+    base = nf4.dequantize_4bit(qweight, x.dtype) if strategy == "dequant_once" else qweight
+    return _forward_on(x, base, lora_A, lora_B, scaling, adapter_ids, bias, dropout_p, seed)
 
 
 def qlora_multi_backward(
@@ -841,17 +1022,24 @@ def qlora_multi_backward(
     dropout_p: float = 0.0,
     seed: int = 0,
     needs: tuple[bool, bool, bool, bool, bool] = (True, False, True, True, False),
+    strategy: str = "dequant_in_gemm",
 ) -> tuple[Tensor | None, None, Tensor | None, Tensor | None, Tensor | None]:
     """Gradients ``(dx, None, dA, dB, dbias)`` of :func:`qlora_multi_forward` (the
-    4-bit weight is frozen: its slot is always None). deq(W) is dequantized again
-    (1 launch) only when dx is needed, then :func:`lora_multi_backward`."""
+    4-bit weight is frozen: its slot is always None), then :func:`lora_multi_backward`'s
+    3 launches; the dX GEMM reads the 4-bit weight (``dequant_in_gemm``) or a
+    dequantized copy made for it (``dequant_once``: 1 more launch, only when dx is needed)."""
+    _check_strategy(strategy)
     need_x, need_w, need_a, need_b, need_bias = needs
     if need_w:
         raise ValueError("qlora_multi_backward: the 4-bit base weight is frozen; it has no gradient")
-    weight = nf4.dequantize_4bit(qweight, dy.dtype) if need_x else None
+    base = qweight
+    if need_x:
+        _check_qweight(qweight, dy.device)
+        if strategy == "dequant_once":
+            base = nf4.dequantize_4bit(qweight, dy.dtype)
     dx, _, da, db, dbias = lora_multi_backward(
-        dy, x, weight, lora_A, lora_B, scaling, adapter_ids, s, dropout_p, seed, (need_x, False, need_a, need_b, need_bias)
-    )
+        dy, x, base, lora_A, lora_B, scaling, adapter_ids, s, dropout_p, seed, (need_x, False, need_a, need_b, need_bias)
+    )  # fmt: skip
     return dx, None, da, db, dbias
 
 

@@ -87,6 +87,59 @@ def _dequant_gather(
     return value * absmax
 
 
+@triton.jit
+def qgemm_tile(
+    p_ptr,  # [M, RED] left operand (any strides)
+    packed_ptr,  # W [N_w, K_w] packed 4-bit codes
+    quant_map_ptr,  # [16] fp32
+    absmax_ptr,  # [nblocks] fp32 or uint8 codes (NESTED)
+    nested_absmax_ptr,  # fp32 (NESTED only)
+    nested_map_ptr,  # [256] fp32 (NESTED only)
+    offset_ptr,  # [] fp32 (NESTED only)
+    rows,  # [BLOCK_M] int64 rows of P the tile reads (a range, or gathered through a permutation)
+    rn,  # [BLOCK_N] int64 output columns
+    mask_m,
+    mask_n,
+    RED,  # the reduction length: K (forward) or N (dX)
+    K_w,  # in_features of W: the row length of its flattened layout
+    stride_pm,
+    stride_pk,
+    W_ROWS_ARE_OUT: tl.constexpr,  # True: the output columns index W's rows (Y = X W^T)
+    BLOCKSIZE: tl.constexpr,
+    NESTED: tl.constexpr,
+    NESTED_BLOCKSIZE: tl.constexpr,
+    IEEE: tl.constexpr,  # fp32 P: IEEE dots (never TF32)
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """The main loop of the 4-bit GEMMs: P[rows] deq(W)^(T)[:, rn] as a
+    [BLOCK_M, BLOCK_N] fp32 tile. Each step dequantizes a [BLOCK_K, BLOCK_N]
+    tile of W in registers (:func:`_dequant_gather`: packed codes, absmax
+    de-nested in place), rounds it to P's dtype and feeds it to ``tl.dot``.
+    Shared by :func:`_qlora_gemm_kernel` and ``lora_multi``'s 4-bit GEMM."""
+    rk = tl.arange(0, BLOCK_K).to(tl.int64)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, RED, BLOCK_K):
+        kk = k0 + rk
+        mask_k = kk < RED
+        p = tl.load(p_ptr + rows[:, None] * stride_pm + kk[None, :] * stride_pk, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        # W element (reduction index kk, output index rn) in the flattened [N_w, K_w] weight.
+        if W_ROWS_ARE_OUT:
+            flat = rn[None, :] * K_w + kk[:, None]
+        else:
+            flat = kk[:, None] * K_w + rn[None, :]
+        w = _dequant_gather(
+            flat, mask_k[:, None] & mask_n[None, :], packed_ptr, quant_map_ptr, absmax_ptr,
+            nested_absmax_ptr, nested_map_ptr, offset_ptr, BLOCKSIZE, NESTED, NESTED_BLOCKSIZE,
+        )  # fmt: skip
+        # NOTE: rounded to P's dtype, exactly the values the reference's
+        # dequantized temporary holds; fp32 dots stay IEEE (never TF32).
+        w = w.to(p_ptr.dtype.element_ty)
+        acc = dot_acc(p, w, acc, IEEE)
+    return acc
+
+
 # ----------------------------------------------------------------------------
 # kernels
 # ----------------------------------------------------------------------------
@@ -186,27 +239,13 @@ def _qlora_gemm_kernel(
     pid_m, pid_n = grouped_tile(tl.program_id(0), M, OUT, BLOCK_M, BLOCK_N, GROUP_M)
     rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-    rk = tl.arange(0, BLOCK_K).to(tl.int64)
     mask_m = rm < M
     mask_n = rn < OUT
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, RED, BLOCK_K):
-        kk = k0 + rk
-        mask_k = kk < RED
-        p = tl.load(p_ptr + rm[:, None] * stride_pm + kk[None, :] * stride_pk, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        # W element (reduction index kk, output index rn) in the flattened [N_w, K_w] weight.
-        if W_ROWS_ARE_OUT:
-            flat = rn[None, :] * K_w + kk[:, None]
-        else:
-            flat = kk[:, None] * K_w + rn[None, :]
-        w = _dequant_gather(
-            flat, mask_k[:, None] & mask_n[None, :], packed_ptr, quant_map_ptr, absmax_ptr,
-            nested_absmax_ptr, nested_map_ptr, offset_ptr, BLOCKSIZE, NESTED, NESTED_BLOCKSIZE,
-        )  # fmt: skip
-        # NOTE: rounded to P's dtype, exactly the values the reference's
-        # dequantized temporary holds; fp32 dots stay IEEE (never TF32).
-        w = w.to(p_ptr.dtype.element_ty)
-        acc = dot_acc(p, w, acc, IEEE)
+    acc = qgemm_tile(
+        p_ptr, packed_ptr, quant_map_ptr, absmax_ptr, nested_absmax_ptr, nested_map_ptr, offset_ptr,
+        rm, rn, mask_m, mask_n, RED, K_w, stride_pm, stride_pk,
+        W_ROWS_ARE_OUT, BLOCKSIZE, NESTED, NESTED_BLOCKSIZE, IEEE, BLOCK_M, BLOCK_N, BLOCK_K,
+    )  # fmt: skip
 
     acc = add_rank_term(
         acc, l_ptr, e_ptr, rm, rn, mask_m, mask_n, R, stride_lm, stride_lr, stride_er, stride_en,
@@ -231,7 +270,7 @@ def reset_launch_count() -> None:
     _reset_launch_count()
 
 
-def _state_args(qw: QuantizedWeight) -> tuple:
+def state_args(qw: QuantizedWeight) -> tuple:
     """(packed, quant_map, absmax, nested_absmax, nested_map, offset) pointers; the
     nested ones are dummies (never read) without double quantization."""
     dummy = qw.absmax
@@ -240,8 +279,12 @@ def _state_args(qw: QuantizedWeight) -> tuple:
     return (qw.packed, qw.quant_map, qw.absmax, dummy, dummy, dummy)
 
 
-def _state_meta(qw: QuantizedWeight) -> dict:
+def state_meta(qw: QuantizedWeight) -> dict:
+    """The constexprs of a 4-bit weight's layout (BLOCKSIZE, NESTED, NESTED_BLOCKSIZE)."""
     return dict(BLOCKSIZE=qw.blocksize, NESTED=qw.double_quant, NESTED_BLOCKSIZE=qw.nested_blocksize)
+
+
+_state_args = state_args  # the name kernels/strategies.py imports
 
 
 def _check_weight(qw: QuantizedWeight, device: torch.device) -> None:
@@ -264,8 +307,8 @@ def dequantize_4bit(qw: QuantizedWeight, dtype: torch.dtype | None = None) -> Te
         _dequant_4bit_kernel,
         (triton.cdiv(n, cfg.kwargs["BLOCK"]),),
         qw.device,
-        *_state_args(qw), out, n,
-        **_state_meta(qw), BLOCK=cfg.kwargs["BLOCK"], num_warps=cfg.num_warps,
+        *state_args(qw), out, n,
+        **state_meta(qw), BLOCK=cfg.kwargs["BLOCK"], num_warps=cfg.num_warps,
         # NOTE: no fused multiply-add, so the de-nested absmax rounds as bitsandbytes'.
         enable_fp_fusion=False,
     )  # fmt: skip
@@ -298,11 +341,11 @@ def _qgemm(p, qw, l, e, bias, scaling, dropout_p, seed, w_rows_are_out) -> Tenso
         _qlora_gemm_kernel,
         grid,
         p.device,
-        p, *_state_args(qw), l, e, bias if bias is not None else out, out,
+        p, *state_args(qw), l, e, bias if bias is not None else out, out,
         m, out_n, red, r, qw.shape[1],
         p.stride(0), p.stride(1), l.stride(0), l.stride(1), e.stride(0), e.stride(1), out.stride(0), out.stride(1),
         float(scaling), int(seed), keep_levels, inv_keep,
-        W_ROWS_ARE_OUT=w_rows_are_out, **_state_meta(qw), HAS_BIAS=bias is not None, HAS_DROPOUT=has_dropout,
+        W_ROWS_ARE_OUT=w_rows_are_out, **state_meta(qw), HAS_BIAS=bias is not None, HAS_DROPOUT=has_dropout,
         IEEE=p.dtype == torch.float32, BLOCK_R=block_r, **cfg.kwargs,
         F32_ADAPTERS=f32_adapters, R_CHUNK=configs.rank_chunk(block_r, p.dtype, f32_adapters),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,

@@ -11,7 +11,9 @@ adapter trained alone on its rows with ``fastlora.qlora_linear``.
 Tolerance: ``tests/test_multi.py``'s (2x PyTorch's own error on the same math in
 x's dtype against float64, plus 4 ulps of the output's magnitude).
 Tiers: unmarked tests run the reference path; ``interpreter`` tests the Triton
-path (``dequant_once``: the nf4 dequant kernel, then the dense multi kernels).
+path under each ``qlora_multi`` strategy (forced with ``fastlora.set_strategy``):
+``dequant_in_gemm`` (the multi GEMMs read the 4-bit weight in their main loop)
+and ``dequant_once`` (the nf4 dequant kernel, then the dense multi kernels).
 """
 
 from __future__ import annotations
@@ -211,6 +213,29 @@ def km(monkeypatch):
     return mod
 
 
+STRATEGIES = fastlora.strategies()["qlora_multi"]
+# Launches (forward, backward with dx, dA, dB, dbias): the shrink + the GEMM, then the dY pass,
+# dX GEMM and dA; dequant_once adds one dequant launch each way.
+LAUNCHES = {"dequant_in_gemm": (2, 3), "dequant_once": (3, 4)}
+
+
+@pytest.fixture(params=STRATEGIES)
+def strategy(request, monkeypatch):
+    """Each qlora_multi strategy, forced for the test (and cleared after it)."""
+    monkeypatch.delenv("FASTLORA_STRATEGY", raising=False)
+    fastlora.set_strategy("qlora_multi", request.param)
+    yield request.param
+    fastlora.set_strategy("qlora_multi", None)
+
+
+def _count_launches(fn):
+    from fastlora.kernels import lora as klora
+
+    klora.reset_launch_count()
+    out = fn()
+    return out, klora.launch_count()
+
+
 @pytest.mark.interpreter
 @pytest.mark.parametrize(
     "lead,m,quant,dtype,dropout",
@@ -221,31 +246,29 @@ def km(monkeypatch):
         pytest.param((), 23, QUANTS[1], torch.float16, 0.2, id="sorted-nf4-fp16-p0.2"),
     ],
 )
-def test_kernels_against_float64(km, lead, m, quant, dtype, dropout):
-    """Launches: forward 1 dequant + 2, backward 1 dequant + 3; -1 rows and an adapter
-    without rows (1)."""
-    from fastlora.kernels import lora as klora
-
+def test_kernels_against_float64(km, strategy, lead, m, quant, dtype, dropout):
+    """Exact launches per strategy (:data:`LAUNCHES`); -1 rows and an adapter without
+    rows (1); nothing [N, K] saved for backward."""
     x, qw, w_deq, a, b, sc, ids, bias = make_qmulti(m, 64, 40, 8, 3, dtype, quant, lead=lead, empty=(1,), seed=3)
     dy = torch.randn(*lead, m, 40, generator=torch.Generator().manual_seed(4)).to(dtype)
     leaves = [t.clone().requires_grad_(True) for t in (x, a, b, bias)]
     torch.manual_seed(9)
     drawn = new_dropout_seed()
     torch.manual_seed(9)
-    klora.reset_launch_count()
-    y = qlora_linear_multi(leaves[0], qw, leaves[1], leaves[2], sc, ids, leaves[3], dropout=dropout)
-    assert klora.launch_count() == 3
-    klora.reset_launch_count()
-    y.backward(dy)
-    assert klora.launch_count() == 4
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y, fwd = _count_launches(lambda: qlora_linear_multi(leaves[0], qw, leaves[1], leaves[2], sc, ids, leaves[3], dropout=dropout))
+    assert not [t.shape for t in saved if tuple(t.shape[-2:]) in ((40, 64), (64, 40))], "a dense weight was saved"
+    _, bwd = _count_launches(lambda: y.backward(dy))
+    assert (fwd, bwd) == LAUNCHES[strategy]
     grads = [t.grad for t in leaves]
     _check_against_float64(y.detach(), grads, drawn, x, w_deq, a, b, sc, ids, bias, dy, dropout, km.dropout_keep_mask,
-                           f"(kernels {quant} {dtype})")  # fmt: skip
+                           f"(kernels {strategy} {quant} {dtype})")  # fmt: skip
     assert torch.equal(grads[1][1], torch.zeros_like(a[1])) and torch.equal(grads[2][1], torch.zeros_like(b[1]))
 
 
 @pytest.mark.interpreter
-def test_kernels_gradients_equal_training_each_adapter_alone(km):
+def test_kernels_gradients_equal_training_each_adapter_alone(km, strategy):
     x, qw, w_deq, a, b, sc, ids, bias = make_qmulti(41, 64, 24, 8, 4, torch.float32, QUANTS[0], empty=(3,), seed=8)
     dy = torch.randn(41, 24, generator=torch.Generator().manual_seed(3))
     _, grads, _ = run_qmulti(x, qw, a, b, sc, ids, bias, dy)
@@ -253,5 +276,80 @@ def test_kernels_gradients_equal_training_each_adapter_alone(km):
 
 
 @pytest.mark.interpreter
-def test_kernels_compiled_fullgraph_equals_eager(km):
+def test_kernels_adapter_gradients_without_dx(km, strategy):
+    """x frozen: the backward has no dX GEMM, so no dequant launch under either
+    strategy (2 launches: the dY pass and dA); dA and dB as the float64 formula's
+    (64 ulps: fp32 sums over <= 23 rows of O(1) products)."""
+    x, qw, w_deq, a, b, sc, ids, bias = make_qmulti(23, 64, 24, 4, 3, empty=(1,), seed=4)
+    a64, b64 = a.double().requires_grad_(True), b.double().requires_grad_(True)
+    y64 = fastlora.reference.lora_multi_float64(x, w_deq, a64, b64, sc, ids, bias)
+    dy = torch.randn(y64.shape, generator=torch.Generator().manual_seed(2))
+    y64.backward(dy.double())
+    a, b = a.clone().requires_grad_(True), b.clone().requires_grad_(True)
+    y = qlora_linear_multi(x, qw, a, b, sc, ids, bias)
+    _, bwd = _count_launches(lambda: y.backward(dy))
+    assert bwd == 2
+    eps = torch.finfo(torch.float32).eps
+    for what, got, want in (("dA", a.grad, a64.grad), ("dB", b.grad, b64.grad)):
+        assert_close_to(got, want, 64 * eps * want.abs().max().item(), what)
+
+
+@pytest.mark.interpreter
+def test_strategy_from_the_environment(km, monkeypatch):
+    """FASTLORA_STRATEGY=qlora_multi:dequant_once gives the dequant launch; set_strategy
+    overrides the environment; nothing forced on CPU (no measuring) is the default."""
+    x, qw, _, a, b, sc, ids, bias = make_qmulti(5, 64, 24, 4, 3, seed=2)
+    fastlora.set_strategy("qlora_multi", None)
+    monkeypatch.delenv("FASTLORA_STRATEGY", raising=False)
+    run = lambda: qlora_linear_multi(x, qw, a, b, sc, ids, bias)  # noqa: E731
+    assert fastlora.strategies()["qlora_multi"][0] == "dequant_in_gemm"
+    assert _count_launches(run)[1] == 2
+    monkeypatch.setenv("FASTLORA_STRATEGY", "qlora_multi:dequant_once")
+    assert _count_launches(run)[1] == 3
+    fastlora.set_strategy("qlora_multi", "dequant_in_gemm")
+    try:
+        assert _count_launches(run)[1] == 2
+    finally:
+        fastlora.set_strategy("qlora_multi", None)
+
+
+@pytest.mark.interpreter
+def test_measured_choice_runs_the_fastest(km, monkeypatch, tmp_path):
+    """``auto`` (what a CUDA call gets): each candidate timed once for the shape key
+    (a fake timer here), the faster one run and recorded in the report."""
+    from fastlora.strategies import forget_measurements, strategy_report, use_timer
+
+    monkeypatch.delenv("FASTLORA_STRATEGY", raising=False)
+    monkeypatch.setenv("FASTLORA_STRATEGY_CACHE", "0")
+    forget_measurements()
+    x, qw, _, a, b, sc, ids, bias = make_qmulti(5, 64, 24, 4, 3, seed=2)
+    timed = []
+
+    def timer(name, run, device):
+        timed.append(name)
+        return {"qlora_multi=dequant_in_gemm": 2.0, "qlora_multi=dequant_once": 1.0}[name]
+
+    try:
+        with use_timer(timer):
+            _, fwd = _count_launches(lambda: qlora_linear_multi(x, qw, a, b, sc, ids, bias))
+            _, again = _count_launches(lambda: qlora_linear_multi(x, qw, a, b, sc, ids, bias))
+        assert fwd == again == 3  # dequant_once, timed faster
+        assert timed == ["qlora_multi=dequant_in_gemm", "qlora_multi=dequant_once"]  # once per key
+        (rec,) = [r for r in strategy_report() if r["op"] == "qlora_multi"]
+        assert rec["chosen"] == "qlora_multi=dequant_once" and rec["source"] == "measured"
+    finally:
+        forget_measurements()
+
+
+def test_unknown_strategy_names_are_refused():
+    with pytest.raises(ValueError, match=r"the strategies of 'qlora_multi' are \('dequant_in_gemm', 'dequant_once'\), got 'small_m'"):
+        fastlora.set_strategy("qlora_multi", "small_m")
+    km = pytest.importorskip("fastlora.kernels.lora_multi")
+    x, qw, _, a, b, sc, ids, bias = make_qmulti(5, 64, 24, 4, 3)
+    with pytest.raises(ValueError, match=r"strategy must be one of \('dequant_in_gemm', 'dequant_once'\), got 'cublas'"):
+        km.qlora_multi_forward(x, qw, a, b, sc, ids, bias, strategy="cublas")
+
+
+@pytest.mark.interpreter
+def test_kernels_compiled_fullgraph_equals_eager(km, strategy):
     _check_compiled_equals_eager("kernels")
