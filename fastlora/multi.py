@@ -397,12 +397,18 @@ def qlora_linear_multi(
     it requires grad); none for the 4-bit weight.
 
     How: the reference backend dequantizes W to a temporary in x's dtype and runs
-    ``reference.lora_multi_forward`` / ``_backward``. The Triton backend is the
-    ``dequant_once`` strategy: one dequant launch (``kernels/nf4.py``'s) into a
-    transient dense [N, K] weight, then the dense multi-adapter kernels; backward
-    dequantizes again for dx (nothing [N, K] is saved). So a call costs an
-    [N, K] temporary in x's dtype and one extra launch each way; there is no
-    dequant-inside-the-GEMM variant for the multi op yet.
+    ``reference.lora_multi_forward`` / ``_backward``. The Triton backend has two
+    strategies (op ``"qlora_multi"`` of ``fastlora.strategies``):
+    ``dequant_in_gemm`` (the default) runs the multi-adapter GEMMs (forward Y,
+    backward dX) with the 4-bit weight read in their main loop, each tile of W
+    dequantized in registers as in :func:`fastlora.qlora_linear`'s GEMM: 2
+    launches forward, 3 backward, no [N, K] tensor; ``dequant_once`` dequantizes
+    W in one launch into a transient [N, K] weight in x's dtype, then runs the
+    dense multi-adapter kernels (one more launch each way, backward only when dx
+    is needed). Force one with ``fastlora.set_strategy("qlora_multi", name)`` or
+    ``FASTLORA_STRATEGY=qlora_multi:<name>``; otherwise on CUDA the first call per
+    shape key times both and keeps the faster (see ``fastlora.strategies``).
+    Either way nothing [N, K] is saved for backward.
     """
     if not isinstance(qweight, QuantizedWeight):
         raise TypeError(f"qweight must be a fastlora.quant.QuantizedWeight, got {type(qweight).__name__}")

@@ -314,10 +314,17 @@ def multi_qgemm_configs(
     W dequantized in its main loop), in order of preference (the launcher takes the
     first that fits: not autotuned, as :func:`qlora_gemm_configs`).
 
-    The main loop is :func:`qlora_gemm_configs`' kernel's and the epilogue
-    :func:`multi_gemm_configs`'s, so the tiles are the smaller of the two lists'.
-    Decode: one BLOCK_M = 16 tile of rows, a [BLOCK_K, BLOCK_N] dequantized tile
-    per step.
+    The main loop is :func:`qlora_gemm_configs`' kernel's, the epilogue
+    :func:`multi_gemm_configs`'s. NOTE (triton 3.9, tests/test_aot.py): the
+    dequantized tile's gathers are pipelined through shared memory, so stages
+    cost more than in the dense GEMM (16x64x64 with 4 stages: 158 KiB, over
+    sm_86's 99 KiB), hence 2 stages for decode and for 64x128. 64x128 spills on
+    sm_80 (bf16 forward, 3 stages STACK 16; 2 stages without double
+    quantization STACK 8): Ampere-class archs take 64x64. fp32 above rank 16:
+    32x32 spills in the forward (STACK 16-32, REG 255, 4 or 8 warps), 64x64 on
+    sm_80 (STACK 168-3768); 32x64 with 8 warps holds (REG 151-186). Decode at
+    rank 128 (the per-row epilogue's [BLOCK_R, BLOCK_N] fp32 slice of B):
+    BLOCK_N 64 spills (STACK 32-80), 32 holds.
     """
     if interpreting():
         if decode:
@@ -325,17 +332,21 @@ def multi_qgemm_configs(
         return [_cfg(4, 1, BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4)]
     if decode:
         if dtype == torch.float32:
+            if block_r > 64:
+                return [_cfg(4, 2, BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=1)]
             return [_cfg(4, 2, BLOCK_M=16, BLOCK_N=64, BLOCK_K=32, GROUP_M=1)]
-        return [_cfg(4, 4, BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, GROUP_M=1), _cfg(4, 4, BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, GROUP_M=1)]
+        narrow = _cfg(8, 2, BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, GROUP_M=1)
+        return [narrow] if block_r > 64 else [_cfg(4, 2, BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, GROUP_M=1), narrow]
     if dtype == torch.float32:
         if block_r <= 16:
             return [_cfg(8, 2, BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, GROUP_M=8)]
-        return [_cfg(4, 2, BLOCK_M=32, BLOCK_N=32, BLOCK_K=16, GROUP_M=8)]
+        return [_cfg(8, 2, BLOCK_M=32, BLOCK_N=64, BLOCK_K=16, GROUP_M=8)]
     if block_r > 64:
-        return [_cfg(4, 4, BLOCK_M=32, BLOCK_N=64, BLOCK_K=32, GROUP_M=8)]
-    if block_r <= 16 and not has_dropout:
-        return [_cfg(8, 3, BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, GROUP_M=8), _cfg(8, 3, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8)]
-    return [_cfg(8, 3, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8)]
+        return [_cfg(4, 2, BLOCK_M=32, BLOCK_N=64, BLOCK_K=32, GROUP_M=8)]
+    square = _cfg(8, 3, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8)
+    if block_r <= 16 and not has_dropout and _family(arch) == 90:
+        return [_cfg(8, 2, BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, GROUP_M=8), square]
+    return [square]
 
 
 def multi_shrink_configs(arch: int, dtype: torch.dtype, *, has_dropout: bool = False, block_r: int = 16) -> list[triton.Config]:

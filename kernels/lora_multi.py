@@ -25,6 +25,13 @@ Two row layouts:
   epilogue from that row's own B (elementwise, fp32): no row is padded to a
   tile of its own.
 
+A 4-bit base weight (``qlora_multi_forward`` / ``_backward``, QLoRA) takes one
+of two strategies: ``dequant_in_gemm`` runs the same GEMMs as
+``_multi_qgemm_kernel``, whose main loop is ``nf4.qgemm_tile`` (each tile of W
+dequantized in registers) and whose epilogue is the dense kernel's
+(``_multi_epilogue``); ``dequant_once`` dequantizes W into a transient dense
+weight first (``nf4.dequantize_4bit``: one more launch each way).
+
 Launches: forward 2 (shrink + GEMM), backward 3 (the dY pass for dS, dB and
 dbias; the dX GEMM; dA), plus a few torch ops (argsort, searchsorted, counter
 zero-fill) that are not kernels of this module. Counted by

@@ -10,7 +10,10 @@ column scale + pre-scale store) x rank bucket (16, 64, 128, 256) x adapters
 ``fastlora.kernels.configs`` returns for them, then reads
 REG / STACK with the ``cuobjdump`` shipped in the triton wheel and the dynamic
 shared memory from the compiled metadata (checked against the arch's limit).
-The default sweep (194 variants) is described in :func:`_variants`;
+The multi-adapter kernels (``kernels/lora_multi.py``) are swept too, with the
+4-bit multi GEMM (``_multi_qgemm_kernel``, the qlora_multi strategy
+``dequant_in_gemm``; double quantization on and off).
+The default sweep (409 variants) is described in :func:`_variants`;
 ``FASTLORA_AOT_FULL=1`` compiles the whole cross product.
 Kernels' fp64 scalar arguments (what inductor passes) are compiled too.
 
@@ -62,6 +65,7 @@ FLAGS = {
 
 # The multi-adapter kernels (kernels/lora_multi.py; their adapters are always in
 # the activations' dtype), same convention: the first combination is the superset.
+_MULTI_Q = dict(BLOCKSIZE=64, NESTED=True, NESTED_BLOCKSIZE=256)  # bitsandbytes' default 4-bit layout
 MULTI_FLAGS = {
     "multi_gemm_fwd": [dict(HAS_BIAS=True, HAS_DROPOUT=False, ROW_SCALE=True, L_SORTED=False, DECODE=False)],
     "multi_gemm_decode": [dict(HAS_BIAS=True, HAS_DROPOUT=False, ROW_SCALE=True, L_SORTED=False, DECODE=True)],
@@ -73,12 +77,26 @@ MULTI_FLAGS = {
     "multi_decode_shrink": [dict(HAS_DROPOUT=True)],
     "multi_dy_pass": [dict(NEED_DS=True, NEED_DB=True, NEED_DBIAS=True), dict(NEED_DS=True, NEED_DB=False, NEED_DBIAS=False)],
     "multi_down_grad": [dict(HAS_DROPOUT=True), dict(HAS_DROPOUT=False)],
-}
+    # The same GEMMs on a 4-bit base, W dequantized in the main loop (the qlora_multi strategy
+    # dequant_in_gemm): double quantization is the superset, the plain fp32 absmax the subset.
+    "multi_qgemm_fwd": [dict(_MULTI_Q, HAS_BIAS=True, HAS_DROPOUT=False, ROW_SCALE=True, L_SORTED=False, DECODE=False,
+                             W_ROWS_ARE_OUT=True),
+                        dict(_MULTI_Q, HAS_BIAS=True, HAS_DROPOUT=False, ROW_SCALE=True, L_SORTED=False, DECODE=False,
+                             W_ROWS_ARE_OUT=True, NESTED=False)],
+    "multi_qgemm_decode": [dict(_MULTI_Q, HAS_BIAS=True, HAS_DROPOUT=False, ROW_SCALE=True, L_SORTED=False, DECODE=True,
+                                W_ROWS_ARE_OUT=True)],
+    "multi_qgemm_dx": [
+        dict(_MULTI_Q, HAS_BIAS=False, HAS_DROPOUT=True, ROW_SCALE=False, L_SORTED=True, DECODE=False, W_ROWS_ARE_OUT=False),
+        dict(_MULTI_Q, HAS_BIAS=False, HAS_DROPOUT=False, ROW_SCALE=False, L_SORTED=True, DECODE=False, W_ROWS_ARE_OUT=False),
+    ],
+}  # fmt: skip
 
 
 def _multi_configs_for(kernel, arch, dtype, flags, block_r):
     from fastlora.kernels import configs as C
 
+    if kernel.startswith("multi_qgemm"):
+        return C.multi_qgemm_configs(arch, dtype, has_dropout=flags["HAS_DROPOUT"], block_r=block_r, decode=flags["DECODE"])
     if kernel.startswith("multi_gemm"):
         return C.multi_gemm_configs(arch, dtype, has_dropout=flags["HAS_DROPOUT"], block_r=block_r, decode=flags["DECODE"])
     if kernel == "multi_shrink":
@@ -259,12 +277,27 @@ _MULTI_FWD = (
     ("stride_pk", "stride_qk", "stride_lr", "stride_er", "stride_on"),
     ("stride_pm", "stride_qn", "stride_om", "N", "K"),
 )
+# absmax_ptr: uint8 codes when double-quantized ("absmax" here), else fp32 (see _compile_one).
+_MULTI_QGEMM_PTRS = dict(p_ptr="x", packed_ptr="u8", quant_map_ptr="fp32", absmax_ptr="absmax", nested_absmax_ptr="fp32",
+                         nested_map_ptr="fp32", offset_ptr="fp32", l_ptr="x", e_ptr="x", bias_ptr="x", out_ptr="x",
+                         perm_ptr="i32", ids_ptr="i32", scale_ptr="fp32")  # fmt: skip
+_MULTI_QFWD = (
+    "_multi_qgemm_kernel",
+    _MULTI_QGEMM_PTRS,
+    ("stride_pk", "stride_lr", "stride_er", "stride_on"),
+    ("stride_pm", "stride_om", "N", "K", "K_w"),
+)
 _SPECS.update({
     "multi_gemm_fwd": _MULTI_FWD,
     "multi_gemm_decode": _MULTI_FWD,
     "multi_gemm_dx": ("_multi_gemm_kernel", dict(_MULTI_GEMM_PTRS, l_ptr="fp32"),
                       ("stride_pk", "stride_qn", "stride_lr", "stride_en", "stride_on"),
                       ("stride_pm", "stride_qk", "stride_er", "stride_om", "N", "K")),
+    "multi_qgemm_fwd": _MULTI_QFWD,
+    "multi_qgemm_decode": _MULTI_QFWD,
+    "multi_qgemm_dx": ("_multi_qgemm_kernel", dict(_MULTI_QGEMM_PTRS, l_ptr="fp32"),
+                       ("stride_pk", "stride_lr", "stride_en", "stride_on"),
+                       ("stride_pm", "stride_om", "N", "K", "K_w")),
     "multi_shrink": ("_multi_shrink_kernel", dict(x_ptr="x", a_ptr="x", s_ptr="x", perm_ptr="i32", sids_ptr="i32"),
                      ("stride_xk", "stride_ak", "stride_sr"), ("stride_xm", "K")),
     "multi_decode_shrink": ("_decode_shrink_kernel", dict(x_ptr="x", a_ptr="x", s_ptr="x", ids_ptr="i32"),
@@ -298,7 +331,7 @@ def _compile_one(v):
         main_ieee = v["dtype"] == "fp32"
         constexprs.update(IEEE=main_ieee or (attr != "_lora_gemm_kernel" and adapters == "fp32"))
         constexprs.setdefault("BLOCK_R", v["block_r"])  # dY pass / dA: the rank block of the config
-    if attr == "_multi_gemm_kernel":
+    if attr in ("_multi_gemm_kernel", "_multi_qgemm_kernel"):
         constexprs.update(R_CHUNK=C.multi_rank_chunk(v["arch"], v["block_r"], getattr(torch, _DTYPES[v["dtype"]])))
     if attr == "_decode_shrink_kernel":
         constexprs.pop("IEEE")
@@ -313,7 +346,8 @@ def _compile_one(v):
         if name in constexprs:
             signature[name] = "constexpr"
         elif name in ptrs:
-            signature[name] = "*" + {"x": v["dtype"], "a": adapters}.get(ptrs[name], ptrs[name])
+            absmax = "u8" if v["flags"].get("NESTED") else "fp32"
+            signature[name] = "*" + {"x": v["dtype"], "a": adapters, "absmax": absmax}.get(ptrs[name], ptrs[name])
         elif name in _FLOATS:
             signature[name] = "fp64" if v.get("fp64_scalars") else "fp32"
         elif name in _I64:
@@ -342,7 +376,8 @@ def main() -> None:
 
 def _describe(r) -> str:
     tiles = " ".join(f"{k}={v}" for k, v in r["tiles"].items())
-    flags = ",".join(f"{k}={int(v)}" for k, v in r["flags"].items() if v)
+    flags = ",".join(f"{k}={int(v)}" for k, v in r["flags"].items() if v and k not in _MULTI_Q)
+    flags += "" if r["flags"].get("NESTED", True) else ",NESTED=0"
     f64 = " fp64-scalars" if r.get("fp64_scalars") else ""
     f64 += " fp32-adapters" if r.get("adapters") == "fp32" else ""
     launch = f"w{r['num_warps']} s{r['num_stages']}{f64}"

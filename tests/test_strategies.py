@@ -93,6 +93,7 @@ def test_strategies_lists_every_name_default_first():
         "lora": ["fused", "cublas"],
         "qlora": ["dequant_in_gemm", "dequant_once", "small_m"],
         "dropout": ["regenerate", "stored_bits"],
+        "qlora_multi": ["dequant_in_gemm", "dequant_once"],
     }
     names["lora"].append("x")  # a copy: the caller cannot change the table
     assert fastlora.strategies()["lora"] == ["fused", "cublas"]
@@ -156,6 +157,14 @@ def test_spec_strings():
         with torch.no_grad():
             assert strategy_backend("lora", "triton", args, 0.1).endswith("auto,infer")
         assert strategy_backend("lora", "reference", args, 0.1) == "reference:dropout=stored_bits"  # never measured
+    # The multi-adapter QLoRA op has one axis (its dropout has no strategy; the reference ignores it).
+    assert strategy_backend("qlora_multi", "triton", args, 0.1) == "triton"
+    fastlora.set_strategy("qlora_multi", "dequant_once")
+    assert strategy_backend("qlora_multi", "triton", args, 0.1) == "triton:qlora_multi=dequant_once"
+    assert strategy_backend("qlora_multi", "reference", args, 0.1) == "reference"
+    fastlora.set_strategy("qlora_multi", None)
+    with use_timer(FakeTimer({})):
+        assert strategy_backend("qlora_multi", "triton", args, 0.0) == "triton:auto"
     assert parse_spec("triton:lora=cublas,dropout=stored_bits,auto,infer") == (
         "triton", {"lora": "cublas", "dropout": "stored_bits"}, True, False,
     )  # fmt: skip
