@@ -265,10 +265,11 @@ class FusedOp:
         saved_of = _picker(self.saved_index)
         held_of = _picker(self.held_index)
         no_grads = (None,) * (n_c + 2)  # the constants, the seed and the backend
+        held = bool(self.held_index)  # whether ctx.held is read back (only ops with frozen buffers)
 
         def forward(ctx, *args):
             inputs, consts, (seed, backend) = args[:n_in], args[n_in : n_in + n_c], args[n_in + n_c :]
-            ctx.compiled = compiled = isinstance(seed, Tensor) or torch.compiler.is_compiling()
+            ctx.compiled = compiled = isinstance(seed, Tensor) or _is_compiling()
             if compiled:
                 # (generator expressions: dynamo cannot trace an operator.itemgetter)
                 seed_t = seed if isinstance(seed, Tensor) else None
@@ -286,7 +287,7 @@ class FusedOp:
 
         def backward(ctx, dy):
             tensors = ctx.saved_tensors
-            saved, new = tensors[:n_saved] + ctx.held, tensors[n_saved : n_saved + n_new]
+            saved, new = (tensors[:n_saved] + ctx.held if held else tensors[:n_saved]), tensors[n_saved : n_saved + n_new]
             needs = ctx.needs_input_grad[:n_in]
             if torch.is_grad_enabled():  # backward(create_graph=True): gradients that are differentiable
                 grads = op.differentiable_backward(ctx, dy, saved, needs)

@@ -26,7 +26,8 @@ def _backward(backend, seed, needs, dy, saved, new, consts):
     x, weight, lora_A, lora_B = saved
     (s,) = new
     scaling, dropout_p = consts
-    return backend_module(backend).lora_backward(dy, x, weight, lora_A, lora_B, s, scaling, dropout_p, seed, needs)
+    module = _reference if backend == "reference" else backend_module(backend)
+    return module.lora_backward(dy, x, weight, lora_A, lora_B, s, scaling, dropout_p, seed, needs)
 
 
 def _fake_forward(x, weight, lora_A, lora_B, bias, scaling, dropout_p):
