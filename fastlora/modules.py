@@ -24,6 +24,8 @@ from .functional import LORA, lora_linear
 from .multi import lora_linear_multi
 from .validation import INITS, check_init, check_lora_hyperparameters, lora_scaling, pissa_niter
 
+_LORA_CALL = LORA.call  # LORA(...) with one attribute read and a slot dispatch fewer (see FusedOp.call)
+
 DEFAULT_ADAPTER = "default"  # the adapter in the layer's own attributes (PEFT's first adapter name)
 BASE_ONLY = "__base__"  # PEFT's adapter_names entry for rows that get the base layer alone
 _DEFAULT_ONLY = [DEFAULT_ADAPTER]
@@ -731,13 +733,20 @@ class LoRALinear(NamedAdapters, MergeableLinear):
         dimension."""
         # NOTE: the common case (only "default" active) is checked inline, before any other work
         if adapter_names is None and self.active_adapters == _DEFAULT_ONLY and not self.disable_adapters:
-            weight, lora_A, lora_B, bias = _lora_parameters(self)
+            # NOTE: _lora_parameters inlined (a frame and a tuple fewer a call)
+            params = self._parameters
+            try:
+                weight, lora_A, lora_B, bias = params["weight"], params["lora_A"], params["lora_B"], params["bias"]
+            except KeyError:
+                weight, lora_A, lora_B, bias = _lora_parameters(self)
             if lora_A is not None:
                 if self.merged:
                     if self.training and lora_A.requires_grad and torch.is_grad_enabled():
                         _warn_merged_training(self)
                     return F.linear(x, weight, bias)
-                return LORA(x, weight, lora_A, lora_B, bias, scaling=self.scaling, dropout=self.dropout, training=self.training)
+                return _LORA_CALL(
+                    x, weight, lora_A, lora_B, bias, scaling=self.scaling, dropout=self.dropout, training=self.training
+                )
         return self._named_forward(x, adapter_names)
 
     # -- what NamedAdapters needs --------------------------------------------------

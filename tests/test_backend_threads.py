@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fastlora
-from fastlora._backend import get_backend, has_triton, resolve_backend, set_backend, use_backend
+from fastlora._backend import backend_for, get_backend, has_triton, resolve_backend, set_backend, use_backend
 
 STEPS = 200
 CPU = torch.device("cpu")
@@ -283,21 +283,27 @@ def test_exit_on_a_thread_where_the_block_is_not_active_raises():
         block.__exit__(None, None, None)
 
 
+X = torch.zeros(1)
+
+
 def test_resolve_backend_reads_the_override(monkeypatch):
+    # backend_for(x), what the fused ops call, answers as resolve_backend(x.device) does
     set_backend("reference")
     with use_backend("reference"):
-        assert resolve_backend(CPU) == "reference"
+        assert resolve_backend(CPU) == backend_for(X) == "reference"
     if not has_triton():
         pytest.skip("the rest needs triton installed")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     with use_backend("triton"):
-        assert resolve_backend(CPU) == "triton"
+        assert resolve_backend(CPU) == backend_for(X) == "triton"
     with use_backend("auto"):
-        assert resolve_backend(CPU) == "triton"  # auto: Triton present and interpreting
+        assert resolve_backend(CPU) == backend_for(X) == "triton"  # auto: Triton present and interpreting
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with use_backend("triton"), pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         resolve_backend(CPU)
-    assert resolve_backend(CPU) == "reference"
+    with use_backend("triton"), pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        backend_for(X)
+    assert resolve_backend(CPU) == backend_for(X) == "reference"
 
 
 @pytest.mark.parametrize("bad", ["cuda", "", None, "Triton"])

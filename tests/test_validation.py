@@ -15,6 +15,11 @@ import torch
 from fastlora.validation import check_dense_operands, dense_operands_ok
 
 
+class _Subclass(torch.Tensor):
+    """A tensor subclass: valid operands, read by the full check only (the pre-check takes
+    plain tensors and parameters)."""
+
+
 def _valid():
     return dict(
         x=torch.randn(2, 3, 8), weight=torch.randn(6, 8), lora_A=torch.randn(4, 8), lora_B=torch.randn(6, 4),
@@ -52,6 +57,10 @@ BAD = {
     "bias float16": dict(bias=torch.randn(6, dtype=torch.float16)),
     "bias on meta": dict(bias=torch.randn(6, device=META)),
     "bias not a tensor": dict(bias=[0.0] * 6),
+    "bias on CPU, the rest on meta": dict(  # the pre-check's non-CPU device branch
+        x=torch.randn(2, 8, device=META), weight=torch.randn(6, 8, device=META), lora_A=torch.randn(4, 8, device=META),
+        lora_B=torch.randn(6, 4, device=META),
+    ),  # fmt: skip
     "scaling nan": dict(scaling=math.nan),
     "scaling inf": dict(scaling=-math.inf),
     "scaling bool": dict(scaling=True),
@@ -76,6 +85,8 @@ def test_the_common_case_passes_both_and_the_uncommon_valid_ones_defer_to_the_fu
     assert dense_operands_ok(*_args(ops))
     check_dense_operands(*_args(ops))
     assert dense_operands_ok(*_args({**ops, "bias": None}))
+    params = {k: torch.nn.Parameter(ops[k]) for k in ("weight", "lora_A", "lora_B", "bias")}
+    assert dense_operands_ok(*_args({**ops, **params}))  # a layer's parameters: the common case
     uncommon = {  # valid, but not the pre-check's common case: the full check decides
         "fp32 adapters on bf16": dict(
             x=torch.randn(2, 8, dtype=torch.bfloat16), weight=torch.randn(6, 8, dtype=torch.bfloat16),
@@ -83,6 +94,7 @@ def test_the_common_case_passes_both_and_the_uncommon_valid_ones_defer_to_the_fu
         ),  # fmt: skip
         "int scaling": dict(scaling=2),
         "int dropout": dict(dropout=0),
+        "a tensor subclass": dict(x=torch.randn(2, 8).as_subclass(_Subclass)),
     }
     for change in uncommon.values():
         variant = {**ops, **change}
