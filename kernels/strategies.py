@@ -495,10 +495,14 @@ def shrink_bits_config(dtype: torch.dtype, block_r: int) -> dict:
 
     NOTE: the Philox mask of the tile and its packed bytes are live next to the
     accumulator: 64 x 64 with 4 warps reaches REG 255 at rank 16 and spills at
-    rank 64 (sm_80 STACK 32, sm_90 STACK 328), hence 8 warps."""
+    rank 64 (sm_80 STACK 32, sm_90 STACK 328), hence 8 warps; fp32 (FMA dots) at
+    rank 64 spills with 32 x 64 tiles on sm_90 under Triton 3.8 (STACK 8; 1 stage is
+    worse, STACK 416): 32 x 32."""
     if interpreting():
         return dict(BLOCK_M=32, BLOCK_K=32, num_warps=4, num_stages=1)
-    if dtype == torch.float32 or block_r > 64:
+    if dtype == torch.float32:
+        return dict(BLOCK_M=32, BLOCK_K=32, num_warps=8, num_stages=2)
+    if block_r > 64:
         return dict(BLOCK_M=32, BLOCK_K=64, num_warps=8, num_stages=2)
     return dict(BLOCK_M=64, BLOCK_K=64, num_warps=8, num_stages=3)
 
