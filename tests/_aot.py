@@ -44,6 +44,25 @@ def compile_variant(v: dict, fn, signature: dict, constexprs: dict, attrs: dict,
     return dict(v, reg=int(fields["REG"]), stack=int(fields["STACK"]), shared=int(kernel.metadata.shared))
 
 
+def launch_signature(fn, constexprs: dict, ptrs: dict) -> dict:
+    """The compile signature of a launch: constexprs, pointers (``ptrs``: argument ->
+    element type), fp32 for the float scalars ``scaling`` / ``inv_keep``, i64 for the
+    dropout seed, i32 for every other integer argument."""
+    signature = {}
+    for name in fn.arg_names:
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name in ptrs:
+            signature[name] = "*" + ptrs[name]
+        elif name in ("scaling", "inv_keep"):
+            signature[name] = "fp32"
+        elif name == "seed":
+            signature[name] = "i64"
+        else:
+            signature[name] = "i32"
+    return signature
+
+
 def jit_function(fn):
     """The @triton.jit function under any @triton.autotune wrappers (its arg_names)."""
     import triton

@@ -14,7 +14,7 @@ import sys
 import pytest
 import torch
 
-from _aot import ARCHS, REPO, check_compiled, compile_in_subprocess, compile_variant
+from _aot import ARCHS, REPO, check_compiled, compile_in_subprocess, compile_variant, launch_signature
 
 
 
@@ -344,18 +344,7 @@ def _compile_one(v):
         options = dict(num_warps=v["num_warps"], num_stages=v["num_stages"])
     constexprs = dict(v["tiles"])
     constexprs.update({name: 1 for name in unit})
-    signature = {}
-    for name in fn.arg_names:
-        if name in constexprs:
-            signature[name] = "constexpr"
-        elif name in ptrs:
-            signature[name] = "*" + ptrs[name]
-        elif name in ("scaling", "inv_keep"):
-            signature[name] = "fp32"
-        elif name == "seed":
-            signature[name] = "i64"
-        else:
-            signature[name] = "i32"
+    signature = launch_signature(fn, constexprs, ptrs)
     attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in fn.arg_names if n in div16}
     return compile_variant(v, fn, signature, constexprs, attrs, options)
 

@@ -42,7 +42,7 @@ from fastlora.strategies import (
 )
 from fastlora.strategy_ops import new_s_with_bits, pack_bits, stored_bits, stored_mask_bytes, unpack_bits
 
-from _aot import ARCHS, REPO, check_compiled, compile_in_subprocess, compile_variant, jit_function
+from _aot import ARCHS, REPO, check_compiled, compile_in_subprocess, compile_variant, launch_signature, jit_function
 from _oracles import assert_close_to, tolerance_2x
 
 sys.path.insert(0, str(REPO / "bench"))
@@ -897,18 +897,7 @@ def _compile_one(v: dict) -> dict:
         options["enable_fp_fusion"] = False
     fn = jit_function(fn)
     constexprs.update({name: 1 for name in unit})
-    signature = {}
-    for name in fn.arg_names:
-        if name in constexprs:
-            signature[name] = "constexpr"
-        elif name in ptrs:
-            signature[name] = "*" + ptrs[name]
-        elif name in ("scaling", "inv_keep"):
-            signature[name] = "fp32"
-        elif name == "seed":
-            signature[name] = "i64"
-        else:
-            signature[name] = "i32"
+    signature = launch_signature(fn, constexprs, ptrs)
     attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in fn.arg_names if n in ptrs}
     return compile_variant(v, fn, signature, constexprs, attrs, options)
 
